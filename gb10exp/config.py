@@ -1,0 +1,164 @@
+"""Typed schemas of every config group, registered once with Hydra's ConfigStore.
+
+YAML files under ``conf/`` only fill values; the schema rejects unknown keys and wrong types, and the
+``__post_init__`` checks reject values that cannot work, with one line naming the key, the value
+received and what is allowed. Configs are pure data: nothing here touches the network, the GPU or the
+disk (checks that do, such as "does this model path exist", live in ``gb10exp.preflight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work. The message is one line: key, value, what is allowed."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+MODEL_SOURCES = ("embedded", "hub", "local", "random")
+DATASETS = ("pydoc_topics", "wikitext2", "cnn_dailymail", "text_file")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_CACHE_QFORMATS = ("none", "fp8", "nvfp4")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short label used in run names and tables
+    source: str = MISSING  # embedded | hub | local | random
+    id: str | None = None  # hub id (source=hub), or the embedded package's file (source=embedded)
+    path: str | None = None  # folder or .gguf file (source=local)
+    gguf_file: str | None = None  # file inside `path`/`id` when the model is a GGUF file
+    revision: str | None = None  # hub revision (branch, tag or commit); recorded either way
+    gated: bool = False  # needs HF_TOKEN (e.g. meta-llama/*)
+    trust_remote_code: bool = False  # off unless a model config turns it on
+    dtype: str = "auto"  # auto: bfloat16 on GPUs with fast bf16, float32 elsewhere
+    arch: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs for source=random
+    tokenizer: str | None = None  # tokenizer folder for source=random (default: the embedded SmolLM2's)
+    seed: int = 0  # weights seed for source=random
+
+    def __post_init__(self) -> None:
+        _require(self.source in MODEL_SOURCES, "model.source", self.source, f"one of {list(MODEL_SOURCES)}")
+        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {list(DTYPES)}")
+        if self.source == "hub":
+            _require(bool(self.id), "model.id", self.id, "a Hugging Face model id, e.g. meta-llama/Llama-3.1-8B-Instruct")
+        if self.source == "local":
+            _require(bool(self.path), "model.path", self.path, "a local model folder or .gguf file (model=local model.path=/path/to/model)")
+        if self.source == "random":
+            _require(bool(self.arch), "model.arch", self.arch, "LlamaConfig keyword arguments (hidden_size, num_hidden_layers, ...)")
+
+
+@dataclass
+class QFormatConfig:
+    name: str = MISSING  # the value users type: qformat=nvfp4
+    modelopt_cfg: str | None = None  # attribute of modelopt.torch.quantization; null = no quantization
+    weight_bits: float = 16.0  # bits per weight including scales, for the weight-bytes estimate
+    description: str = ""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = MISSING  # pydoc_topics | wikitext2 | cnn_dailymail | text_file
+    path: str | None = None  # the file for dataset=text_file
+    seq_len: int = 512  # tokens per calibration sample / evaluation window
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, f"{self._key}.dataset", self.dataset, f"one of {list(DATASETS)}")
+        _require(self.seq_len > 0, f"{self._key}.seq_len", self.seq_len, "a positive number of tokens")
+        if self.dataset == "text_file":
+            _require(bool(self.path), f"{self._key}.path", self.path, "a text file (dataset=text_file needs path=...)")
+
+    _key = "data"
+
+
+@dataclass
+class CalibConfig(DataConfig):
+    batch_size: int = 1
+    _key = "calib"
+
+
+@dataclass
+class EvalConfig(DataConfig):
+    num_windows: int = 32  # perplexity windows; identical for every format of a model
+    batch_size: int = 4
+    compare_baseline: bool = True  # KL divergence and top-1 agreement against the unquantized model
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (downstream accuracy)
+    task_include_path: str | None = None  # folder of local lm-eval task YAMLs
+    task_limit: int | None = None  # lm-eval `limit`: examples per task (None = all)
+    _key = "eval"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.num_windows > 0, "eval.num_windows", self.num_windows, "a positive number of windows")
+        _require(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive batch size")
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = True
+    input_len: int = 128  # prompt tokens
+    output_len: int = 32  # generated tokens, forced (EOS ignored)
+    batch_size: int = 1
+    warmup: int = 2  # runs excluded from the figures
+    repeats: int = 5  # runs whose median / p90 are reported
+
+    def __post_init__(self) -> None:
+        for key in ("input_len", "output_len", "batch_size", "repeats"):
+            value = getattr(self, key)
+            _require(value > 0, f"bench.{key}", value, "a positive integer")
+        _require(self.warmup >= 0, "bench.warmup", self.warmup, "zero or more runs")
+
+
+@dataclass
+class BackendConfig:
+    name: str = MISSING  # hf | llamacpp | openai | trtllm
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING  # sqlite:///... (default), http://host:5000, postgresql://...
+    experiment: str = MISSING
+    artifact_root: str | None = None  # where a new experiment keeps its artifacts (local stores)
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    qformat: QFormatConfig = MISSING
+    calib: CalibConfig = MISSING
+    eval: EvalConfig = MISSING
+    backend: BackendConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    calib_size: int = 128  # calibration samples of calib.seq_len tokens
+    kv_cache_qformat: str = "none"  # KV-cache quantization; off so that it never confounds a comparison
+    seed: int = 0  # picks the calibration samples (the same for every format)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    force: bool = False  # rerun even if an identical finished run exists
+
+    def __post_init__(self) -> None:
+        _require(self.calib_size > 0, "calib_size", self.calib_size, "a positive number of calibration samples")
+        _require(
+            self.kv_cache_qformat in KV_CACHE_QFORMATS, "kv_cache_qformat", self.kv_cache_qformat,
+            f"one of {list(KV_CACHE_QFORMATS)}",
+        )
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device", self.device, "auto, cpu, cuda or cuda:N",
+        )
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files in conf/ are validated against them."""
+    # One schema for the whole tree: a group file merged into `model:` is checked against ModelConfig.
+    ConfigStore.instance().store(name="config_schema", node=Config)

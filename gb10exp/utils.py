@@ -1,0 +1,38 @@
+"""Small shared helpers: the cache folder and atomic publication of files and folders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under ``$GB10EXP_CACHE`` (default ``~/.cache/gb10exp``), created on demand."""
+    root = Path(os.environ.get("GB10EXP_CACHE", Path.home() / ".cache" / "gb10exp")).expanduser()
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def publish_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success rename it to ``final`` in one step.
+
+    Two processes filling the same entry both succeed (the loser's copy is discarded) and a crash
+    leaves only a ``.tmp-*`` folder, never a half-written entry under the final name.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process published first; theirs is as good as ours
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
