@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help env run demo test test-fast test-gpu lint format ui report clean
+.PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,13 @@ lint: $(VENV)/.core  ## ruff
 format: $(VENV)/.core  ## ruff format + fix
 	$(PY) -m ruff check --fix gb10exp tests benchmarks
 	$(PY) -m ruff format gb10exp tests benchmarks
+
+claim: $(VENV)/.core  ## test NVIDIA's "<1% loss" claim on the embedded model, then report (docs/report/)
+	$(PY) -m gb10exp +experiment=nvfp4_claim $(ARGS)
+	$(PY) -m gb10exp.report --experiment nvfp4-claim-smollm2_135m --out docs/report
+
+report: $(VENV)/.core  ## report + verdict of the latest experiment; ARGS="--experiment NAME | --sweep ID"
+	$(PY) -m gb10exp.report $(ARGS)
 
 ui: $(VENV)/.core  ## MLflow UI on http://127.0.0.1:5000 for the local store
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000

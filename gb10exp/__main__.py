@@ -29,6 +29,7 @@ def to_config(dcfg: DictConfig) -> Config:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        _reject_unknown_keys(dcfg)
         return OmegaConf.to_object(dcfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
@@ -36,6 +37,22 @@ def to_config(dcfg: DictConfig) -> Config:
         if isinstance(exc.__cause__, ConfigError):
             raise exc.__cause__ from None
         raise ConfigError(f"{key}: {first}") from None
+
+
+def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """OmegaConf.to_object silently drops keys added with `+key=...`; a typo must fail instead."""
+    import dataclasses
+
+    schema = node._metadata.object_type
+    if not dataclasses.is_dataclass(schema):
+        return
+    allowed = {f.name for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key} is not a key of {schema.__name__}: allowed {sorted(allowed)}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _reject_unknown_keys(child, f"{prefix}{key}.")
 
 
 def _group_options(group: str) -> list[str]:
@@ -55,7 +72,7 @@ def preflight(args: list[str]) -> int:
     for o in parsed:  # unknown group options: Hydra's own message spans many lines
         group = o.key_or_group.removeprefix("+")
         options = _group_options(group)
-        if options and group != "hydra":
+        if options and not group.startswith("hydra"):  # launchers etc. also come from plugins
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             for value in values:
                 if value not in options:
@@ -63,15 +80,34 @@ def preflight(args: list[str]) -> int:
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     from gb10exp.models import check_model
     from gb10exp.tracking import check_store
+    from gb10exp.utils import check_writable
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for job in jobs:
-            cfg = to_config(compose("config", overrides=list(job)))
-            check_model(cfg.model)
-            check_store(cfg.tracking)
-    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            for job in jobs:
+                cfg = to_config(_compose(compose, list(job)))
+                check_model(cfg.model)
+                check_store(cfg.tracking)
+            if jobs:  # Hydra would fail later with a traceback; one sweep folder for every job
+                hydra_cfg = compose("config", overrides=list(jobs[0]), return_hydra_config=True).hydra
+                check_writable(hydra_cfg.sweep.dir, "hydra.sweep.dir")
+    finally:
+        GlobalHydra.instance().clear()
     return len(jobs)
+
+
+def _compose(compose, overrides: list[str]) -> DictConfig:
+    """Hydra's composition errors span lines and suggest `+key` for typos; say it in one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = str(exc).splitlines()[0]
+        cause = str(exc.__cause__).splitlines()[0] if exc.__cause__ else ""
+        raise ConfigError(f"{first} {cause}".strip() + " (see --help for groups, --cfg job for keys)") from None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

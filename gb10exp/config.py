@@ -28,6 +28,9 @@ MODEL_SOURCES = ("embedded", "hub", "local", "random")
 DATASETS = ("pydoc_topics", "wikitext2", "cnn_dailymail", "text_file")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_CACHE_QFORMATS = ("none", "fp8", "nvfp4")
+# llama.cpp's quantizer output types (LLAMA_FTYPE_MOSTLY_<name>) a qformat may name as gguf_type.
+GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M",
+              "Q2_K")
 
 
 @dataclass
@@ -62,6 +65,15 @@ class QFormatConfig:
     modelopt_cfg: str | None = None  # attribute of modelopt.torch.quantization; null = no quantization
     weight_bits: float = 16.0  # bits per weight including scales, for the weight-bytes estimate
     description: str = ""
+    # Quantized by llama.cpp's own quantizer, not modelopt (e.g. Q4_K_M): only engines that run GGUF files
+    # can serve it, and its accuracy comes from the engine itself.
+    gguf_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.gguf_type is not None:
+            _require(self.gguf_type in GGUF_TYPES, "qformat.gguf_type", self.gguf_type, f"one of {list(GGUF_TYPES)}")
+            _require(self.modelopt_cfg is None, "qformat.modelopt_cfg", self.modelopt_cfg,
+                     "null when gguf_type is set (llama.cpp quantizes GGUF formats, not modelopt)")
 
 
 @dataclass
@@ -109,12 +121,17 @@ class BenchConfig:
     batch_size: int = 1
     warmup: int = 2  # runs excluded from the figures
     repeats: int = 5  # runs whose median / p90 are reported
+    engine_ppl_windows: int = 4  # eval windows scored by the engine itself where it returns log-probs (0: off)
+    ppl_tolerance: float = 0.10  # engine perplexity further than this (relative) from the offline one: flagged
+    measure_fake_quant: bool = False  # time fake-quantized (modelopt simulated) models anyway; not their real speed
 
     def __post_init__(self) -> None:
         for key in ("input_len", "output_len", "batch_size", "repeats"):
             value = getattr(self, key)
             _require(value > 0, f"bench.{key}", value, "a positive integer")
         _require(self.warmup >= 0, "bench.warmup", self.warmup, "zero or more runs")
+        _require(self.engine_ppl_windows >= 0, "bench.engine_ppl_windows", self.engine_ppl_windows, "0 (off) or more windows")
+        _require(self.ppl_tolerance > 0, "bench.ppl_tolerance", self.ppl_tolerance, "a positive fraction, e.g. 0.10")
 
 
 @dataclass
@@ -145,6 +162,7 @@ class Config:
     seed: int = 0  # picks the calibration samples (the same for every format)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     force: bool = False  # rerun even if an identical finished run exists
+    cache: bool = True  # reuse quantized models and evaluation results from $GB10EXP_CACHE
 
     def __post_init__(self) -> None:
         _require(self.calib_size > 0, "calib_size", self.calib_size, "a positive number of calibration samples")

@@ -7,10 +7,12 @@ From ``Recorder.run`` on, any exception marks the run FAILED with its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +20,17 @@ import torch
 
 from gb10exp import data
 from gb10exp.backends import Backend, BenchInputs, get_backend
+from gb10exp.bench.accuracy import engine_accuracy
 from gb10exp.config import Config
 from gb10exp.evaluate import evaluate_accuracy
+from gb10exp.evaluate.tasks import check_tasks, run_tasks
 from gb10exp.models import check_model, load_model, load_tokenizer, resolve_device, resolve_dtype
-from gb10exp.quant import calibration_loop, quantize
+from gb10exp.quant import cache
 from gb10exp.tracking import Recorder, check_store, config_hash
 from gb10exp.tracking.environment import environment
 
 log = logging.getLogger(__name__)
+CALIB_KEYS = ("calib", "calib_size", "seed")  # what only calibration reads
 
 
 class NonFiniteMetric(RuntimeError):
@@ -49,7 +54,8 @@ def prepare(cfg: Config) -> Prepared:
     check_model(cfg.model)
     check_store(cfg.tracking)
     backend = get_backend(cfg.backend)
-    backend.check()
+    backend.check(cfg.qformat)
+    check_tasks(cfg.eval)
     tokenizer = load_tokenizer(cfg.model)
     calib = data.calib_samples(
         data.tokenize(data.load_text("calib", cfg.calib), tokenizer), cfg.calib.seq_len, cfg.calib_size, cfg.seed
@@ -72,59 +78,101 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
+class GpuOutOfMemory(RuntimeError):
+    """CUDA ran out of memory; the message says which settings to lower."""
+
+
+@contextlib.contextmanager
+def oom_hint() -> Iterator[None]:
+    """Turn CUDA's many-line out-of-memory error into one line with the fix (the traceback keeps the rest)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise GpuOutOfMemory(
+            "out of GPU memory: lower eval.batch_size, calib.batch_size or bench.batch_size, or the sequence "
+            f"lengths (eval.seq_len, calib.seq_len, bench.input_len) ({str(exc).splitlines()[0][:120]})"
+        ) from exc
+
+
 def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str, str]) -> dict[str, Any]:
     """Run one job and return its results (the same dict that is logged as results.json)."""
     p = prepare(cfg)
-    hash_ = config_hash(resolved)
+    # Calibration settings change nothing for a model modelopt does not quantize: the bf16 jobs of a
+    # calib_size sweep share one hash, so the sweep runs the baseline once and skips its twins.
+    calib_free = cfg.qformat.modelopt_cfg is None
+    hash_ = config_hash({k: v for k, v in resolved.items() if not (calib_free and k in CALIB_KEYS)})
     if not cfg.force and (done := p.recorder.find_finished(hash_)):
         log.info("skipping %s: identical run %s already finished (force=true reruns)", run_name(cfg), done)
         return {"skipped": True, "run_id": done}
+    if not cfg.force and (live := p.recorder.find_running(hash_)):  # e.g. the same sweep on another machine
+        log.info("skipping %s: identical run %s is running now (force=true runs it anyway)", run_name(cfg), live)
+        return {"skipped": True, "run_id": live}
 
     quantizing = cfg.qformat.modelopt_cfg is not None
     tags = environment(p.device) | sweep_tags | {
         "config_hash": hash_, "qformat": cfg.qformat.name, "model": cfg.model.name, "backend": cfg.backend.name,
         "compute_dtype": str(p.dtype).removeprefix("torch."),
-        "quantization": "fake (modelopt simulated)" if quantizing else "none",
+        "quantization": "fake (modelopt simulated)" if quantizing else (
+            f"by the engine ({cfg.qformat.gguf_type})" if cfg.qformat.gguf_type else "none"),
     }
-    with p.recorder.run(run_name(cfg), resolved, overrides, tags) as rec:
+    with p.recorder.run(run_name(cfg), resolved, overrides, tags) as rec, oom_hint():
         timers: dict[str, float] = {}
         start = time.perf_counter()
 
         model = load_model(cfg.model, p.device, p.dtype)
         timers["load_s"] = time.perf_counter() - start
 
-        # The baseline keeps the unquantized weights for KL divergence and top-1 agreement.
-        baseline = copy.deepcopy(model) if quantizing and cfg.eval.compare_baseline else None
+        # The baseline keeps the unquantized weights for KL divergence and top-1 agreement, unless the
+        # evaluation of this exact model on these windows is cached (gb10exp/quant/cache.py).
+        eval_entry = cache.eval_entry(cfg, p.calib, p.windows, p.device, p.dtype)
+        cached = cache.load_accuracy(eval_entry)
+        baseline = copy.deepcopy(model) if quantizing and cfg.eval.compare_baseline and not cached else None
         t = time.perf_counter()
-        model = quantize(model, cfg.qformat, calibration_loop(p.calib, cfg.calib.batch_size, p.device),
-                         cfg.kv_cache_qformat)
+        model, quant_cache = cache.quantize_cached(model, cfg, p.calib, p.device, p.dtype)
+        rec.set_tags({"quant_cache": quant_cache, "eval_cache": cache.state(eval_entry, cached)})
         timers["quantize_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        accuracy = evaluate_accuracy(model, p.windows, cfg.eval.batch_size, p.device, baseline)
+        accuracy = cached or evaluate_accuracy(model, p.windows, cfg.eval.batch_size, p.device, baseline)
+        cache.save_accuracy(eval_entry, accuracy)
         del baseline
         timers["evaluate_s"] = time.perf_counter() - t
         metrics = accuracy.metrics()
-        if not quantizing:  # the baseline compared with itself, by definition
+        if not quantizing and not cfg.qformat.gguf_type:  # the baseline compared with itself, by definition
             metrics |= {"kl_mean": 0.0, "top1_agreement": 1.0}
         metrics["weight_gib"] = weight_bytes(model, cfg.qformat.weight_bits) / 2**30
         _finite(metrics)
 
-        if cfg.bench.enabled:
+        if cfg.eval.tasks:
             t = time.perf_counter()
-            prompt = p.windows.flatten()
-            bench, bench_tags = p.backend.benchmark(
-                BenchInputs(model, p.tokenizer, prompt, p.device, quantizing), cfg.bench
-            )
-            timers["benchmark_s"] = time.perf_counter() - t
-            metrics |= _finite(bench)
-            rec.set_tags(bench_tags)
+            metrics |= run_tasks(model, p.tokenizer, cfg.eval, p.device)
+            timers["tasks_s"] = time.perf_counter() - t
+
+        # The engine: its start-up (GGUF build, export, engine build) is timed apart from every speed figure,
+        # then it scores evaluation windows itself (speed and accuracy from the same kernels), then the speed.
+        t = time.perf_counter()
+        inputs = BenchInputs(model, p.tokenizer, p.windows.flatten(), p.device, quantizing, cfg.model, cfg.qformat,
+                             metrics["weight_gib"] * 2**30)
+        try:
+            rec.set_tags(p.backend.prepare(inputs))
+            timers["startup_s"] = time.perf_counter() - t
+            engine = engine_accuracy(p.backend, p.windows, accuracy, cfg)
+            metrics |= _finite(engine.metrics)
+            rec.set_tags(engine.tags)
+            if cfg.bench.enabled:
+                t = time.perf_counter()
+                bench, bench_tags = p.backend.benchmark(inputs, cfg.bench)
+                timers["benchmark_s"] = time.perf_counter() - t
+                metrics |= _finite(bench)
+                rec.set_tags(bench_tags)
+        finally:
+            p.backend.close()
 
         timers["total_s"] = time.perf_counter() - start
         metrics |= timers
         rec.log_metrics(metrics)
         results = {"run_id": rec.run_id, "name": run_name(cfg), "metrics": metrics,
-                   "windows": accuracy.as_dict()["windows"], "tags": tags}
+                   "windows": engine.windows or accuracy.as_dict()["windows"], "tags": tags}
         rec.log_dict(results, "results.json")
     return results
 

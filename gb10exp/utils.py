@@ -36,3 +36,19 @@ def publish_dir(final: Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise a one-line ConfigError unless ``path`` can be created and written (checked by writing a
+    probe file into its nearest existing ancestor, so nothing is left behind; os.access lies for root)."""
+    from gb10exp.config import ConfigError
+
+    ancestor = Path(path).expanduser().absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    probe = ancestor / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r} is not writable ({exc.strerror}: {ancestor}); choose a writable folder") from exc

@@ -1,34 +1,53 @@
 """The backend interface. Adding a backend = one folder ``gb10exp/backends/<name>/`` (config.py is not
 needed: options live in ``conf/backend/<name>.yaml``) with a ``backend.py`` that defines a class
 satisfying ``Backend``, plus one entry in ``gb10exp.backends.REGISTRY``. Nothing else branches on it.
+
+The runner calls, in order: ``check`` (cheap, before any MLflow run exists), ``prepare`` (timed as
+``startup_s``: GGUF conversion, checkpoint export, engine build, server start), ``perplexity`` (accuracy
+through the engine's own kernels), ``benchmark``, and ``close`` (always, even after a failure).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from gb10exp.config import BenchConfig
+if TYPE_CHECKING:  # importable without Hydra (benchmarks/hf_decode.py imports the hf fast path)
+    from gb10exp.config import BenchConfig, ModelConfig, QFormatConfig
 
 
 @dataclass
 class BenchInputs:
-    """What a backend gets to benchmark: the (possibly fake-quantized) in-process model and its context."""
+    """What a backend gets: the (possibly fake-quantized) in-process model and its context."""
 
     model: torch.nn.Module
     tokenizer: Any
-    prompt_tokens: torch.Tensor  # (input_len,) real text tokens, the same for every backend
+    prompt_tokens: torch.Tensor  # (n,) real text tokens, the same for every backend; prompts are cut from it
     device: torch.device
-    quantized: bool  # fake quantization: speed is not the format's speed
+    quantized: bool  # modelopt fake quantization: in-process speed is not the format's speed
+    model_cfg: ModelConfig | None = None
+    qformat: QFormatConfig | None = None
+    weight_bytes: float = 0.0  # the deployed weights' bytes, estimated from the format's bits per weight
 
 
 class Backend(Protocol):
     name: str
 
-    def check(self) -> None:
-        """Cheap availability check (imports, server reachable); raise ConfigError with the fix."""
+    def check(self, qformat: QFormatConfig) -> None:
+        """Cheap availability check (imports, server reachable, format servable); raise ConfigError with the fix."""
+
+    def prepare(self, inputs: BenchInputs) -> dict[str, str]:
+        """One-time work before any request (artifacts, engine, server); returns tags describing it."""
+
+    def perplexity(self, windows: torch.Tensor) -> list[tuple[float, int]] | None:
+        """Per window of ``windows`` (N, T): (summed negative log-likelihood in nats, tokens scored), computed
+        by the engine itself, normally over tokens 1..T-1 (T-1 tokens; an engine that re-tokenizes text may
+        score a few more or fewer); None when the engine cannot return prompt log-probabilities."""
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         """(metrics, tags) of one throughput measurement, following gb10exp.bench's rules."""
+
+    def close(self) -> None:
+        """Release the engine (stop servers, free GPU memory)."""

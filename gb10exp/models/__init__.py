@@ -71,7 +71,10 @@ def check_model(cfg: ModelConfig) -> None:
     elif cfg.source == "local":
         if not Path(cfg.path).expanduser().exists():
             raise ConfigError(f"model.path={cfg.path!r} is not allowed: it does not exist; give a model folder or .gguf file")
-    elif cfg.source == "hub":
+        from gb10exp.models.checks import check_local
+
+        check_local(cfg)  # truncated GGUF, not a causal LM
+    elif cfg.source == "hub" and not Path(cfg.id).expanduser().is_dir():  # transformers accepts folders too
         cached = _in_hub_cache(cfg.id, cfg.revision)
         if cfg.gated and not cached and not hf_token():
             raise ConfigError(

@@ -22,12 +22,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gb10exp.config import ConfigError, TrackingConfig
+from gb10exp.tracking.liveness import heartbeat, is_stale, owner_tags
+from gb10exp.tracking.secrets import redact
+from gb10exp.tracking.store import RetryingClient
 
 log = logging.getLogger(__name__)
 
 # Keys that never change what a run measures: excluded from the config hash so that a rerun into
 # another store, or with force=true, still finds its twin.
-HASH_EXCLUDED = ("tracking", "force")
+HASH_EXCLUDED = ("tracking", "force", "cache")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -64,6 +67,10 @@ def check_store(cfg: TrackingConfig) -> None:
             raise ConfigError(
                 f"tracking.uri={cfg.uri!r} is not writable ({exc.strerror}); choose a writable folder"
             ) from exc
+        _check_artifact_root(cfg)
+    elif cfg.uri.startswith("postgresql"):
+        _check_database(cfg.uri)
+        _check_artifact_root(cfg)
     elif cfg.uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(cfg.uri.rstrip("/") + "/health", timeout=5).read()
@@ -72,6 +79,50 @@ def check_store(cfg: TrackingConfig) -> None:
                 f"tracking.uri={cfg.uri!r} cannot be reached ({getattr(exc, 'reason', exc)}); start the server "
                 "(mlflow server ...) or use tracking=local"
             ) from exc
+
+
+def _check_artifact_root(cfg: TrackingConfig) -> None:
+    """An unwritable artifact folder would fail after the run exists: a half-recorded run."""
+    if not cfg.artifact_root:
+        return
+    folder = Path(cfg.artifact_root).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"tracking.artifact_root={cfg.artifact_root!r} is not writable ({exc.strerror}); choose a writable folder"
+        ) from exc
+
+
+def _init_sqlite(uri: str) -> None:
+    """Create a SQLite store's tables once, under a file lock: parallel jobs would race to create them."""
+    import sqlite3
+
+    from gb10exp.tracking.store import init_sqlite
+
+    try:
+        init_sqlite(uri)
+    except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+        raise ConfigError(f"tracking.uri={uri!r} is not a usable MLflow SQLite store ({exc}); point it at a new file") from exc
+
+
+def _check_database(uri: str) -> None:
+    """A database URI (the server's own store, used directly): connect once, with a short timeout."""
+    import sqlalchemy
+
+    from gb10exp.tracking.secrets import redact
+
+    try:
+        with sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5}).connect():
+            pass
+    except Exception as exc:  # driver errors vary (OperationalError, ImportError for a missing driver)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"tracking.uri={redact(uri)!r} cannot be reached ({redact(first)[:160]}); start the database or fix the URI"
+        ) from exc
 
 
 def _experiment_id(client, cfg: TrackingConfig) -> str:
@@ -94,7 +145,8 @@ class Recorder:
         from mlflow.tracking import MlflowClient
 
         self.cfg = cfg
-        self.client = MlflowClient(tracking_uri=cfg.uri)
+        _init_sqlite(cfg.uri)
+        self.client = RetryingClient(MlflowClient(tracking_uri=cfg.uri))  # parallel jobs share one SQLite file
         self.experiment_id = _experiment_id(self.client, cfg)
         self.run_id: str | None = None
 
@@ -107,18 +159,41 @@ class Recorder:
         )
         return runs[0].info.run_id if runs else None
 
+    def _running_twins(self, hash_: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.config_hash = '{hash_}' and attributes.status = 'RUNNING'"
+        )
+
+    def find_running(self, hash_: str) -> str | None:
+        """The id of a RUNNING run with this config hash whose process is alive (another job or machine)."""
+        live = [r for r in self._running_twins(hash_) if r.info.run_id != self.run_id and not is_stale(r)]
+        return live[0].info.run_id if live else None
+
+    def _supersede_stale(self, hash_: str | None) -> None:
+        """Mark this config's dead RUNNING runs (SIGKILL, lost node) KILLED, pointing at this run."""
+        if not hash_:
+            return
+        for r in self._running_twins(hash_):
+            if r.info.run_id != self.run_id and is_stale(r):
+                log.info("marking run %s KILLED: its process is gone; superseded by %s", r.info.run_id, self.run_id)
+                self.client.set_tag(r.info.run_id, "superseded_by", self.run_id)
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+
     @contextlib.contextmanager
     def run(self, name: str, resolved: dict, overrides: list[str], tags: dict[str, str]) -> Iterator[Recorder]:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        tags = {k: redact(str(v)) for k, v in (tags | owner_tags()).items()}
+        run = self.client.create_run(self.experiment_id, run_name=redact(name), tags=tags)
         self.run_id = run.info.run_id
         try:
+            self._supersede_stale(tags.get("config_hash"))
             self.log_params(flatten(resolved))
             self.log_text(OmegaConf.to_yaml(DictConfig(resolved)), "config.yaml")
             self.log_text("\n".join(overrides) + "\n", "overrides.yaml")
-            yield self
+            with heartbeat(self.client, self.run_id):
+                yield self
         except BaseException as exc:
             self.log_text("".join(traceback.format_exception(exc)), "traceback.txt")
-            self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {str(exc)[:400]}")
+            self.client.set_tag(self.run_id, "error", redact(f"{type(exc).__name__}: {str(exc)[:400]}"))
             self.client.set_terminated(self.run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
             raise
         self.client.set_terminated(self.run_id, status="FINISHED")
@@ -126,7 +201,7 @@ class Recorder:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -142,10 +217,10 @@ class Recorder:
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self.client.log_text(self.run_id, redact(text), name)
 
     def log_dict(self, data: dict, name: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), name)

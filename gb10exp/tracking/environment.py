@@ -35,6 +35,16 @@ def _git_commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _memory_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -52,7 +62,7 @@ def nvfp4_native(device: torch.device) -> bool:
 
 def environment(device: torch.device) -> dict[str, str]:
     env = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cpu_count": str(torch.get_num_threads()),
         "memory_gib": str(_memory_gib()),
         "python": platform.python_version(),

@@ -46,6 +46,8 @@ def sweep_rows(tracking_uri: str, sweep_dir: str) -> list[dict[str, Any]]:
     """The MLflow runs of one sweep, in every experiment (a sweep over models spans several)."""
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return []  # no job got as far as recording; don't create an empty store
     client = MlflowClient(tracking_uri=tracking_uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(ids, filter_string=f"tags.sweep_dir = '{sweep_dir}'",

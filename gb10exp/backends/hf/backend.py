@@ -1,12 +1,28 @@
-"""In-process PyTorch/transformers: ``model.generate`` with a streamer that stamps each new token."""
+"""In-process PyTorch/transformers, three ways to decode (``backend.options.mode``):
+
+- ``fast``: StaticCache + a decode step compiled and captured in one CUDA graph (``fast.py``); on a CPU
+  the same loop runs eagerly. The default: it measures the hardware, not Python.
+- ``static``: ``generate(cache_implementation="static")``.
+- ``generate``: plain eager ``generate``, mostly a measure of Python overhead on a GPU.
+
+``options.compare`` measures more modes in the same run, their metrics prefixed ``<mode>.``.
+Fake-quantized models (modelopt simulation) are not timed unless ``bench.measure_fake_quant=true``:
+their speed is that of the simulation, not of the format.
+"""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 from gb10exp.backends.base import BenchInputs
-from gb10exp.bench import Timing, measure, now
-from gb10exp.config import BenchConfig
+from gb10exp.backends.hf.fast import FastDecoder
+from gb10exp.bench import Target, Timing, measure, now
+from gb10exp.bench.roofline import torch_decode_bytes
+from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
+
+MODES = ("fast", "static", "generate")
 
 
 class _Stamper:
@@ -30,22 +46,81 @@ class _Stamper:
 class HFBackend:
     name = "hf"
 
-    def check(self) -> None:
+    def __init__(self, mode: str = "fast", compare: list[str] | None = None, compile: str | bool = "auto",
+                 cuda_graph: bool = True, tuned: bool = False):
+        for m in [mode, *(compare or [])]:
+            if m not in MODES:
+                raise ConfigError(f"backend.options.mode={m!r} is not allowed: one of {list(MODES)}")
+        if compile not in ("auto", True, False):
+            raise ConfigError(f"backend.options.compile={compile!r} is not allowed: auto, true or false")
+        self.modes = [mode, *[m for m in (compare or []) if m != mode]]
+        self.compile, self.cuda_graph, self.tuned = compile, cuda_graph, tuned
+
+    def check(self, qformat: QFormatConfig) -> None:
+        if qformat.gguf_type is not None:
+            raise ConfigError(f"qformat={qformat.name!r} is not allowed with backend=hf: llama.cpp quantizes it; "
+                              "use backend=llamacpp (or backend=openai on a server of that GGUF)")
+
+    def prepare(self, inputs: BenchInputs) -> dict[str, str]:
+        return {}
+
+    def perplexity(self, windows: torch.Tensor) -> list[tuple[float, int]] | None:
+        return None  # the offline evaluation already ran through this very model
+
+    def close(self) -> None:
         pass
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
-        prompt = inputs.prompt_tokens[: cfg.input_len].to(inputs.device).repeat(cfg.batch_size, 1)
+        if inputs.quantized and not cfg.measure_fake_quant:
+            return {}, {"speed_valid": "false", "speed_measured": "no: fake quantization (modelopt simulated) runs "
+                        "at the simulation's speed, not the format's; bench.measure_fake_quant=true times it anyway"}
+        device = inputs.device
+        target = Target(str(device), torch_decode_bytes(inputs.model))
+        if device.type == "cuda":
+            target.reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)
+            target.peak_bytes = lambda: float(torch.cuda.max_memory_allocated(device))
+        metrics: dict[str, float] = {}
+        tags = {"speed_valid": str(not inputs.quantized).lower(), "bench.method": self.modes[0]}
+        if inputs.quantized:
+            tags["speed_note"] = "fake quantization: timed on request, not the format's speed"
+        for i, mode in enumerate(self.modes):
+            m, t = self._measure_mode(mode, inputs, cfg, target)
+            prefix = "" if i == 0 else f"{mode}."
+            metrics |= {prefix + k: v for k, v in m.items()}
+            tags |= {prefix + k: v for k, v in t.items()}
+        return metrics, tags
+
+    def _measure_mode(self, mode: str, inputs: BenchInputs, cfg: BenchConfig, target: Target):
+        model, device = inputs.model, inputs.device
+        batch = lambda prompt: torch.tensor(prompt, device=device).repeat(cfg.batch_size, 1)  # noqa: E731
+        warm_prompt = batch(inputs.prompt_tokens[: cfg.input_len].tolist())
+        if mode == "fast":
+            compile_step = self.compile if self.compile != "auto" else device.type == "cuda"
+            decoder = FastDecoder(model, cfg.batch_size, cfg.input_len, cfg.output_len, compile_step,
+                                  self.cuda_graph, tuned=self.tuned)
+            compile_s = decoder.warm(warm_prompt)
+            metrics, tags = measure(lambda p: decoder.generate(batch(p)), inputs.prompt_tokens, cfg, target)
+            graph = "CUDA graph" if decoder.graph is not None else "no graph"
+            tags["bench.fast"] = f"static cache, {'compiled' if compile_step else 'eager'} step, {graph}"
+            return metrics | {"compile_s": compile_s}, tags
+
+        extra = {"cache_implementation": "static"} if mode == "static" else {}
 
         @torch.no_grad()
-        def generate_once() -> Timing:
+        def generate_once(prompt: list[int]) -> Timing:
+            ids = batch(prompt)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             timing = Timing(start=now(), batch_size=cfg.batch_size)
-            inputs.model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=cfg.output_len,
-                min_new_tokens=cfg.output_len, do_sample=False, streamer=_Stamper(timing, inputs.device),
-                pad_token_id=inputs.tokenizer.pad_token_id,
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.output_len,
+                min_new_tokens=cfg.output_len, do_sample=False, streamer=_Stamper(timing, device),
+                pad_token_id=inputs.tokenizer.pad_token_id, **extra,
             )
             return timing
 
-        metrics = measure(generate_once, cfg.warmup, cfg.repeats, cfg.input_len, cfg.output_len)
-        tags = {"speed_valid": str(not inputs.quantized).lower(), "bench.method": "generate-eager"}
-        return metrics, tags
+        start = time.perf_counter()
+        generate_once(warm_prompt[0].tolist())  # the static cache's compilation happens in this first call
+        first_call_s = time.perf_counter() - start
+        metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
+        return metrics | {"compile_s": first_call_s}, tags

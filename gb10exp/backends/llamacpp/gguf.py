@@ -1,0 +1,190 @@
+"""GGUF files of the configured model, in the qformat's GGUF type, made once and cached.
+
+The source is a GGUF file where the model is one (the embedded SmolLM2 is a Q4_1 GGUF, ``model=local
+model.path=x.gguf``); any other model is first converted to an F16 GGUF by llama.cpp's own
+``convert_hf_to_gguf.py``. llama.cpp's quantizer (``llama_model_quantize``) then writes the requested
+type. The converter is not in any wheel: it is taken from the llama-cpp-python source archive of the
+installed version (``pip download``, ~77 MB, once) and cached with its ``conversion`` and ``gguf-py``
+folders. Results live under ``$GB10EXP_CACHE/gguf/``, published atomically.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from gb10exp.config import ConfigError, ModelConfig
+from gb10exp.utils import cache_dir, publish_dir
+
+log = logging.getLogger(__name__)
+
+CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+# GGUF general.file_type values (llama.cpp's LLAMA_FTYPE) of the source files we may meet.
+SOURCE_FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 32: "BF16"}
+
+
+def _file_key(path: Path) -> str:
+    return f"{path.stem}-{path.stat().st_size}"
+
+
+def source_gguf(cfg: ModelConfig) -> Path | None:
+    """The model's own GGUF file, when the model is one."""
+    from gb10exp.models import embedded_file
+
+    if cfg.source == "embedded":
+        return embedded_file(cfg)
+    if cfg.source == "local":
+        path = Path(cfg.path).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            return path
+        if cfg.gguf_file:
+            return path / cfg.gguf_file
+    if cfg.source == "hub" and cfg.gguf_file:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(cfg.id, cfg.gguf_file, revision=cfg.revision))
+    return None
+
+
+def file_type(path: Path) -> str | None:
+    """The GGUF's declared type (general.file_type), e.g. "Q4_1"; None if it does not say."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.file_type")
+    return SOURCE_FTYPES.get(int(field.parts[field.data[0]][0])) if field is not None else None
+
+
+def decode_bytes(path: Path) -> float:
+    """Bytes one decode step reads from this GGUF: every tensor, except the token-embedding table when a
+    separate output head exists (a token's embedding is one row of it)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    total = sum(tensors.values())
+    if "output.weight" in tensors:
+        total -= tensors.get("token_embd.weight", 0)
+    return float(total)
+
+
+def converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py for the installed llama-cpp-python, fetched once."""
+    version = metadata.version("llama-cpp-python")
+    root = cache_dir("llama.cpp-convert") / version
+    if (root / "convert_hf_to_gguf.py").is_file():
+        return root / "convert_hf_to_gguf.py"
+    log.info("fetching llama-cpp-python %s's source archive for convert_hf_to_gguf.py (once)", version)
+    with publish_dir(root) as tmp:
+        download = Path(tmp) / "download"
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                              f"llama-cpp-python=={version}", "-d", str(download)], capture_output=True, text=True)
+        archives = list(download.glob("*.tar.gz"))
+        if got.returncode != 0 or not archives:
+            raise RuntimeError(f"pip download llama-cpp-python=={version} (source) failed: "
+                               f"{(got.stderr or got.stdout).strip().splitlines()[-1:]}; convert the model to "
+                               "GGUF yourself and pass it as model=local model.path=FILE.gguf")
+        with tarfile.open(archives[0]) as tar:
+            prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
+            for member in tar.getmembers():
+                rel = member.name.removeprefix(prefix)
+                if member.name.startswith(prefix) and rel.startswith(CONVERTER_MEMBERS) and member.isfile():
+                    member.name = rel
+                    tar.extract(member, tmp, filter="data")
+        for archive in archives:
+            archive.unlink()
+    return root / "convert_hf_to_gguf.py"
+
+
+def _hf_folder(cfg: ModelConfig, model: torch.nn.Module, tokenizer, key: str) -> Path:
+    """A transformers folder holding the model: the hub snapshot or local folder, else a saved copy."""
+    if cfg.source == "local" and Path(cfg.path).expanduser().is_dir():
+        return Path(cfg.path).expanduser()
+    if cfg.source == "hub":
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(cfg.id, revision=cfg.revision))
+    folder = cache_dir("gguf", "hf-copies") / key  # random weights: save what is in memory
+    if not (folder / "config.json").is_file():
+        with publish_dir(folder) as tmp:
+            model.to(torch.float32 if model.dtype == torch.float32 else torch.float16).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def _model_key(cfg: ModelConfig) -> str:
+    described = json.dumps({"source": cfg.source, "id": cfg.id, "path": cfg.path, "revision": cfg.revision,
+                            "arch": cfg.arch, "seed": cfg.seed, "tokenizer": cfg.tokenizer}, sort_keys=True)
+    return f"{cfg.name}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
+
+
+def convert_to_f16(cfg: ModelConfig, model: torch.nn.Module, tokenizer) -> Path:
+    key = _model_key(cfg)
+    out = cache_dir("gguf") / key / "F16.gguf"
+    if out.is_file():
+        return out
+    folder = _hf_folder(cfg, model, tokenizer, key)
+    script = converter()
+    with publish_dir(out.parent) as tmp:
+        target = Path(tmp) / "F16.gguf"
+        log.info("converting %s to GGUF F16 with llama.cpp's converter", cfg.name)
+        got = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(target), "--outtype", "f16"],
+                             capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": ""})
+        if got.returncode != 0 or not target.is_file():
+            last = (got.stderr or got.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"convert_hf_to_gguf.py failed on {folder}: {last[0][:300]}")
+    return out
+
+
+def quantize(source: Path, gguf_type: str, out: Path) -> None:
+    """llama.cpp's quantizer; re-quantizing an already quantized file is allowed (the embedded model)."""
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None)
+    if ftype is None:
+        raise ConfigError(f"qformat.gguf_type={gguf_type!r} is not known to this llama-cpp-python; "
+                          "choose another GGUF type or upgrade llama-cpp-python")
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"  # renamed into place only when complete
+    try:
+        with suppress_stdout_stderr(disable=False):  # one log line per tensor otherwise
+            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise RuntimeError(f"llama_model_quantize({source.name} -> {gguf_type}) returned {rc}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_gguf(cfg: ModelConfig, gguf_type: str, model: torch.nn.Module, tokenizer) -> tuple[Path, str]:
+    """(path, how it was made) of the model as a GGUF of ``gguf_type``; cached."""
+    source = source_gguf(cfg)
+    if source is not None:
+        source_type = file_type(source)
+        if source_type == gguf_type:
+            return source, f"the model's own {gguf_type} GGUF"
+        key, origin = _file_key(source), f"re-quantized from the model's {source_type or 'own'} GGUF"
+    else:
+        source = convert_to_f16(cfg, model, tokenizer)
+        key, origin = source.parent.name, "converted to F16 by convert_hf_to_gguf.py"
+        if gguf_type == "F16":
+            return source, origin
+    out = cache_dir("gguf") / key / f"{gguf_type}.gguf"
+    if not out.is_file():
+        log.info("quantizing %s to %s with llama.cpp", source.name, gguf_type)
+        quantize(source, gguf_type, out)
+    return out, f"{origin}, then {gguf_type} by llama_model_quantize"

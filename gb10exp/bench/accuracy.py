@@ -1,0 +1,67 @@
+"""Perplexity through the measured engine's own kernels, next to the offline (PyTorch) figure.
+
+Some NVFP4 kernels have produced garbage at full speed: a tokens/s figure means nothing unless the same
+kernels also compute correctly. Engines that return prompt log-probabilities (llama.cpp, OpenAI-compatible
+servers with ``echo`` + ``logprobs``, TensorRT-LLM's context logits) score the first
+``bench.engine_ppl_windows`` evaluation windows, exactly the token ids the offline evaluation scored; a
+ratio to the offline perplexity on those windows beyond ``bench.ppl_tolerance`` is flagged.
+
+For a format the engine quantizes itself (``qformat.gguf_type``), PyTorch holds only the unquantized
+source model, so the engine scores every window and its perplexity is the run's perplexity; the
+source's becomes ``source_perplexity``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from gb10exp.config import Config
+from gb10exp.evaluate import AccuracyResult, WindowStats
+
+
+@dataclass
+class EngineAccuracy:
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    windows: dict | None = None  # per-window sums when the engine's figures are the run's accuracy
+
+
+def _ppl(nll: list[float], tokens: list[int]) -> float:
+    return math.exp(sum(nll) / sum(tokens))
+
+
+def engine_accuracy(backend, windows: torch.Tensor, offline: AccuracyResult, cfg: Config) -> EngineAccuracy:
+    """Score windows through ``backend.perplexity`` and compare with ``offline`` on the same windows."""
+    engine_quantized = cfg.qformat.gguf_type is not None
+    count = windows.shape[0] if engine_quantized else min(cfg.bench.engine_ppl_windows, windows.shape[0])
+    if count == 0:
+        return EngineAccuracy(tags={"engine_ppl_check": "off (bench.engine_ppl_windows=0)"})
+    scored = backend.perplexity(windows[:count])
+    if scored is None:
+        if engine_quantized:
+            raise RuntimeError(f"backend={cfg.backend.name!r} returned no log-probabilities, and "
+                               f"qformat={cfg.qformat.name!r} has no other source of accuracy")
+        return EngineAccuracy(tags={"engine_ppl_check": f"none: backend {cfg.backend.name} has no separate engine "
+                                                        "scoring prompts (its accuracy is the offline one)"})
+    nll, tokens = [n for n, _ in scored], [t for _, t in scored]
+    engine_ppl = _ppl(nll, tokens)
+    offline_ppl = _ppl(offline.windows.nll[:count], offline.windows.tokens[:count])
+    ratio = engine_ppl / offline_ppl
+    what = "the unquantized source model" if engine_quantized else "the same model"
+    ok = abs(ratio - 1) <= cfg.bench.ppl_tolerance
+    result = EngineAccuracy(
+        metrics={"engine_perplexity": engine_ppl, "offline_perplexity_same_windows": offline_ppl,
+                 "engine_ppl_ratio": ratio, "engine_ppl_windows": float(count)},
+        tags={"engine_ppl_check": ("ok" if ok else "MISMATCH")
+              + f": engine {engine_ppl:.3f} vs PyTorch {offline_ppl:.3f} on {what}, {count} windows"
+              + f" (tolerance {cfg.bench.ppl_tolerance:.0%})"},
+    )
+    if engine_quantized:
+        result.metrics |= {"perplexity": engine_ppl, "nll_mean": sum(nll) / sum(tokens),
+                           "eval_tokens": float(sum(tokens)), "source_perplexity": offline.perplexity}
+        result.tags["accuracy_source"] = f"engine ({cfg.backend.name}): qformat {cfg.qformat.name} is not in PyTorch"
+        result.windows = asdict(WindowStats(nll=list(nll), tokens=tokens))
+    return result

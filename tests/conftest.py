@@ -1,0 +1,47 @@
+"""Shared test helpers: an isolated cache, a throw-away MLflow store, and `python -m gb10exp` in a
+subprocess exactly as a user types it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small sizes for the tiny random model: a job takes seconds.
+TINY = ["model=tiny_llama", "calib_size=4", "calib.seq_len=64", "eval.seq_len=64", "eval.num_windows=4",
+        "bench.enabled=false"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Every test session gets its own gb10exp cache, so no test depends on an earlier session."""
+    path = tmp_path_factory.mktemp("gb10exp-cache")
+    os.environ["GB10EXP_CACHE"] = str(path)
+    return path
+
+
+def store_args(store: Path) -> list[str]:
+    """Overrides that send a run's MLflow records and Hydra outputs into ``store``."""
+    return [f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_root={store}/artifacts",
+            f"hydra.sweep.dir={store}/outputs"]
+
+
+def run_gb10exp(*args: str, store: Path | None = None, env: dict[str, str] | None = None,
+                timeout: float = 900) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "gb10exp", *args, *(store_args(store) if store else [])]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def mlflow_runs(store: Path):
+    """Every run in the store (all experiments), oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(ids, order_by=["attributes.start_time ASC"])

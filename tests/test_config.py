@@ -1,0 +1,147 @@
+"""Every file under conf/ (and every experiment preset) composes into a valid typed config, the CLI
+shows its groups, and bad input fails in one line before any work, leaving nothing recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, run_gb10exp
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from gb10exp.__main__ import CONF_DIR, to_config
+from gb10exp.config import Config, ConfigError
+
+# Values for options whose YAML leaves a required key (???) for the user to fill in.
+REQUIRED = {
+    "model/hub": ["model.id=Qwen/Qwen2.5-0.5B-Instruct"],
+    "model/local": ["model.path=/models/x"],
+    "calib/text_file": ["calib.path=/data/x.txt"],
+    "eval/text_file": ["eval.path=/data/x.txt"],
+    "tracking/server": ["tracking.uri=http://127.0.0.1:5000"],
+}
+
+
+def config_files() -> list[Path]:
+    """Every YAML under conf/, recursively, following the experiment symlink, except Hydra's own."""
+    files = [p for p in CONF_DIR.rglob("*.yaml") if "hydra" not in p.relative_to(CONF_DIR).parts[:1]]
+    files += sorted((ROOT / "experiments").rglob("*.yaml"))  # rglob does not follow the symlink
+    return sorted(set(files))
+
+
+def compose_overrides(path: Path) -> list[str]:
+    if path.is_relative_to(ROOT / "experiments"):
+        return [f"+experiment={path.relative_to(ROOT / 'experiments').with_suffix('').as_posix()}"]
+    rel = path.relative_to(CONF_DIR).with_suffix("").as_posix()
+    if rel == "config":
+        return []
+    group, _, option = rel.rpartition("/")
+    return [f"{group}={option}", *REQUIRED.get(rel, [])]
+
+
+@pytest.fixture(scope="module")
+def composer():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        yield lambda overrides: compose("config", overrides=overrides)
+    GlobalHydra.instance().clear()
+
+
+def test_the_walk_sees_every_group_and_nested_folder():
+    files = config_files()
+    groups = {p.relative_to(CONF_DIR).parts[0] for p in files if p.is_relative_to(CONF_DIR) and p.parent != CONF_DIR}
+    assert {"model", "qformat", "calib", "eval", "backend", "tracking"} <= groups
+    assert len([p for p in files if p.parent.name == "qformat"]) >= 8
+    # the walk is recursive: count independently with os.walk (which follows nothing) over both trees
+    import os
+
+    expected = sum(
+        1 for base in (CONF_DIR, ROOT / "experiments") for d, _, names in os.walk(base)
+        if "hydra" not in Path(d).relative_to(base).parts for n in names if n.endswith(".yaml")
+    )
+    assert len(files) == expected
+
+
+@pytest.mark.parametrize("path", config_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_file_composes_and_validates(composer, path: Path):
+    cfg = to_config(composer(compose_overrides(path)))
+    assert isinstance(cfg, Config)
+    assert cfg.calib_size > 0 and cfg.qformat.name and cfg.model.name
+
+
+def test_qformats_map_to_modelopt_configs(composer):
+    import modelopt.torch.quantization as mtq
+
+    for path in sorted((CONF_DIR / "qformat").glob("*.yaml")):
+        cfg = to_config(composer([f"qformat={path.stem}"]))
+        assert cfg.qformat.name == path.stem  # the option name is the name users see in tables
+        if cfg.qformat.modelopt_cfg is not None:
+            assert isinstance(getattr(mtq, cfg.qformat.modelopt_cfg)["quant_cfg"], list)
+
+
+def test_unknown_key_is_rejected(composer):
+    with pytest.raises(ConfigError, match="model.not_a_key is not a key of ModelConfig"):
+        to_config(composer(["+model.not_a_key=1"]))  # Hydra lets `+` add it; the schema does not
+
+
+def test_help_lists_groups_and_options():
+    out = run_gb10exp("--help")
+    assert out.returncode == 0, out.stderr
+    assert "qformat: bf16, fp8, gguf_q4_k_m, int4, int4_awq, nvfp4, nvfp4_awq, nvfp4_wo, w4a8_awq" in out.stdout
+    assert "model:" in out.stdout and "smollm2_135m" in out.stdout and "calib:" in out.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = run_gb10exp("qformat=fp8", "calib_size=64", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "modelopt_cfg: FP8_DEFAULT_CFG" in out.stdout and "calib_size: 64" in out.stdout
+
+
+BAD_INPUT = [
+    (["qformat=nvfp44"], "qformat='nvfp44' is not allowed: one of ['bf16', 'fp8', 'gguf_q4_k_m', 'int4'"),
+    (["qformat=nvfp4,int5"], "qformat='int5' is not allowed"),
+    (["calib_size=0"], "calib_size=0 is not allowed: a positive number of calibration samples"),
+    (["calib_size=64,-5"], "calib_size=-5 is not allowed"),  # the bad job fails before the good one runs
+    (["calib_size=abc"], "calib_size"),
+    (["model=local", "model.path=/nonexistent/model"], "model.path='/nonexistent/model' is not allowed: it does not exist"),
+    (["device=tpu"], "device='tpu' is not allowed: auto, cpu, cuda or cuda:N"),
+    (["kv_cache_qformat=int3"], "kv_cache_qformat='int3' is not allowed"),
+    (["eval.num_windows=0"], "eval.num_windows=0 is not allowed"),
+    (["model.not_a_key=1"], "Could not override 'model.not_a_key'. Key 'not_a_key' not in 'ModelConfig'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_bad_input_fails_in_one_line_before_any_work(tmp_path, args, message):
+    out = run_gb10exp(*args, store=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gb10exp: error: "), out.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_gated_model_without_token_fails_before_loading(tmp_path):
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = run_gb10exp("model=llama3_1_8b_instruct", store=tmp_path, env=env)
+    assert out.returncode == 2
+    assert "model.id='meta-llama/Llama-3.1-8B-Instruct' is gated and HF_TOKEN is not set" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_dataset_unreachable_offline_fails_without_a_run(tmp_path):
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = run_gb10exp(*TINY, "qformat=bf16", "calib=wikitext2", store=tmp_path, env=env)
+    assert out.returncode == 1
+    assert "calib.dataset could not load wikitext/wikitext-2-raw-v1 (train) offline" in out.stdout + out.stderr
+    from conftest import mlflow_runs
+
+    if (tmp_path / "mlflow.db").exists():
+        assert mlflow_runs(tmp_path)[1] == []  # nothing half-recorded
+
+
+def test_config_error_type_is_one_line():
+    with pytest.raises(ConfigError) as info:
+        Config(calib_size=-1)
+    assert "\n" not in str(info.value)

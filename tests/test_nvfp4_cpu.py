@@ -1,0 +1,75 @@
+"""The CPU NVFP4 adapter computes NVFP4 exactly: checked against an independent implementation of the
+format written here from its definition, and through modelopt's own quantizer module."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4, nvfp4_fake_quant
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def reference_nvfp4(x: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """NVFP4 from its definition: FP32 tensor scale s2 = amax/(6*448); per block of 16 an E4M3 scale
+    s = fp8(block_amax / (6 * s2)); values rounded to the nearest E2M1 value (ties to the even code)."""
+    s2 = x.abs().amax() / (6.0 * 448.0)
+    blocks = x.reshape(-1, block)
+    s = (blocks.abs().amax(-1) / (6.0 * s2)).to(torch.float8_e4m3fn).float()
+    s[s == 0] = 1.0
+    scaled = (blocks / (s * s2)[:, None]).abs().clamp(max=6.0)
+    dist = (scaled[..., None] - E2M1).abs()
+    best = dist.min(-1, keepdim=True).values
+    ties = (dist == best)  # on a tie both neighbours are nearest: take the even code (index)
+    codes = torch.where(ties, torch.arange(8), torch.full((8,), 99)).remainder(2).eq(0) & ties
+    index = torch.where(codes.any(-1), codes.float().argmax(-1), ties.float().argmax(-1))
+    q = E2M1[index] * blocks.sign() * (s * s2)[:, None]
+    return q.reshape(x.shape)
+
+
+@pytest.mark.parametrize("shape,scale", [((64, 256), 0.02), ((4, 32, 128), 3.0), ((8, 1024), 1e-4)])
+def test_adapter_matches_the_definition_exactly(shape, scale):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * scale
+    ours = nvfp4_fake_quant(x, x.abs().amax())
+    assert torch.equal(ours, reference_nvfp4(x))
+    assert not torch.equal(ours, x)  # it does quantize
+    assert len(torch.unique(ours.reshape(-1, 16)[0].abs())) <= 8  # at most the 8 E2M1 magnitudes per block
+
+
+def test_ties_round_to_the_even_code():
+    # amax 6: tensor scale 6/(6*448), block scale 448 (exact in E4M3), so values are scaled by exactly 1
+    values = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2)
+    q = nvfp4_fake_quant(values, torch.tensor(6.0))
+    assert q[:8].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0]
+
+
+def test_zero_tensor_stays_zero_and_dtype_is_kept():
+    assert torch.equal(nvfp4_fake_quant(torch.zeros(4, 16), torch.tensor(0.0)), torch.zeros(4, 16))
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    assert nvfp4_fake_quant(x, x.abs().amax().float()).dtype == torch.bfloat16
+
+
+def test_modelopt_nvfp4_runs_on_cpu_through_the_adapter():
+    import modelopt.torch.quantization as mtq
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    enable_cpu_nvfp4()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)).eval()
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(tokens).logits
+    quantized = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), lambda m: m(tokens))
+    with torch.no_grad():
+        after = quantized(tokens).logits
+    assert torch.isfinite(after).all()
+    assert 1e-4 < (after - before).abs().max().item() < 10.0
+    # the weight the quantizer produces is exactly NVFP4 of the original weight
+    layer = quantized.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        qw = layer.weight_quantizer(layer.weight)
+    assert torch.equal(qw, reference_nvfp4(layer.weight.detach()))
