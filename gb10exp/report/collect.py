@@ -1,0 +1,197 @@
+"""MLflow runs -> rows: the runs a report covers, their per-window results, and the runs that failed.
+
+A report covers one experiment, or one sweep (which may span experiments: a sweep over models writes to
+one experiment per model). Reference runs (bf16, fp8) are looked up in the whole experiment of every
+covered run, because resume skips a job whose twin finished in an earlier sweep. Runs that did not
+finish are listed, never dropped; so are the jobs of a local sweep folder that failed before an MLflow
+run existed (their ``failed.txt``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gb10exp.config import ConfigError
+
+NONE = ("None", "null", "")  # how MLflow params spell a null
+REPORT_TAG = "kind"  # report runs are tagged kind=report and never reported on
+# The params that fix the perplexity windows: runs agreeing on them were evaluated on the same tokens.
+WINDOW_PARAMS = ("eval.dataset", "eval.path", "eval.seq_len", "eval.num_windows")
+
+
+@dataclass
+class Selection:
+    """What to report on: an experiment name, or a sweep (by id or by its output folder)."""
+
+    experiment: str | None = None
+    sweep_id: str | None = None
+    sweep_dir: str | None = None
+
+    def label(self) -> str:
+        if self.sweep_id or self.sweep_dir:
+            return self.sweep_id or Path(self.sweep_dir).name
+        return self.experiment or "latest"
+
+    def filter_string(self) -> str:
+        if self.sweep_dir:
+            return f"tags.sweep_dir = '{Path(self.sweep_dir).resolve()}'"
+        if self.sweep_id:
+            return f"tags.sweep_id = '{self.sweep_id}'"
+        return ""
+
+
+@dataclass
+class RunRow:
+    """One MLflow run as the report sees it."""
+
+    run_id: str
+    name: str
+    status: str  # FINISHED | FAILED | KILLED | RUNNING | SCHEDULED
+    experiment: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    start_time: int
+    windows: dict[str, list[float]] | None = None  # results.json's per-window sums, when present
+
+    @property
+    def qformat(self) -> str:
+        return self.tags.get("qformat") or self.params.get("qformat.name", "?")
+
+    @property
+    def model(self) -> str:
+        return self.tags.get("model") or self.params.get("model.name", "?")
+
+    @property
+    def calibrated(self) -> bool:
+        """Quantized by modelopt, which calibrates."""
+        return self.params.get("qformat.modelopt_cfg", "None") not in NONE
+
+    @property
+    def quantized(self) -> bool:
+        """Quantized by modelopt or by llama.cpp's quantizer (``qformat.gguf_type``): not a bf16 reference."""
+        return self.calibrated or self.params.get("qformat.gguf_type", "None") not in NONE
+
+    @property
+    def calib_size(self) -> int | None:
+        """None for runs that no calibration touched."""
+        value = self.params.get("calib_size")
+        return int(value) if self.calibrated and value not in NONE else None
+
+    @property
+    def window_key(self) -> tuple:
+        """Runs with equal keys were evaluated on the same windows of the same model."""
+        model = sorted((k, v) for k, v in self.params.items() if k.startswith("model."))
+        return (tuple(model), tuple(self.params.get(k) for k in WINDOW_PARAMS))
+
+    @property
+    def error(self) -> str:
+        return self.tags.get("error", "")
+
+
+@dataclass
+class Collected:
+    rows: list[RunRow]  # finished runs of the selection, one per config (the latest)
+    references: list[RunRow]  # finished unquantized and fp8 runs of the same experiments
+    unfinished: list[RunRow]  # runs of the selection that did not finish
+    prerun_failures: list[tuple[str, str]] = field(default_factory=list)  # (job folder, message)
+    experiments: list[str] = field(default_factory=list)
+
+
+def _search(client, experiment_ids: list[str], filter_string: str = "") -> list[Any]:
+    """Every run (all pages), oldest first, without report runs."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [r for r in runs if r.data.tags.get(REPORT_TAG) != "report"]
+
+
+def _row(run, experiment: str) -> RunRow:
+    return RunRow(run.info.run_id, run.info.run_name or run.info.run_id, run.info.status, experiment,
+                  dict(run.data.params), dict(run.data.metrics), dict(run.data.tags), run.info.start_time or 0)
+
+
+def load_windows(client, row: RunRow) -> dict[str, list[float]] | None:
+    """The per-window sums of ``results.json`` (works for local stores and tracking servers alike)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(row.run_id, "results.json", tmp)
+        except Exception:  # no artifact (an old or foreign run): the report falls back to the metrics
+            return None
+        return json.loads(Path(path).read_text()).get("windows")
+
+
+def latest_experiment(client) -> str:
+    """The name of the experiment holding the most recently started (non-report) run."""
+    experiments = client.search_experiments()
+    runs = _search(client, [e.experiment_id for e in experiments]) if experiments else []
+    if not runs:
+        raise ConfigError("the tracking store holds no runs: run a sweep first (python -m gb10exp +experiment=nvfp4_claim)")
+    latest = max(runs, key=lambda r: r.info.start_time or 0)
+    return client.get_experiment(latest.info.experiment_id).name
+
+
+def _experiment_ids(client, selection: Selection) -> dict[str, str]:
+    """experiment id -> name for the selection."""
+    if selection.sweep_id or selection.sweep_dir:
+        return {e.experiment_id: e.name for e in client.search_experiments()}
+    name = selection.experiment or latest_experiment(client)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(f"--experiment={name!r} is not allowed: no such experiment; one of {names}")
+    return {experiment.experiment_id: experiment.name}
+
+
+def _latest_per_config(runs: list[RunRow]) -> list[RunRow]:
+    """One finished run per config hash (the latest): ``force=true`` reruns do not count twice."""
+    latest: dict[str, RunRow] = {}
+    for row in sorted(runs, key=lambda r: r.start_time):
+        latest[row.tags.get("config_hash", row.run_id)] = row
+    return sorted(latest.values(), key=lambda r: r.start_time)
+
+
+def prerun_failures(sweep_dir: str | None) -> list[tuple[str, str]]:
+    """Jobs of a local sweep folder that failed before an MLflow run existed."""
+    if not sweep_dir or not Path(sweep_dir).is_dir():
+        return []
+    return [(f.parent.name, f.read_text().strip()) for f in sorted(Path(sweep_dir).glob("*/failed.txt"))]
+
+
+def collect(client, selection: Selection) -> Collected:
+    """The runs of ``selection``, their references, and their failures, with per-window results."""
+    experiments = _experiment_ids(client, selection)
+    selected = [_row(r, experiments[r.info.experiment_id])
+                for r in _search(client, list(experiments), selection.filter_string())]
+    if not selected and not prerun_failures(selection.sweep_dir):
+        raise ConfigError(f"no runs match {selection.label()!r} in this tracking store; check --experiment/--sweep "
+                          "and --tracking-uri")
+    involved = {r.experiment for r in selected}
+    ids = [i for i, n in experiments.items() if n in involved]
+    pool = [_row(r, experiments[r.info.experiment_id]) for r in _search(client, ids)] if ids else []
+    finished = _latest_per_config([r for r in selected if r.status == "FINISHED"])
+    references = _latest_per_config([r for r in pool if r.status == "FINISHED"
+                                     and (not r.quantized or r.qformat == "fp8")])
+    # A sweep chosen by id still finds its local folder (and the jobs that failed before MLflow) via tags.
+    sweep_dir = selection.sweep_dir or next((r.tags["sweep_dir"] for r in selected if "sweep_dir" in r.tags
+                                             and selection.sweep_id), None)
+    by_id = {r.run_id: r for r in finished + references}
+    for row in by_id.values():
+        row.windows = load_windows(client, row)
+    references = [by_id[r.run_id] for r in references]  # the same objects, windows loaded once
+    return Collected(
+        rows=[by_id[r.run_id] for r in finished],
+        references=references,
+        unfinished=[r for r in selected if r.status != "FINISHED"],
+        prerun_failures=prerun_failures(sweep_dir),
+        experiments=sorted(involved),
+    )

@@ -1,0 +1,306 @@
+"""The report as a document (headings, paragraphs, tables, an image) rendered to Markdown and HTML, and
+the plot of loss against model size (and against tokens/s where it was measured) as a PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from gb10exp.report.collect import Collected, RunRow
+from gb10exp.report.compare import Comparison, FormatSummary, NoiseFloor, ReportRow
+from gb10exp.report.stats import BOOTSTRAP_RESAMPLES
+from gb10exp.report.verdict import THRESHOLD, Verdict
+
+# Optional metrics: a column appears only when some run has the metric. (metric, header, format)
+OPTIONAL_COLUMNS = [
+    ("ttft_s", "TTFT s", "{:.3f}"),
+    ("decode_tokens_per_s", "tok/s", "{:.1f}"),
+    ("roofline_fraction", "roofline", "{:.0%}"),  # achieved / bandwidth-bound decode rate
+]
+
+
+@dataclass
+class Block:
+    kind: str  # h1 | h2 | p | table | img
+    text: str = ""
+    headers: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x * 100:+.{digits}f}%"
+
+
+def change_cell(c: Comparison) -> str:
+    if c.change is None:
+        return c.note or "–"
+    if not c.change.has_ci:
+        return f"{pct(c.change.point)} (no CI)"
+    return f"{pct(c.change.point)} [{c.change.lo * 100:+.2f}, {c.change.hi * 100:+.2f}]"
+
+
+def verdict_cell(c: Comparison) -> str:
+    if c.verdict is None:
+        return "–"
+    label = {Verdict.PASS: "pass", Verdict.FAIL: "**fail**", Verdict.INCONCLUSIVE: "inconclusive"}[c.verdict]
+    return label if c.change is None or c.change.has_ci else f"{label} (point estimate)"
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def speed_valid(run: RunRow) -> bool:
+    """Throughput of a fake-quantized model on the hf backend is not the format's speed."""
+    return run.tags.get("speed_valid", "true") != "false"
+
+
+def task_metric_names(rows: list[ReportRow]) -> list[str]:
+    """The lm-eval accuracy metrics present (``task/<name>/acc``, ``acc_norm``, ...), sorted."""
+    names = {k for r in rows for k in r.run.metrics if k.startswith("task/")}
+    keep = {n for n in names if not n.endswith(("_stderr", "/sample_len"))}
+    return sorted(keep)
+
+
+def _task_cell(run: RunRow, name: str) -> str:
+    value = run.metrics.get(name)
+    if value is None:
+        return "–"
+    metric, _, suffix = name.rpartition("/")
+    stderr = run.metrics.get(f"{metric}/{suffix}_stderr")
+    return f"{value:.3f}" + (f" ±{stderr:.3f}" if stderr is not None else "")
+
+
+def runs_table(rows: list[ReportRow]) -> Block:
+    tasks = task_metric_names(rows)
+    optional = [c for c in OPTIONAL_COLUMNS if any(c[0] in r.run.metrics for r in rows)]
+    headers = ["model", "format", "calib", "perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok",
+               "top-1 agree"] + [t.removeprefix("task/") for t in tasks] + ["weights GiB"] + [h for _, h, _ in optional]
+    body = []
+    for r in rows:
+        m = r.run.metrics
+        cells = [r.run.model, r.run.qformat, str(r.run.calib_size or "–"), _fmt(m.get("perplexity"), "{:.3f}"),
+                 change_cell(r.vs_bf16), change_cell(r.vs_fp8), _fmt(m.get("kl_mean"), "{:.4f}"),
+                 _fmt(m.get("top1_agreement"), "{:.3f}")]
+        cells += [_task_cell(r.run, t) for t in tasks]
+        cells.append(_fmt(m.get("weight_gib"), "{:.3f}"))
+        for key, _, fmt in optional:
+            cell = _fmt(m.get(key), fmt)
+            cells.append(cell if speed_valid(r.run) or cell == "–" else f"{cell} (fake quant)")
+        body.append(tuple(cells))
+    return Block("table", headers=tuple(headers), rows=tuple(body))
+
+
+def verdict_table(summaries: list[FormatSummary]) -> Block:
+    headers = ("model", "format", "calib", "loss vs bf16 [95% CI]", "< 1% vs bf16", "loss vs fp8 [95% CI]",
+               "< 1% vs fp8", "spread over calib sizes")
+    body = []
+    for s in summaries:
+        r = s.row
+        spread = "–" if s.calib_spread is None else f"{s.calib_spread * 100:.2f} pp ({', '.join(map(str, s.calib_sizes))})"
+        body.append((s.model, s.qformat, str(r.run.calib_size), change_cell(r.vs_bf16), verdict_cell(r.vs_bf16),
+                     change_cell(r.vs_fp8), verdict_cell(r.vs_fp8), spread))
+    return Block("table", headers=headers, rows=tuple(body))
+
+
+def noise_text(noise: NoiseFloor | None) -> str:
+    if noise is None or noise.min_half_width is None:
+        return "Noise floor: unknown (no run has per-window results to bootstrap)."
+    text = (f"Noise floor: on these {noise.windows} windows ({noise.tokens:,} tokens) the narrowest paired 95% "
+            f"interval is ±{noise.min_half_width * 100:.2f}% ({noise.min_run}); intervals widen with the loss itself, "
+            f"up to ±{noise.max_half_width * 100:.2f}% here. A loss within about ±{noise.min_half_width * 100:.1f}% of "
+            "1% cannot be judged on this evaluation set: give it more windows (eval.num_windows, eval.seq_len). "
+            "The intervals cover the choice of evaluation text only, not calibration samples or other tasks; "
+            "the spread over calibration sizes shows the latter.")
+    if noise.bf16_ppl is not None:
+        b = noise.bf16_ppl
+        text += (f" The bf16 perplexity itself, {b.point:.3f} [{b.lo:.3f}, {b.hi:.3f}], moves by "
+                 f"±{b.half_width / b.point * 100:.1f}% with the choice of text: compare absolute perplexities only "
+                 "on identical windows.")
+    return text
+
+
+def definitions_text() -> str:
+    return (f"Loss = relative perplexity increase, ppl(format) / ppl(reference) − 1, on the same evaluation windows. "
+            f"95% CI: paired percentile bootstrap over windows ({BOOTSTRAP_RESAMPLES} resamples, seeded). "
+            f"pass: the interval's upper bound is below {THRESHOLD:.0%}; fail: its lower bound is {THRESHOLD:.0%} or more "
+            f"(exactly {THRESHOLD:.0%} is not below {THRESHOLD:.0%}); inconclusive: the interval straddles {THRESHOLD:.0%}. "
+            "Each format's verdict is taken at its largest calibration size; the fp8 reference has the same "
+            "calibration size where one ran.")
+
+
+def failures_blocks(collected: Collected) -> list[Block]:
+    blocks = [Block("h2", "Runs that did not finish")]
+    finished_hashes = {r.tags.get("config_hash") for r in collected.rows}
+    rows = tuple(
+        (r.name, r.status, r.experiment, r.error[:200] or "(no error recorded)",
+         "yes" if r.tags.get("config_hash") in finished_hashes else "no")
+        for r in collected.unfinished
+    )
+    rows += tuple((job, "FAILED before MLflow", "–", message, "–") for job, message in collected.prerun_failures)
+    if not rows:
+        return blocks + [Block("p", "None: every run of the selection finished.")]
+    return blocks + [Block("table", headers=("run", "status", "experiment", "error", "finished later"), rows=rows)]
+
+
+def document(title: str, meta: str, collected: Collected, rows: list[ReportRow], summaries: list[FormatSummary],
+             noise: NoiseFloor | None, plot_name: str | None) -> list[Block]:
+    """The whole report, in order."""
+    blocks = [Block("h1", title), Block("p", meta), Block("h2", "Verdict: less than 1% loss?")]
+    blocks += [verdict_table(summaries)] if summaries else [Block("p", "No quantized run finished.")]
+    blocks += [Block("p", definitions_text()), Block("p", noise_text(noise)), Block("h2", "All runs"), runs_table(rows)]
+    if plot_name:
+        blocks.append(Block("img", plot_name))
+    return blocks + failures_blocks(collected)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b.kind == "h1":
+            out.append(f"# {b.text}")
+        elif b.kind == "h2":
+            out.append(f"## {b.text}")
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "img":
+            out.append(f"![loss against model size]({b.text})")
+        elif b.kind == "table":
+            lines = ["| " + " | ".join(b.headers) + " |", "|" + "|".join("---" for _ in b.headers) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _html_text(text: str) -> str:
+    escaped = html.escape(text)
+    while "**" in escaped:  # the one bit of Markdown the cells use: **fail**
+        escaped = escaped.replace("**", "<strong>", 1).replace("**", "</strong>", 1)
+    return escaped
+
+
+def _image_src(name: str, folder: Path | None) -> str:
+    # Embedded, so the page is one self-contained file (MLflow's artifact viewer shows it without the PNG).
+    if folder is not None and (folder / name).is_file():
+        return "data:image/png;base64," + base64.b64encode((folder / name).read_bytes()).decode()
+    return html.escape(name)
+
+
+def to_html(blocks: list[Block], folder: Path | None = None) -> str:
+    """The document as one HTML page; images found in ``folder`` are embedded."""
+    parts = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "p"):
+            parts.append(f"<{b.kind}>{_html_text(b.text)}</{b.kind}>")
+        elif b.kind == "img":
+            parts.append(f'<img src="{_image_src(b.text, folder)}" alt="loss against model size" style="max-width:100%">')
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+            body = "".join("<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+             "th{background:#f3f3f3}")
+    title = next((b.text for b in blocks if b.kind == "h1"), "report")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+    from matplotlib.transforms import offset_copy
+
+    formats = sorted({r.run.qformat for r in rows}, key=lambda q: [r.run.qformat for r in rows].index(q))
+    colors = dict(zip(formats, plt.get_cmap("tab10").colors, strict=False))
+    calibs = sorted({r.run.calib_size for r in rows if r.run.calib_size})
+    markers = dict(zip(calibs, "osD^v<>p", strict=False))
+    several_models = len({r.run.model for r in rows}) > 1
+    labelled: set[str] = set()
+    extent: list[tuple[float, float]] = []  # offset artists do not autoscale: limits come from here
+    shown = [r for r in rows if x_of(r.run) is not None and (r.vs_bf16.change is not None or r.vs_bf16.note == "reference")]
+    # Runs at one x (nvfp4 and nvfp4_awq, or two calibration sizes) are spread a few points apart.
+    same_x: dict[float, list[str]] = {}
+    for r in shown:
+        same_x.setdefault(round(x_of(r.run), 6), []).append(r.run.run_id)
+    for r in shown:
+        x, c = x_of(r.run), r.vs_bf16
+        group = same_x[round(x, 6)]
+        dodge = (group.index(r.run.run_id) - (len(group) - 1) / 2) * 6
+        point, lo, hi = (0.0, 0.0, 0.0) if c.change is None else (c.change.point, c.change.lo, c.change.hi)
+        label = r.run.qformat if r.run.qformat not in labelled else None
+        labelled.add(r.run.qformat)
+        ax.errorbar([x], [point * 100], yerr=[[(point - lo) * 100], [(hi - point) * 100]],
+                    fmt=markers.get(r.run.calib_size, "o"), color=colors[r.run.qformat], capsize=3, markersize=7,
+                    label=label, alpha=0.9, transform=offset_copy(ax.transData, fig=ax.figure, x=dodge, units="points"))
+        extent += [(x, lo * 100), (x, hi * 100)]
+        if several_models:
+            ax.annotate(r.run.model, (x, point * 100), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    if extent:
+        ax.update_datalim(extent)
+        ax.autoscale_view()
+        ax.margins(x=0.15)
+    ax.axhline(THRESHOLD * 100, color="crimson", linestyle="--", linewidth=1)
+    ax.text(1.0, THRESHOLD * 100, f"  {THRESHOLD:.0%} claim", color="crimson", va="bottom", ha="right",
+            transform=ax.get_yaxis_transform(), fontsize=8)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    # Limits by hand: offset artists do not autoscale, and the 1% line must always be in view.
+    lows, highs = [y for _, y in extent[::2]] or [0.0], [y for _, y in extent[1::2]] or [0.0]
+    top = max(max(highs), THRESHOLD * 100)
+    bottom = min(min(lows), 0.0)
+    if symlog:
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom * 1.5 - 0.3, top * 1.6)
+        ax.set_yticks([t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= top * 1.6])
+    else:
+        pad = (top - bottom) * 0.12
+        ax.set_ylim(bottom - pad, top + pad)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity increase vs bf16" + (" (symlog scale)" if symlog else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if calibs and len(calibs) > 1:
+        from matplotlib.lines import Line2D
+
+        handles += [Line2D([], [], marker=markers[c], color="grey", linestyle="", label=f"calib {c}") for c in calibs]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot(rows: list[ReportRow], title: str, path: Path) -> Path | None:
+    """Loss vs bf16 (with 95% CI bars) against weight size, and against tokens/s where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: reports render on servers and in CI
+    import matplotlib.pyplot as plt
+
+    plotted = [r for r in rows if r.vs_bf16.change is not None or r.vs_bf16.note == "reference"]
+    if not plotted:
+        return None
+    speed = [r for r in plotted if "decode_tokens_per_s" in r.run.metrics and speed_valid(r.run)]
+    losses = [abs(v) for r in plotted if r.vs_bf16.change for v in (r.vs_bf16.change.lo, r.vs_bf16.change.hi)]
+    symlog = max(losses, default=0) > 0.2  # beyond 20 % a linear axis squashes the formats near 1%
+    panels = 2 if speed else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 4.6), squeeze=False)
+    sizes = [r.run.metrics["weight_gib"] for r in plotted if "weight_gib" in r.run.metrics]
+    mib = bool(sizes) and max(sizes) < 1  # a 135M model's 0.1-0.25 GiB reads better in MiB
+    scale, unit = (1024, "MiB") if mib else (1, "GiB")
+    _panel(axes[0][0], plotted, lambda run: run.metrics["weight_gib"] * scale if "weight_gib" in run.metrics else None,
+           f"weights ({unit}, scales included)", symlog)
+    if sizes and max(sizes) / max(min(sizes), 1e-9) > 20:  # several models: 0.1 to 16 GiB
+        axes[0][0].set_xscale("log")
+    if speed:
+        _panel(axes[0][1], speed, lambda run: run.metrics.get("decode_tokens_per_s"), "decode tokens/s", symlog)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,261 @@
+"""The report: its numbers against runs whose metrics are known, the verdict at its edges, failed runs.
+
+Runs are written straight into a temporary SQLite store with the MLflow client (no model runs), with
+per-window sums built so that every perplexity ratio is known in closed form.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from gb10exp.config import ConfigError
+from gb10exp.report import Selection, build_report
+from gb10exp.report.__main__ import main as report_main
+from gb10exp.report.stats import Interval, WindowMismatch, relative_change
+from gb10exp.report.verdict import Verdict, verdict
+
+TOKENS = [63.0] * 8  # 8 windows of 63 predicted tokens
+BASE_NLL = [2.0 * 63, 2.5 * 63, 1.8 * 63, 3.0 * 63, 2.2 * 63, 2.9 * 63, 2.1 * 63, 2.4 * 63]
+EXPERIMENT = "gb10exp-known"
+
+
+def shifted(per_token: list[float] | float) -> list[float]:
+    """The baseline windows with each window's NLL raised by ``per_token`` nats per token."""
+    shifts = per_token if isinstance(per_token, list) else [per_token] * len(BASE_NLL)
+    return [n + s * t for n, s, t in zip(BASE_NLL, shifts, TOKENS, strict=True)]
+
+
+def ppl(nll: list[float]) -> float:
+    return math.exp(sum(nll) / sum(TOKENS))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def log_run(uri: str, qformat: str, nll: list[float] | None, calib_size: int = 16, status: str = "FINISHED",
+            experiment: str = EXPERIMENT, sweep: str = "sweep-a", sweep_dir: str | None = None,
+            error: str | None = None,
+            extra_metrics: dict[str, float] | None = None, config_hash: str | None = None,
+            num_windows: int = 8) -> str:
+    """One run as gb10exp records it: params, tags, metrics and results.json."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    quantized = qformat != "bf16"
+    tags = {"qformat": qformat, "model": "known", "sweep_id": sweep, "sweep_dir": sweep_dir or f"/nonexistent/{sweep}",
+            "config_hash": config_hash or f"{qformat}-{calib_size}", "cpu": "test cpu", "gpu": "none",
+            "git_commit": "abc123"}
+    if error:
+        tags["error"] = error
+    run = client.create_run(exp_id, run_name=f"known-{qformat}-calib{calib_size}", tags=tags)
+    rid = run.info.run_id
+    params = {"model.name": "known", "model.source": "random", "qformat.name": qformat,
+              "qformat.modelopt_cfg": "SOME_CFG" if quantized else "None", "calib_size": str(calib_size),
+              "seed": "0", "eval.dataset": "pydoc_topics", "eval.path": "None", "eval.seq_len": "64",
+              "eval.num_windows": str(num_windows)}
+    metrics = {}
+    if nll is not None:
+        metrics = {"perplexity": ppl(nll), "kl_mean": 0.01, "top1_agreement": 0.9,
+                   "weight_gib": {"bf16": 1.0, "fp8": 0.5}.get(qformat, 0.28), **(extra_metrics or {})}
+    client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                     params=[Param(k, v) for k, v in params.items()])
+    if nll is not None:
+        windows = {"nll": nll, "kl": [0.0] * len(nll), "agree": [0] * len(nll), "tokens": TOKENS[: len(nll)]}
+        client.log_text(rid, json.dumps({"windows": windows}), "results.json")
+    client.set_terminated(rid, status)
+    return rid
+
+
+def report_json(uri: str, tmp_path: Path, **selection) -> dict:
+    build_report(uri, Selection(**selection), tmp_path / "report")
+    return json.loads((tmp_path / "report" / "report.json").read_text())
+
+
+def by_name(data: dict) -> dict:
+    return {r["name"]: r for r in data["rows"]}
+
+
+# --- statistics ------------------------------------------------------------------------------------------
+
+
+def test_constant_shift_gives_exact_ratio_and_zero_width_interval():
+    # Every window loses log(1.02) nats per token: every resample sees exactly +2%.
+    change = relative_change({"nll": shifted(math.log(1.02)), "tokens": TOKENS}, {"nll": BASE_NLL, "tokens": TOKENS})
+    assert change.point == pytest.approx(0.02, abs=1e-12)
+    assert change.lo == pytest.approx(0.02, abs=1e-12) and change.hi == pytest.approx(0.02, abs=1e-12)
+
+
+def test_interval_brackets_point_and_is_reproducible():
+    q = {"nll": shifted([0.0, 0.02, 0.0, 0.03, 0.0, 0.01, 0.0, 0.02]), "tokens": TOKENS}
+    ref = {"nll": BASE_NLL, "tokens": TOKENS}
+    a, b = relative_change(q, ref), relative_change(q, ref)
+    assert a == b  # seeded
+    assert a.lo < a.point < a.hi
+    assert a.point == pytest.approx(ppl(q["nll"]) / ppl(BASE_NLL) - 1, rel=1e-12)
+    assert a.lo >= 0  # no window got better, so no resample can
+
+
+def test_windows_of_other_lengths_are_refused():
+    with pytest.raises(WindowMismatch, match="7 windows"):
+        relative_change({"nll": BASE_NLL[:7], "tokens": TOKENS[:7]}, {"nll": BASE_NLL, "tokens": TOKENS})
+
+
+# --- verdict at its edges -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "expected"),
+    [
+        (0.002, 0.009, Verdict.PASS),
+        (-0.01, 0.0099999, Verdict.PASS),
+        (0.01, 0.01, Verdict.FAIL),  # exactly 1% is not less than 1%
+        (0.01, 0.03, Verdict.FAIL),  # lower bound exactly at 1%
+        (0.005, 0.01, Verdict.INCONCLUSIVE),  # upper bound exactly at 1%
+        (0.004, 0.016, Verdict.INCONCLUSIVE),  # straddles 1%
+        (math.expm1(math.log(1.01)), math.expm1(math.log(1.01)), Verdict.FAIL),  # 1% after exp/log rounding
+    ],
+)
+def test_verdict_edges(lo, hi, expected):
+    assert verdict(Interval((lo + hi) / 2, lo, hi)) is expected
+
+
+# --- the report on known runs ------------------------------------------------------------------------------
+
+
+def test_report_numbers_and_verdicts(store, tmp_path):
+    log_run(store, "bf16", BASE_NLL, calib_size=16)
+    log_run(store, "fp8", shifted(math.log(1.004)), calib_size=16)
+    log_run(store, "fp8", shifted(math.log(1.003)), calib_size=64)
+    # nvfp4 at calib 16: +0.5% everywhere -> pass vs bf16; vs the calib-16 fp8: 1.005/1.004 - 1 -> pass.
+    log_run(store, "nvfp4", shifted(math.log(1.005)), calib_size=16)
+    # nvfp4 at calib 64: exactly +1.0% everywhere -> fail (not < 1%) vs bf16.
+    log_run(store, "nvfp4", shifted(math.log(1.01)), calib_size=64)
+    # int4_awq: a loss that straddles 1% across windows -> inconclusive.
+    log_run(store, "int4_awq", shifted([0.0, 0.03, 0.0, 0.025, 0.001, 0.02, 0.0, 0.004]), calib_size=64)
+    data = report_json(store, tmp_path, experiment=EXPERIMENT)
+    rows = by_name(data)
+
+    assert rows["known-bf16-calib16"]["vs_bf16"]["note"] == "reference"
+    nv16 = rows["known-nvfp4-calib16"]
+    assert nv16["vs_bf16"]["change"]["point"] == pytest.approx(0.005, abs=1e-12)
+    assert nv16["vs_bf16"]["verdict"] == "pass"
+    assert nv16["vs_fp8"]["change"]["point"] == pytest.approx(1.005 / 1.004 - 1, abs=1e-12)
+    fp8_16 = rows["known-fp8-calib16"]["run_id"]
+    assert nv16["vs_fp8"]["reference"] == fp8_16  # same calibration size
+    nv64 = rows["known-nvfp4-calib64"]
+    assert nv64["vs_bf16"]["change"]["point"] == pytest.approx(0.01, abs=1e-12)
+    assert nv64["vs_bf16"]["verdict"] == "fail"
+    assert nv64["vs_fp8"]["change"]["point"] == pytest.approx(1.01 / 1.003 - 1, abs=1e-12)
+    assert rows["known-fp8-calib64"]["vs_fp8"]["note"] == "reference"
+
+    int4 = rows["known-int4_awq-calib64"]["vs_bf16"]
+    assert int4["change"]["lo"] < 0.01 < int4["change"]["hi"]
+    assert int4["verdict"] == "inconclusive"
+    # int4_awq at calib 64 has no calib-64 twin... it does: fp8 calib 64.
+    assert rows["known-int4_awq-calib64"]["vs_fp8"]["reference"] == rows["known-fp8-calib64"]["run_id"]
+
+    verdicts = {(v["qformat"], v["calib_size"]): v for v in data["verdicts"]}
+    assert set(verdicts) == {("fp8", 64), ("nvfp4", 64), ("int4_awq", 64)}  # the largest calibration size
+    assert verdicts[("nvfp4", 64)]["calib_spread"] == pytest.approx(0.005, abs=1e-12)
+
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| known | nvfp4 | 64 | +1.00% [+1.00, +1.00] | **fail** |" in md
+    assert "inconclusive" in md and "Noise floor: on these 8 windows (504 tokens) the narrowest" in md
+    assert (tmp_path / "report" / "loss.png").stat().st_size > 10_000
+    assert "<strong>fail</strong>" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_fp8_reference_falls_back_to_largest_calibration(store, tmp_path):
+    log_run(store, "bf16", BASE_NLL)
+    log_run(store, "fp8", shifted(math.log(1.004)), calib_size=32)
+    log_run(store, "fp8", shifted(math.log(1.002)), calib_size=128)
+    log_run(store, "nvfp4", shifted(math.log(1.006)), calib_size=16)
+    rows = by_name(report_json(store, tmp_path, experiment=EXPERIMENT))
+    assert rows["known-nvfp4-calib16"]["vs_fp8"]["reference"] == rows["known-fp8-calib128"]["run_id"]
+
+
+def test_failed_runs_are_listed_not_dropped(store, tmp_path):
+    sweep_dir = tmp_path / "outputs" / "sweep-a"
+    (sweep_dir / "3_qformat=fp8").mkdir(parents=True)
+    (sweep_dir / "3_qformat=fp8" / "failed.txt").write_text("calib_size=9999 is not allowed: ...\n")
+    log_run(store, "bf16", BASE_NLL, sweep_dir=str(sweep_dir))
+    log_run(store, "nvfp4", None, status="FAILED", error="NonFiniteMetric: non-finite metrics {'perplexity': nan}",
+            sweep_dir=str(sweep_dir))
+    log_run(store, "int4_awq", None, status="KILLED", sweep_dir=str(sweep_dir))
+    data = report_json(store, tmp_path, experiment=EXPERIMENT)
+    assert {(r["name"], r["status"]) for r in data["unfinished"]} == {
+        ("known-nvfp4-calib16", "FAILED"), ("known-int4_awq-calib16", "KILLED")}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "NonFiniteMetric: non-finite metrics" in md and "| known-int4_awq-calib16 | KILLED |" in md
+
+    # A sweep chosen by its folder also lists the jobs that failed before an MLflow run existed.
+    log_run(store, "bf16", BASE_NLL, sweep="sweep-b", config_hash="b")  # other sweeps stay out
+    data = report_json(store, tmp_path, sweep_dir=str(sweep_dir))
+    assert data["prerun_failures"] == [{"job": "3_qformat=fp8", "error": "calib_size=9999 is not allowed: ..."}]
+    assert len(data["unfinished"]) == 2 and [r["name"] for r in data["rows"]] == ["known-bf16-calib16"]
+
+
+def test_latest_of_identical_configs_counts_once(store, tmp_path):
+    log_run(store, "bf16", BASE_NLL)
+    log_run(store, "nvfp4", shifted(math.log(1.02)), config_hash="same")
+    log_run(store, "nvfp4", shifted(math.log(1.005)), config_hash="same")  # force=true rerun
+    data = report_json(store, tmp_path, experiment=EXPERIMENT)
+    nv = [r for r in data["rows"] if r["qformat"] == "nvfp4"]
+    assert len(nv) == 1 and nv[0]["vs_bf16"]["change"]["point"] == pytest.approx(0.005, abs=1e-12)
+
+
+def test_runs_on_other_windows_get_no_reference(store, tmp_path):
+    log_run(store, "bf16", BASE_NLL)
+    log_run(store, "nvfp4", shifted(0.01)[:4], num_windows=4)
+    rows = by_name(report_json(store, tmp_path, experiment=EXPERIMENT))
+    assert rows["known-nvfp4-calib16"]["vs_bf16"]["note"] == "no bf16 run on the same windows"
+    assert rows["known-nvfp4-calib16"]["vs_bf16"]["verdict"] is None
+
+
+def test_optional_columns_appear_only_when_measured(store, tmp_path):
+    log_run(store, "bf16", BASE_NLL, extra_metrics={"decode_tokens_per_s": 40.0, "ttft_s": 0.2,
+                                                    "task/mini/acc": 0.5, "task/mini/acc_stderr": 0.1})
+    log_run(store, "nvfp4", shifted(0.001), extra_metrics={"task/mini/acc": 0.25})
+    build_report(store, Selection(experiment=EXPERIMENT), tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| top-1 agree | mini/acc | weights GiB | TTFT s | tok/s |" in md
+    assert "0.500 ±0.100" in md and "tok/s" in md and "roofline" not in md
+
+
+def test_cli_logs_the_report_and_ignores_report_runs(store, tmp_path, capsys):
+    log_run(store, "bf16", BASE_NLL)
+    log_run(store, "nvfp4", shifted(math.log(1.005)))
+    out = tmp_path / "cli"
+    assert report_main(["--tracking-uri", store, "--out", str(out)]) == 0  # latest experiment by default
+    printed = capsys.readouterr().out
+    assert "known nvfp4 (calib 16): vs bf16 pass" in printed and "logged as MLflow run" in printed
+    client = MlflowClient(tracking_uri=store)
+    reports = client.search_runs(["1"], filter_string="tags.kind = 'report'")
+    assert len(reports) == 1 and reports[0].info.run_name == f"report-{EXPERIMENT}"
+    logged = {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")}
+    assert logged == {"report/report.md", "report/report.html", "report/report.json", "report/loss.png"}
+    # A second report does not count the first report as a run.
+    assert report_main(["--tracking-uri", store, "--out", str(out), "--no-log"]) == 0
+    assert len(json.loads((out / "report.json").read_text())["rows"]) == 2
+
+
+def test_cli_errors_are_one_line(store, tmp_path, capsys):
+    log_run(store, "bf16", BASE_NLL)
+    assert report_main(["--tracking-uri", store, "--experiment", "nope", "--no-log", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # earlier lines: MLflow's own logging
+    assert err.startswith("gb10exp.report: error: --experiment='nope' is not allowed") and EXPERIMENT in err
+    assert report_main(["--tracking-uri", store, "--sweep", "nope", "--no-log", "--out", str(tmp_path)]) == 2
+    assert "no runs match 'nope'" in capsys.readouterr().err
+
+
+def test_empty_store_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="holds no runs"):
+        build_report(f"sqlite:///{tmp_path}/empty.db", Selection(), tmp_path / "r")

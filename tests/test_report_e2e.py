@@ -1,0 +1,117 @@
+"""End to end: the nvfp4_claim preset on the tiny model, then the report CLI on its sweep; and the report
+read through an MLflow tracking server instead of a local store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, run_gb10exp
+from test_report import BASE_NLL, EXPERIMENT, log_run, shifted
+
+from gb10exp.report import Selection, build_report
+
+TASKS = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
+
+
+def report_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gb10exp.report", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_claim_preset_then_report(tmp_path):
+    # calib_size=100000 cannot be drawn from the calibration text: those jobs fail before MLflow and the
+    # report must list them.
+    args = [a for a in TINY if not a.startswith("calib_size=")]
+    sweep = run_gb10exp("+experiment=nvfp4_claim", *args, "calib_size=4,8,100000", "eval.tasks=[gb10exp_mini_mc]",
+                        f"eval.task_include_path={TASKS}", "eval.task_limit=4", store=tmp_path)
+    assert sweep.returncode == 1, sweep.stderr[-3000:]  # the sweep says some jobs failed
+    # Calibration does not touch bf16: its calib-8 job finds the calib-4 run and skips.
+    assert "skipping tiny_llama-bf16-calib8-hf: identical run" in sweep.stdout + sweep.stderr
+
+    out = tmp_path / "report"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = report_cli("--tracking-uri", uri, "--sweep-dir", str(tmp_path / "outputs"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tiny_llama nvfp4 (calib 8): vs bf16" in result.stdout and "did not finish" in result.stdout
+
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["rows"]) == 9  # bf16 once, four formats at two calibration sizes
+    rows = {r["qformat"]: r for r in data["rows"] if r["calib_size"] in (None, 8)}
+    bf16_ppl = rows["bf16"]["metrics"]["perplexity"]
+    for name in ("fp8", "nvfp4", "nvfp4_awq", "int4_awq"):
+        change = rows[name]["vs_bf16"]["change"]
+        # The bootstrap's point estimate from the windows equals the logged perplexities' ratio.
+        assert change["point"] == pytest.approx(rows[name]["metrics"]["perplexity"] / bf16_ppl - 1, rel=1e-6)
+        assert change["lo"] <= change["point"] <= change["hi"] and change["has_ci"]
+        assert rows[name]["vs_bf16"]["verdict"] in ("pass", "fail", "inconclusive")
+        assert 0.0 <= rows[name]["metrics"]["task/gb10exp_mini_mc/acc"] <= 1.0
+    assert rows["nvfp4"]["vs_fp8"]["reference"] == rows["fp8"]["run_id"]
+    assert {(v["qformat"], v["calib_size"]) for v in data["verdicts"]} == {
+        ("fp8", 8), ("nvfp4", 8), ("nvfp4_awq", 8), ("int4_awq", 8)}
+    failed = data["prerun_failures"]
+    assert len(failed) == 5 and all("calib_size=100000 is not allowed" in f["error"] for f in failed)
+
+    md = (out / "report.md").read_text()
+    assert "gb10exp_mini_mc/acc" in md and "FAILED before MLflow" in md and "![loss against model size](loss.png)" in md
+    assert (out / "loss.png").stat().st_size > 10_000
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("nvfp4-claim-tiny_llama")
+    reports = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'report'")
+    assert len(reports) == 1 and reports[0].info.run_name == "report-outputs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """An MLflow tracking server on loopback (SQLite behind it, artifacts served by the server)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "served"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_HOME": str(tmp_path)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start in 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_report_reads_a_tracking_server(mlflow_server, tmp_path):
+    log_run(mlflow_server, "bf16", BASE_NLL)
+    log_run(mlflow_server, "nvfp4", shifted(math.log(1.005)))
+    log_run(mlflow_server, "int4_awq", None, status="FAILED", error="RuntimeError: boom")
+    report = build_report(mlflow_server, Selection(experiment=EXPERIMENT), tmp_path / "r")
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    nv = next(r for r in data["rows"] if r["qformat"] == "nvfp4")
+    assert nv["vs_bf16"]["change"]["point"] == pytest.approx(0.005, abs=1e-12)
+    assert nv["vs_bf16"]["change"]["has_ci"]  # results.json came through the server's artifact proxy
+    assert [r.error for r in report.collected.unfinished] == ["RuntimeError: boom"]
