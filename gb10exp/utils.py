@@ -38,7 +38,7 @@ def publish_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_writable(path: str | Path, key: str) -> None:
+def check_writable(path: str | Path, key: str, value: str | None = None) -> None:
     """Raise a one-line ConfigError unless ``path`` can be created and written (checked by writing a
     probe file into its nearest existing ancestor, so nothing is left behind; os.access lies for root)."""
     from gb10exp.config import ConfigError
@@ -51,4 +51,5 @@ def check_writable(path: str | Path, key: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"{key}={str(path)!r} is not writable ({exc.strerror}: {ancestor}); choose a writable folder") from exc
+        shown = value if value is not None else str(path)
+        raise ConfigError(f"{key}={shown!r} is not writable ({exc.strerror}: {ancestor}); choose a writable folder") from exc

@@ -84,8 +84,9 @@ def test_unwritable_store_output_and_artifact_dirs(tmp_path):
     uri = f"sqlite:///{blocker}/mlflow.db"
     out = run_gb10exp(*TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/out")
     assert out.returncode == 2
-    assert _error_line(out) == f"gb10exp: error: tracking.uri='{uri}' is not writable (File exists); choose a writable folder"
-    with pytest.raises(ConfigError, match=r"^tracking.artifact_root='.*' is not writable \(Not a directory\); choose a writable folder$"):
+    assert _error_line(out) == (f"gb10exp: error: tracking.uri='{uri}' is not writable (Not a directory: {blocker}); "
+                                "choose a writable folder")
+    with pytest.raises(ConfigError, match=r"^tracking.artifact_root='.*' is not writable \(Not a directory: .*a-file\); choose a writable folder$"):
         check_store(TrackingConfig(uri=f"sqlite:///{tmp_path}/ok.db", experiment="e", artifact_root=f"{blocker}/art"))
     from gb10exp.utils import check_writable
 

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import traceback
 import urllib.error
 import urllib.request
@@ -25,6 +24,7 @@ from gb10exp.config import ConfigError, TrackingConfig
 from gb10exp.tracking.liveness import heartbeat, is_stale, owner_tags
 from gb10exp.tracking.secrets import redact
 from gb10exp.tracking.store import RetryingClient
+from gb10exp.utils import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,7 @@ def _local_path(uri: str) -> Path | None:
 def check_store(cfg: TrackingConfig) -> None:
     """Fail before quantizing when the store cannot be written or the server cannot be reached."""
     if (path := _local_path(cfg.uri)) is not None:
-        folder = path.parent if str(path.parent) else Path(".")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-probe-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(
-                f"tracking.uri={cfg.uri!r} is not writable ({exc.strerror}); choose a writable folder"
-            ) from exc
+        check_writable(path.parent if str(path.parent) else Path("."), "tracking.uri", cfg.uri)
         _check_artifact_root(cfg)
     elif cfg.uri.startswith("postgresql"):
         _check_database(cfg.uri)
@@ -83,18 +74,8 @@ def check_store(cfg: TrackingConfig) -> None:
 
 def _check_artifact_root(cfg: TrackingConfig) -> None:
     """An unwritable artifact folder would fail after the run exists: a half-recorded run."""
-    if not cfg.artifact_root:
-        return
-    folder = Path(cfg.artifact_root).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"tracking.artifact_root={cfg.artifact_root!r} is not writable ({exc.strerror}); choose a writable folder"
-        ) from exc
+    if cfg.artifact_root:
+        check_writable(cfg.artifact_root, "tracking.artifact_root")
 
 
 def _init_sqlite(uri: str) -> None:
