@@ -3,9 +3,14 @@ subprocess exactly as a user types it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,3 +50,32 @@ def mlflow_runs(store: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     ids = [e.experiment_id for e in client.search_experiments()]
     return client, client.search_runs(ids, order_by=["attributes.start_time ASC"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], probe_url: str, name: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A real server on loopback for the duration of the block: started, awaited until ``probe_url``
+    answers (60 s at most; a server that exits at start fails at once), stopped afterwards."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(probe_url, timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited at start (exit code {proc.returncode})") from None
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"{name} did not answer {probe_url} within 60 s")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

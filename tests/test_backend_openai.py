@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
 import pytest
-from conftest import mlflow_runs, run_gb10exp
+from conftest import free_port, mlflow_runs, run_gb10exp, serving
 
 from gb10exp.backends.openai.backend import is_token_chunk, prompt_logprobs, sse_data
 
@@ -36,12 +33,6 @@ def test_prompt_logprobs_keep_prompt_tokens_only():
     assert prompt_logprobs(choice, prompt_chars=9) == [-1.0, -2.0]  # the 4th is the generated token
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def q4_gguf():
     from gb10exp.backends.llamacpp.gguf import build_gguf
@@ -56,23 +47,9 @@ def server(q4_gguf):
     port = free_port()
     command = ["timeout", str(SERVER_LIFETIME_S), sys.executable, "-m", "llama_cpp.server", "--model", str(q4_gguf),
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/models", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail("llama-cpp-python's server exited at start")
-                time.sleep(0.5)
-        else:
-            pytest.fail("llama-cpp-python's server did not answer within 60 s")
+    with serving(command, url + "/models", "llama-cpp-python's server"):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, run_gb10exp
+from conftest import ROOT, TINY, free_port, run_gb10exp, serving
 from test_report import BASE_NLL, EXPERIMENT, log_run, shifted
 
 from gb10exp.report import Selection, build_report
@@ -73,35 +69,18 @@ def test_claim_preset_then_report(tmp_path):
     assert len(reports) == 1 and reports[0].info.run_name == "report-outputs"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """An MLflow tracking server on loopback (SQLite behind it, artifacts served by the server)."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "served"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_HOME": str(tmp_path)})
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+               "--artifacts-destination", str(tmp_path / "served"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    # no background job workers (several 200 MB processes this test does not need)
+    env = {"MLFLOW_HOME": str(tmp_path), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start in 60 s")
+    with serving(command, f"{url}/health", "mlflow server", env):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
