@@ -31,7 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, without installing it
 
-from gb10exp.backends.hf.fast import FastDecoder  # noqa: E402
+from gb10exp.backends.hf.fast import FastDecoder, TokenStamper  # noqa: E402
 from gb10exp.bench import Timing, now, summarize  # noqa: E402
 from gb10exp.bench.monitor import Monitor  # noqa: E402
 from gb10exp.bench.roofline import (  # noqa: E402
@@ -75,23 +75,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Stamper:
-    """generate() streamer stamping each new token (generate syncs per token anyway)."""
-
-    def __init__(self, timing: Timing, device: torch.device):
-        self.timing, self.device, self.prompt_seen = timing, device, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        sync(self.device)
-        self.timing.token_times.append(now())
-
-    def end(self) -> None:
-        pass
-
-
 def generate_runner(model, mode: str, output_len: int, device: torch.device):
     extra = {"cache_implementation": "static"} if mode == "static" else {}
 
@@ -100,7 +83,7 @@ def generate_runner(model, mode: str, output_len: int, device: torch.device):
         sync(device)
         timing = Timing(start=now(), batch_size=prompt.shape[0])
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, streamer=_Stamper(timing, device), **extra)
+                             min_new_tokens=output_len, do_sample=False, streamer=TokenStamper(timing, device), **extra)
         return timing, out[:, prompt.shape[1]:]
 
     return run

@@ -99,8 +99,8 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
     p = prepare(cfg)
     # Calibration settings change nothing for a model modelopt does not quantize: the bf16 jobs of a
     # calib_size sweep share one hash, so the sweep runs the baseline once and skips its twins.
-    calib_free = cfg.qformat.modelopt_cfg is None
-    hash_ = config_hash({k: v for k, v in resolved.items() if not (calib_free and k in CALIB_KEYS)})
+    quantizing = cfg.qformat.modelopt_cfg is not None
+    hash_ = config_hash({k: v for k, v in resolved.items() if quantizing or k not in CALIB_KEYS})
     if not cfg.force and (done := p.recorder.find_finished(hash_)):
         log.info("skipping %s: identical run %s already finished (force=true reruns)", run_name(cfg), done)
         return {"skipped": True, "run_id": done}
@@ -108,7 +108,6 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         log.info("skipping %s: identical run %s is running now (force=true runs it anyway)", run_name(cfg), live)
         return {"skipped": True, "run_id": live}
 
-    quantizing = cfg.qformat.modelopt_cfg is not None
     tags = environment(p.device) | sweep_tags | {
         "config_hash": hash_, "qformat": cfg.qformat.name, "model": cfg.model.name, "backend": cfg.backend.name,
         "compute_dtype": str(p.dtype).removeprefix("torch."),

@@ -94,8 +94,6 @@ def _check_database(uri: str) -> None:
     """A database URI (the server's own store, used directly): connect once, with a short timeout."""
     import sqlalchemy
 
-    from gb10exp.tracking.secrets import redact
-
     try:
         with sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5}).connect():
             pass

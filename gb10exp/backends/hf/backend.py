@@ -17,30 +17,12 @@ import time
 import torch
 
 from gb10exp.backends.base import BenchInputs
-from gb10exp.backends.hf.fast import FastDecoder
+from gb10exp.backends.hf.fast import FastDecoder, TokenStamper
 from gb10exp.bench import Target, Timing, measure, now
 from gb10exp.bench.roofline import torch_decode_bytes
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
 
 MODES = ("fast", "static", "generate")
-
-
-class _Stamper:
-    """A generate() streamer: records the arrival time of every generated token (not the prompt)."""
-
-    def __init__(self, timing: Timing, device: torch.device):
-        self.timing, self.device, self.prompt_seen = timing, device, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first sends the prompt itself
-            self.prompt_seen = True
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timing.token_times.append(now())
-
-    def end(self) -> None:
-        pass
 
 
 class HFBackend:
@@ -114,7 +96,7 @@ class HFBackend:
             timing = Timing(start=now(), batch_size=cfg.batch_size)
             model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.output_len,
-                min_new_tokens=cfg.output_len, do_sample=False, streamer=_Stamper(timing, device),
+                min_new_tokens=cfg.output_len, do_sample=False, streamer=TokenStamper(timing, device),
                 pad_token_id=inputs.tokenizer.pad_token_id, **extra,
             )
             return timing

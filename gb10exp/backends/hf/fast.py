@@ -26,6 +26,25 @@ import torch
 from gb10exp.bench import Timing, now
 
 
+class TokenStamper:
+    """A ``generate()`` streamer that stamps the arrival of every generated token (not the prompt).
+    ``generate`` syncs with the host per token anyway; the device sync makes the stamp exact."""
+
+    def __init__(self, timing: Timing, device: torch.device):
+        self.timing, self.device, self.prompt_seen = timing, device, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first sends the prompt itself
+            self.prompt_seen = True
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timing.token_times.append(now())
+
+    def end(self) -> None:
+        pass
+
+
 def _round_up(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
