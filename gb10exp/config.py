@@ -68,8 +68,15 @@ class QFormatConfig:
     # Quantized by llama.cpp's own quantizer, not modelopt (e.g. Q4_K_M): only engines that run GGUF files
     # can serve it, and its accuracy comes from the engine itself.
     gguf_type: str | None = None
+    # The hf_quant_config.json `quant_algo` modelopt exports this format as (FP8, NVFP4, W4A16_NVFP4, NVFP4_AWQ,
+    # W4A16_AWQ, W4A8_AWQ, MIXED_PRECISION...); null for bf16 and GGUF formats. Keys the engine support matrix
+    # (gb10exp/backends/support.py).
+    quant_algo: str | None = None
 
     def __post_init__(self) -> None:
+        if self.modelopt_cfg is not None:
+            _require(bool(self.quant_algo), "qformat.quant_algo", self.quant_algo,
+                     "the quant_algo modelopt exports this format as (hf_quant_config.json), e.g. NVFP4")
         if self.gguf_type is not None:
             _require(self.gguf_type in GGUF_TYPES, "qformat.gguf_type", self.gguf_type, f"one of {list(GGUF_TYPES)}")
             _require(self.modelopt_cfg is None, "qformat.modelopt_cfg", self.modelopt_cfg,
@@ -165,6 +172,11 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     force: bool = False  # rerun even if an identical finished run exists
     cache: bool = True  # reuse quantized models and evaluation results from $GB10EXP_CACHE
+    # Write modelopt's unified Hugging Face checkpoint of the run's quantized model (what trtllm-serve and vllm
+    # serve load) to <job output dir>/checkpoint, or to export_dir. (Hydra cannot take `export=true` for a
+    # config group, hence two flat keys.)
+    export: bool = False
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.calib_size > 0, "calib_size", self.calib_size, "a positive number of calibration samples")
@@ -176,6 +188,9 @@ class Config:
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device", self.device, "auto, cpu, cuda or cuda:N",
         )
+        if self.export_dir is not None:
+            _require(self.export and bool(self.export_dir.strip()), "export_dir", self.export_dir,
+                     "a folder, together with export=true (export=true export_dir=PATH)")
 
 
 def register_configs() -> None:

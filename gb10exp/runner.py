@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from gb10exp import data
-from gb10exp.backends import Backend, BenchInputs, get_backend
+from gb10exp.backends import Backend, BenchInputs, get_backend, support
 from gb10exp.bench.accuracy import engine_accuracy
 from gb10exp.config import Config
 from gb10exp.evaluate import evaluate_accuracy
 from gb10exp.evaluate.tasks import check_tasks, run_tasks
 from gb10exp.models import check_model, load_model, load_tokenizer, resolve_device, resolve_dtype
-from gb10exp.quant import cache
+from gb10exp.quant import cache, export
 from gb10exp.tracking import Recorder, check_store, config_hash
 from gb10exp.tracking.environment import environment
 
@@ -55,6 +55,8 @@ def prepare(cfg: Config) -> Prepared:
     check_store(cfg.tracking)
     backend = get_backend(cfg.backend)
     backend.check(cfg.qformat)
+    support.preflight_check(cfg)  # engine x format x GPU (gb10exp/backends/support.py)
+    export.preflight_check(cfg)
     check_tasks(cfg.eval)
     tokenizer = load_tokenizer(cfg.model)
     calib = data.calib_samples(
@@ -111,6 +113,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
     tags = environment(p.device) | sweep_tags | {
         "config_hash": hash_, "qformat": cfg.qformat.name, "model": cfg.model.name, "backend": cfg.backend.name,
         "compute_dtype": str(p.dtype).removeprefix("torch."),
+        "support": support.tag(cfg.backend.name, cfg.qformat, support.arch_of(p.device)),
         "quantization": "fake (modelopt simulated)" if quantizing else (
             f"by the engine ({cfg.qformat.gguf_type})" if cfg.qformat.gguf_type else "none"),
     }
@@ -119,6 +122,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         start = time.perf_counter()
 
         model = load_model(cfg.model, p.device, p.dtype)
+        export.check_model(model, cfg)  # an export that cannot work fails before quantization
         timers["load_s"] = time.perf_counter() - start
 
         # The baseline keeps the unquantized weights for KL divergence and top-1 agreement, unless the
@@ -166,6 +170,9 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
                 rec.set_tags(bench_tags)
         finally:
             p.backend.close()
+        if cfg.export:  # last: the export packs the model's weights in place
+            t = time.perf_counter()
+            metrics |= export.record(model, p.tokenizer, cfg, overrides, rec) | {"export_s": time.perf_counter() - t}
 
         timers["total_s"] = time.perf_counter() - start
         metrics |= timers

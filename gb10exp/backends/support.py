@@ -1,0 +1,296 @@
+"""Which engine serves which quantization format on which GPU: one table, as data, with its sources.
+
+Each cell says ``native`` (the engine runs the format's own kernels), ``emulated`` (it runs, but the numerics
+are simulated or the kernel falls back to another scheme, so its speed is not the format's speed), or
+``unsupported`` (it fails to load or is refused). Every cell names the upstream file or page it comes from
+(checked 2026-11-26). The README's matrix is rendered from this table by ``markdown()``; a test keeps the
+two identical.
+
+Rows are keyed by ``QFormatConfig.quant_algo`` (what modelopt writes as hf_quant_config.json ``quant_algo``),
+``GGUF`` for llama.cpp's own formats and ``none`` for unquantized weights. Architectures: ``hopper`` (sm_90),
+``blackwell`` (datacenter sm_100/sm_103), ``gb10`` (DGX Spark's GB10, sm_121; the sm_12x family, where
+TensorRT-LLM's table has one "Blackwell (sm120)" row), ``ada`` (sm_89), ``ampere`` (sm_80/86/87), ``cpu``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from gb10exp.config import Config, QFormatConfig
+
+NATIVE, EMULATED, UNSUPPORTED = "native", "emulated", "unsupported"
+ENGINES = ("trtllm", "vllm", "llamacpp", "ollama", "hf")
+ARCHS = ("hopper", "blackwell", "gb10", "ada", "ampere", "cpu")
+ALGOS = (
+    "FP8",
+    "NVFP4",
+    "W4A16_NVFP4",
+    "NVFP4_AWQ",
+    "W4A16_AWQ",
+    "W4A8_AWQ",
+    "MIXED_PRECISION",
+    "GGUF",
+    "none",
+)
+GPUS = ARCHS[:-1]
+
+# Sources (one per claim; file paths are in the engine's GitHub repository).
+TRT_ALGOS = "NVIDIA/TensorRT-LLM tensorrt_llm/quantization/mode.py (QuantAlgo)"
+TRT_HW = (
+    "NVIDIA/TensorRT-LLM docs/source/features/quantization.md (Hardware Support Matrix; GB10 = the "
+    "Blackwell sm120 row)"
+)
+TRT_GPU = "NVIDIA/TensorRT-LLM docs/source/features/quantization.md (PyTorch backend, NVIDIA GPUs only)"
+VLLM_ALGOS = "vllm-project/vllm vllm/model_executor/layers/quantization/modelopt.py (QUANT_ALGOS)"
+VLLM_FP8 = (
+    "vllm-project/vllm vllm/model_executor/layers/quantization/modelopt.py "
+    "(ModelOptFp8Config.get_min_capability 89)"
+)
+VLLM_FP4 = (
+    "vllm-project/vllm vllm/model_executor/layers/quantization/modelopt.py (ModelOptNvFp4Config: cutlass "
+    "W4A4 GEMM on sm_100+/sm_12x, FP4 Marlin weight-only GEMM below; min capability 75)"
+)
+VLLM_MIXED = (
+    "vllm-project/vllm vllm/model_executor/layers/quantization/modelopt.py "
+    "(ModelOptMixedPrecisionConfig, min capability 75)"
+)
+VLLM_GGUF = "vllm-project/vllm docs/features/quantization/gguf.md (experimental, single-file GGUF)"
+VLLM_CPU = "vllm-project/vllm docs/getting_started/installation/cpu.md (CPU backend: bf16/fp32)"
+VLLM_GPU = "vllm-project/vllm docs/getting_started/installation/gpu.md (CUDA GPUs, compute capability >= 7.0)"
+LLAMACPP = "ggml-org/llama.cpp docs/build.md and gguf-py/gguf/constants.py (GGUF types only, CPU and CUDA)"
+LLAMACPP_NO = (
+    "ggml-org/llama.cpp convert_hf_to_gguf.py (loads unquantized HF weights; modelopt packed "
+    "weights are not a GGUF type)"
+)
+OLLAMA = "ollama/ollama docs/import.md (GGUF, or safetensors it quantizes itself to Q4_K_M/Q8_0)"
+HF = "gb10exp/quant/__init__.py: modelopt fake quantization (mtq.quantize), the numerics only"
+HF_CPU_FP4 = "gb10exp/quant/nvfp4_cpu.py (modelopt's NVFP4QTensor round trip on the CPU)"
+HF_GGUF = "gb10exp/backends/hf/backend.py check (GGUF formats run on llama.cpp)"
+
+
+@dataclass(frozen=True)
+class Cell:
+    status: str  # native | emulated | unsupported
+    source: str
+    note: str = ""
+
+
+def _row(cells: dict[str, Cell], default: Cell | None = None) -> dict[str, Cell]:
+    return {arch: cells.get(arch, default) for arch in ARCHS}
+
+
+def _trtllm() -> dict[str, dict[str, Cell]]:
+    cpu = Cell(UNSUPPORTED, TRT_GPU, "TensorRT-LLM runs on NVIDIA GPUs only")
+    no_algo = Cell(UNSUPPORTED, TRT_ALGOS, "not a TensorRT-LLM QuantAlgo: the checkpoint fails to load")
+
+    def hw(yes: tuple[str, ...], what: str) -> dict[str, Cell]:
+        return _row(
+            {a: Cell(NATIVE, TRT_HW) for a in yes} | {"cpu": cpu},
+            Cell(UNSUPPORTED, TRT_HW, f"{what} kernels do not exist for this GPU"),
+        )
+
+    return {
+        "FP8": hw(("hopper", "blackwell", "gb10", "ada"), "FP8 (compute capability >= 8.9)"),
+        "NVFP4": hw(("blackwell", "gb10"), "NVFP4 (Blackwell only)"),
+        "W4A16_NVFP4": _row({"cpu": cpu}, no_algo),
+        "NVFP4_AWQ": _row({"cpu": cpu}, no_algo),
+        "W4A16_AWQ": hw(("hopper", "ada", "ampere"), "W4A16 AWQ (Ampere, Ada, Hopper only)"),
+        "W4A8_AWQ": hw(("hopper", "ada"), "W4A8 AWQ (Ada, Hopper only)"),
+        # A mixed checkpoint lists a quant_algo per layer; each must run here (in practice NVFP4 + FP8).
+        "MIXED_PRECISION": hw(
+            ("blackwell", "gb10"), "the NVFP4 layers of a modelopt mixed-precision checkpoint"
+        ),
+        "GGUF": _row(
+            {}, Cell(UNSUPPORTED, TRT_ALGOS, "TensorRT-LLM loads Hugging Face checkpoints, not GGUF")
+        ),
+        "none": _row({"cpu": cpu}, Cell(NATIVE, TRT_HW, "bf16/fp16")),
+    }
+
+
+def _vllm() -> dict[str, dict[str, Cell]]:
+    cpu = Cell(UNSUPPORTED, VLLM_FP8, "vLLM's modelopt kernels are CUDA kernels")
+    no_algo = Cell(UNSUPPORTED, VLLM_ALGOS, "not in vLLM's modelopt QUANT_ALGOS: refused at load")
+    marlin = Cell(EMULATED, VLLM_FP4, "FP4 Marlin weight-only GEMM: activations stay 16-bit, not W4A4")
+    return {
+        "FP8": _row(
+            {"ampere": Cell(UNSUPPORTED, VLLM_FP8, "needs compute capability >= 8.9"), "cpu": cpu},
+            Cell(NATIVE, VLLM_FP8),
+        ),
+        "NVFP4": _row(
+            {"blackwell": Cell(NATIVE, VLLM_FP4), "gb10": Cell(NATIVE, VLLM_FP4), "cpu": cpu}, marlin
+        ),
+        "W4A16_NVFP4": _row({"cpu": cpu}, Cell(NATIVE, VLLM_FP4, "FP4 Marlin GEMM (newer vLLM releases)")),
+        "NVFP4_AWQ": _row({}, no_algo),
+        "W4A16_AWQ": _row({}, no_algo),
+        "W4A8_AWQ": _row({}, no_algo),
+        "MIXED_PRECISION": _row(
+            {"blackwell": Cell(NATIVE, VLLM_MIXED), "gb10": Cell(NATIVE, VLLM_MIXED), "cpu": cpu},
+            Cell(EMULATED, VLLM_MIXED, "its NVFP4 layers run the FP4 Marlin weight-only GEMM"),
+        ),
+        "GGUF": _row(
+            {"cpu": Cell(UNSUPPORTED, VLLM_CPU, "GGUF kernels are CUDA kernels")},
+            Cell(EMULATED, VLLM_GGUF, "experimental; slower than llama.cpp's own kernels"),
+        ),
+        "none": _row({"cpu": Cell(NATIVE, VLLM_CPU)}, Cell(NATIVE, VLLM_GPU, "bf16/fp16")),
+    }
+
+
+def _gguf_engine(source: str, what: str) -> dict[str, dict[str, Cell]]:
+    no = Cell(UNSUPPORTED, LLAMACPP_NO, f"{what} runs GGUF files; modelopt's packed checkpoints are not one")
+    rows = {algo: _row({}, no) for algo in ALGOS if algo not in ("GGUF", "none")}
+    rows["GGUF"] = _row({}, Cell(NATIVE, source))
+    rows["none"] = _row({}, Cell(NATIVE, source, "converted to an F16/BF16 GGUF"))
+    return rows
+
+
+def _hf() -> dict[str, dict[str, Cell]]:
+    fake = Cell(EMULATED, HF, "modelopt fake quantization: real accuracy, not the format's speed")
+    rows = {algo: _row({}, fake) for algo in ALGOS if algo not in ("GGUF", "none")}
+    for algo in ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ", "MIXED_PRECISION"):
+        rows[algo] = _row({"cpu": Cell(EMULATED, HF_CPU_FP4, "NVFP4 through gb10exp's CPU adapter")}, fake)
+    rows["GGUF"] = _row({}, Cell(UNSUPPORTED, HF_GGUF, "llama.cpp quantizes GGUF formats"))
+    rows["none"] = _row({}, Cell(NATIVE, "https://pytorch.org (PyTorch eager / compiled)"))
+    return rows
+
+
+MATRIX: dict[str, dict[str, dict[str, Cell]]] = {
+    "trtllm": _trtllm(),
+    "vllm": _vllm(),
+    "llamacpp": _gguf_engine(LLAMACPP, "llama.cpp"),
+    "ollama": _gguf_engine(OLLAMA, "Ollama"),
+    "hf": _hf(),
+}
+# The engine behind each backend; backend=openai talks to whichever server runs (not known here).
+BACKEND_ENGINES = {"hf": "hf", "trtllm": "trtllm", "llamacpp": "llamacpp"}
+
+
+def algo_of(qformat: QFormatConfig | str) -> str:
+    """The matrix row of a format: its quant_algo, ``GGUF`` for llama.cpp types, ``none`` when unquantized."""
+    if isinstance(qformat, str):
+        return qformat
+    if qformat.gguf_type is not None:
+        return "GGUF"
+    if qformat.modelopt_cfg is None:
+        return "none"
+    return qformat.quant_algo or "unknown"
+
+
+def lookup(engine: str, qformat: QFormatConfig | str, arch: str) -> Cell:
+    """The cell for ``engine`` x ``qformat`` (a QFormatConfig, or a row key such as "NVFP4") x ``arch``."""
+    algo = algo_of(qformat)
+    row = MATRIX.get(engine, {}).get(algo)
+    if row is None or arch not in row:
+        return Cell(
+            UNSUPPORTED, "gb10exp/backends/support.py", f"{engine} x {algo} x {arch} is not in the matrix"
+        )
+    return row[arch]
+
+
+def native_engines(qformat: QFormatConfig | str, arch: str) -> list[str]:
+    return [e for e in ENGINES if lookup(e, qformat, arch).status == NATIVE]
+
+
+def arch_of(device: torch.device | str) -> str:
+    """The matrix column of a device: cpu, or the CUDA GPU's architecture from its compute capability."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return arch_of_capability(torch.cuda.get_device_capability(device))
+
+
+def arch_of_capability(capability: tuple[int, int]) -> str:
+    major, minor = capability
+    if major >= 12:
+        return "gb10"  # sm_120/sm_121: GB10 and the consumer Blackwell parts share kernels and TRT-LLM's row
+    if major == 10 or major == 11:
+        return "blackwell"
+    if major == 9:
+        return "hopper"
+    if (major, minor) >= (8, 9):
+        return "ada"
+    if major == 8:
+        return "ampere"
+    return f"sm_{major}{minor}"  # older than the matrix: every lookup answers "not in the matrix"
+
+
+def tag(backend: str, qformat: QFormatConfig, arch: str) -> str:
+    """The run tag ``support``: "<engine>/<arch>: <status>"."""
+    engine = BACKEND_ENGINES.get(backend)
+    if engine is None:
+        return f"{backend}/{arch}: unknown (the server's engine decides)"
+    return f"{engine}/{arch}: {lookup(engine, qformat, arch).status}"
+
+
+def _device_of(cfg: Config) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def _formats_native_on(engine: str, arch: str) -> list[str]:
+    """The conf/qformat names this engine serves natively on ``arch`` (read from the YAML files)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from gb10exp.config import QFormatConfig
+
+    folder = Path(__file__).resolve().parents[2] / "conf" / "qformat"
+    formats = [
+        QFormatConfig(**OmegaConf.to_container(OmegaConf.load(p))) for p in sorted(folder.glob("*.yaml"))
+    ]
+    return [q.name for q in formats if lookup(engine, q, arch).status == NATIVE]
+
+
+def check(backend: str, qformat: QFormatConfig, arch: str) -> None:
+    """Refuse an unsupported engine x format x GPU in one line naming what would work instead."""
+    from gb10exp.config import ConfigError
+
+    engine = BACKEND_ENGINES.get(backend)
+    if engine is None or arch not in ARCHS:
+        return
+    cell = lookup(engine, qformat, arch)
+    if cell.status != UNSUPPORTED:
+        return
+    algo = algo_of(qformat)
+    others = [e for e in native_engines(qformat, arch) if e != "hf"]
+    instead = [f"qformat in {_formats_native_on(engine, arch)} on backend={backend}"]
+    if others:
+        instead.insert(0, f"engine {' or '.join(others)} for {qformat.name}")
+    raise ConfigError(
+        f"backend={backend} cannot serve qformat={qformat.name!r} (quant_algo {algo}) on {arch}: {cell.note} "
+        f"[{cell.source}]; instead: {'; or '.join(instead)}"
+    )
+
+
+def preflight_check(cfg: Config) -> None:
+    """Per job, before any work: the engine x format x GPU of ``cfg`` must not be unsupported."""
+    check(cfg.backend.name, cfg.qformat, arch_of(_device_of(cfg)))
+
+
+def markdown() -> str:
+    """The matrix as the README shows it: one table per engine, a row per format, a column per architecture."""
+    mark = {NATIVE: "native", EMULATED: "emulated", UNSUPPORTED: "-"}
+    lines = ["<!-- generated by gb10exp.backends.support.markdown(); edit the table in support.py -->", ""]
+    for engine in ENGINES:
+        lines += [
+            f"**{engine}**",
+            "",
+            "| quant_algo | " + " | ".join(ARCHS) + " |",
+            "|---|" + "---|" * len(ARCHS),
+        ]
+        for algo in ALGOS:
+            lines.append(
+                f"| {algo} | " + " | ".join(mark[MATRIX[engine][algo][a].status] for a in ARCHS) + " |"
+            )
+        sources = sorted({c.source for row in MATRIX[engine].values() for c in row.values()})
+        lines += ["", "Sources: " + "; ".join(sources), ""]
+    return "\n".join(lines)

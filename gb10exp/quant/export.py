@@ -1,0 +1,348 @@
+"""The deployable checkpoint: modelopt's unified Hugging Face export of the run's quantized model.
+
+``export=true`` writes it to ``<job output dir>/checkpoint`` (``export_dir=PATH`` elsewhere): ``config.json``
+(with ``quantization_config``), ``hf_quant_config.json`` and ``model.safetensors`` holding the real quantized
+weights (NVFP4: packed U8 values, F8_E4M3 block scales, F32 ``weight_scale_2`` / ``input_scale``), plus the
+tokenizer. This is what ``trtllm-serve`` and ``vllm serve`` load; the TensorRT-LLM backend exports with the
+same function.
+
+Three modelopt 0.47 quirks are handled here, once:
+- without an explicit ``dtype`` every 4-bit format fails with "Invalid device string: 'bfloat16'"
+  (transformers 5 keeps ``config.dtype`` as a string, which modelopt passes to ``Tensor.to``);
+- a config built in code has ``architectures = None`` and the export fails on it;
+- the export replaces the weights in place (packed, no longer usable by the fake-quantized forward), so it
+  is the last thing done with the model, and a second export of the same model copies the first one.
+On the CPU the model computes in float32; its unquantized tensors (embeddings, norms, an excluded lm_head)
+are rewritten in bfloat16 as on a GPU, so the checkpoint has the same deployable size everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gb10exp.config import Config, ConfigError, QFormatConfig
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype names -> bytes per element (packed FP4 and INT4 are stored as U8, two values a byte)
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I16": 2,
+    "I64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U8": 1,
+    "I8": 1,
+    "BOOL": 1,
+}
+# vLLM's --quantization name per hf_quant_config quant_algo (vllm/model_executor/layers/quantization/modelopt.py:
+# ModelOptFp8Config.get_name "modelopt", ModelOptNvFp4Config.get_name "modelopt_fp4",
+# ModelOptMixedPrecisionConfig.get_name "modelopt_mixed"); vLLM also detects it from hf_quant_config.json.
+VLLM_QUANTIZATION = {
+    "FP8": "modelopt",
+    "NVFP4": "modelopt_fp4",
+    "W4A16_NVFP4": "modelopt_fp4",
+    "MIXED_PRECISION": "modelopt_mixed",
+}
+_EXPORTED = "_gb10exp_exported_to"  # attribute marking a model whose weights the export already packed
+
+
+@dataclass
+class Checkpoint:
+    """What was written: the folder, its size, and the quantization it declares."""
+
+    path: Path
+    method: str  # "modelopt export_hf_checkpoint" | "save_pretrained (unquantized)"
+    file_bytes: int  # every file in the folder
+    tensor_bytes: int  # the safetensors tensors alone
+    hf_quant_config: dict[str, Any] | None
+    dtypes: dict[str, int] = field(default_factory=dict)  # safetensors dtype -> tensor count
+
+    @property
+    def quant_algo(self) -> str | None:
+        return (self.hf_quant_config or {}).get("quantization", {}).get("quant_algo")
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "export.path": str(self.path),
+            "export.method": self.method,
+            "export.quant_algo": self.quant_algo or "none",
+            "export.dtypes": ", ".join(f"{k}:{v}" for k, v in sorted(self.dtypes.items())),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        return {"export_gib": self.file_bytes / 2**30, "export_tensor_gib": self.tensor_bytes / 2**30}
+
+
+def export_path(cfg: Config, job_output_dir: str | Path) -> Path:
+    return Path(cfg.export_dir).expanduser() if cfg.export_dir else Path(job_output_dir) / "checkpoint"
+
+
+def _weight_block(qformat: QFormatConfig) -> int | None:
+    """The weight quantizer's block size along the input dimension (NVFP4 16, INT4 128), None if per-tensor."""
+    from gb10exp.quant import modelopt_config
+
+    cfg = modelopt_config(qformat)
+    for entry in cfg["quant_cfg"] if cfg else []:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            sub = entry.get("cfg")
+            for one in sub if isinstance(sub, list) else [sub]:  # W4A8 lists an INT4 and an FP8 stage
+                blocks = (one or {}).get("block_sizes") or {}
+                if blocks.get(-1):
+                    return int(blocks[-1])
+    return None
+
+
+def _linear_inputs(arch: dict[str, Any]) -> dict[str, int]:
+    """Input widths of a Llama-style model's linear layers, from its LlamaConfig keywords."""
+    hidden = int(arch.get("hidden_size", 4096))
+    heads = int(arch.get("num_attention_heads", 32))
+    head_dim = int(arch.get("head_dim") or hidden // heads)
+    return {
+        "hidden_size (q/k/v/gate/up inputs)": hidden,
+        "num_attention_heads*head_dim (o_proj input)": heads * head_dim,
+        "intermediate_size (down_proj input)": int(arch.get("intermediate_size", 11008)),
+    }
+
+
+def _block_error(qformat: QFormatConfig, block: int, what: str, width: int) -> ConfigError:
+    return ConfigError(
+        f"export=true is not allowed with qformat={qformat.name!r} on this model: {what} = {width} is not a multiple "
+        f"of the format's weight block size {block} (modelopt packs whole blocks only); export fp8 or an NVFP4 "
+        f"format instead, or drop export=true"
+    )
+
+
+def preflight_check(cfg: Config) -> None:
+    """Refuse an export that cannot work, in one line, before any work (called per job by preflight)."""
+    if not cfg.export:
+        return
+    q = cfg.qformat
+    if q.gguf_type is not None:
+        raise ConfigError(
+            f"export=true is not allowed with qformat={q.name!r}: it exports modelopt checkpoints, and "
+            f"{q.gguf_type} is made by llama.cpp's quantizer (backend=llamacpp builds and caches that GGUF "
+            "file); pick a modelopt format (fp8, nvfp4, int4_awq...) or bf16"
+        )
+    if q.modelopt_cfg is None or cfg.model.source != "random":
+        return  # other models' widths are known once loaded: check_model does it before quantizing
+    block = _weight_block(q)
+    for what, width in _linear_inputs(cfg.model.arch).items():
+        if block and width % block:
+            raise _block_error(q, block, what, width)
+
+
+def check_model(model: torch.nn.Module, cfg: Config) -> None:
+    """The same block-size check on a loaded model, before quantization spends any time."""
+    if not cfg.export or cfg.qformat.modelopt_cfg is None:
+        return
+    block = _weight_block(cfg.qformat)
+    for name, module in model.named_modules():
+        # lm_head stays unquantized in every modelopt config gb10exp uses ("*lm_head*" disabled)
+        if (
+            block
+            and isinstance(module, torch.nn.Linear)
+            and "lm_head" not in name
+            and module.in_features % block
+        ):
+            raise _block_error(cfg.qformat, block, f"{name}.in_features", module.in_features)
+
+
+def _export_dtype(model: torch.nn.Module) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+SCALE_SUFFIXES = (
+    "weight_scale",
+    "weight_scale_2",
+    "input_scale",
+    "pre_quant_scale",
+    "k_scale",
+    "v_scale",
+    "output_scale",
+)
+
+
+def _downcast_unquantized(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite float32 tensors that are not scales (embeddings, norms, an unquantized lm_head) in ``dtype``.
+
+    Only a float32 model (the CPU) needs it; it is done on the files because the export itself runs the
+    model, which must stay in one dtype until then. Scales keep float32: they were calibrated in it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    name = str(dtype).removeprefix("torch.")
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        for key, t in tensors.items():
+            if t.dtype == torch.float32 and not key.endswith(SCALE_SUFFIXES):
+                tensors[key] = t.to(dtype)
+        save_file(tensors, str(file), metadata=metadata)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # its total_size must match the rewritten shards
+        data = json.loads(index.read_text())
+        total = sum(
+            end - start
+            for file in folder.glob("*.safetensors")
+            for start, end in (i["data_offsets"] for i in safetensors_header(file).values())
+        )
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2))
+    config = folder / "config.json"
+    data = json.loads(config.read_text())
+    data["dtype"] = name
+    config.write_text(json.dumps(data, indent=2))
+
+
+def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quantized: bool) -> Checkpoint:
+    """Write ``model`` (modelopt-quantized or not) as a Hugging Face checkpoint in ``folder``.
+
+    The export packs the quantized weights in place: afterwards ``model`` can only be exported again (which
+    copies this folder), not run."""
+    folder = Path(folder)
+    if (previous := getattr(model, _EXPORTED, None)) is not None:
+        if Path(previous).resolve() != folder.resolve():
+            shutil.copytree(previous, folder, dirs_exist_ok=True)
+        return summarize(folder, method=getattr(model, _EXPORTED + "_method"))
+    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(model.config, "architectures", None) is None:  # a config built in code: export fails on None
+        model.config.architectures = [type(model).__name__]
+    dtype = _export_dtype(model)
+    if quantized:
+        from modelopt.torch.export import export_hf_checkpoint
+
+        if next(model.parameters()).device.type == "cpu":
+            from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
+
+            enable_cpu_nvfp4()  # NVFP4 on the CPU: modelopt's own numerics through the project's adapter
+        export_hf_checkpoint(model, dtype=dtype, export_dir=str(folder))
+        method = "modelopt export_hf_checkpoint"
+    else:
+        model.save_pretrained(str(folder))
+        method = "save_pretrained (unquantized)"
+    if next(model.parameters()).dtype == torch.float32:
+        _downcast_unquantized(folder, dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    setattr(model, _EXPORTED, str(folder))
+    setattr(model, _EXPORTED + "_method", method)
+    return summarize(folder, method)
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """The tensor table of a safetensors file (name -> dtype, shape, offsets), without loading any tensor."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return header
+
+
+def summarize(folder: Path, method: str) -> Checkpoint:
+    tensor_bytes, dtypes = 0, {}
+    for file in sorted(folder.glob("*.safetensors")):
+        for info in safetensors_header(file).values():
+            start, end = info["data_offsets"]
+            tensor_bytes += end - start
+            dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
+    quant_file = folder / "hf_quant_config.json"
+    return Checkpoint(
+        path=folder.resolve(),
+        method=method,
+        file_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+        tensor_bytes=tensor_bytes,
+        hf_quant_config=json.loads(quant_file.read_text()) if quant_file.is_file() else None,
+        dtypes=dtypes,
+    )
+
+
+def serve_commands(ckpt: Checkpoint, overrides: list[str], port: int = 8000) -> list[str]:
+    """The commands that serve the checkpoint, and the gb10exp command that benchmarks the served model."""
+    folder = str(ckpt.path)
+    vllm = f"vllm serve {folder} --port {port}"
+    if ckpt.quant_algo in VLLM_QUANTIZATION:
+        vllm += f" --quantization {VLLM_QUANTIZATION[ckpt.quant_algo]}"
+    dropped = ("backend", "export", "export_dir", "tracking.run_name", "+experiment", "audit")
+    keep = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("~+") not in dropped and not o.split("=", 1)[0].startswith("backend.")
+    ]
+    bench = " ".join(
+        [
+            "python -m gb10exp",
+            *keep,
+            "backend=openai",
+            f"backend.options.base_url=http://127.0.0.1:{port}/v1",
+            "backend.options.prompt_format=tokens",
+        ]
+    )
+    return [f"trtllm-serve {folder} --port {port}", vllm, bench]
+
+
+def export_run(
+    model: torch.nn.Module, tokenizer: Any, cfg: Config, job_output_dir: str | Path, overrides: list[str]
+) -> tuple[Checkpoint, list[str]]:
+    """Write the run's checkpoint where ``export`` / ``export_dir`` say; return it and its serving commands."""
+    quantized = cfg.qformat.modelopt_cfg is not None
+    ckpt = write_checkpoint(model, tokenizer, export_path(cfg, job_output_dir), quantized)
+    if quantized and ckpt.quant_algo != cfg.qformat.quant_algo:  # the support matrix is keyed by it
+        log.warning(
+            "qformat=%s exported as quant_algo %s, but conf/qformat/%s.yaml says %s",
+            cfg.qformat.name,
+            ckpt.quant_algo,
+            cfg.qformat.name,
+            cfg.qformat.quant_algo,
+        )
+    commands = serve_commands(ckpt, overrides)
+    log.info(
+        "checkpoint written to %s (%.3f GiB, quant_algo %s); serve it with:\n  %s",
+        ckpt.path,
+        ckpt.file_bytes / 2**30,
+        ckpt.quant_algo or "none",
+        "\n  ".join(commands),
+    )
+    return ckpt, commands
+
+
+def _job_output_dir() -> Path:
+    """Hydra's folder of the running job (outputs/<sweep>/<job>); the working directory outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def record(
+    model: torch.nn.Module, tokenizer: Any, cfg: Config, overrides: list[str], rec: Any
+) -> dict[str, float]:
+    """The runner's one export step: write the checkpoint, record path, size and hf_quant_config.json in the
+    run (tags ``export.*``, artifacts ``export/``), print how to serve it; returns its metrics."""
+    ckpt, commands = export_run(model, tokenizer, cfg, _job_output_dir(), overrides)
+    rec.set_tags(ckpt.tags())
+    if ckpt.hf_quant_config is not None:
+        rec.log_dict(ckpt.hf_quant_config, "export/hf_quant_config.json")
+    rec.log_text("\n".join(commands) + "\n", "export/serve.txt")
+    print(
+        "\n".join(
+            [
+                f"gb10exp: checkpoint {ckpt.path} ({ckpt.file_bytes / 2**30:.3f} GiB); serve and benchmark it:",
+                *(f"  {c}" for c in commands),
+            ]
+        ),
+        flush=True,
+    )
+    return ckpt.metrics()
