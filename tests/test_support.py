@@ -1,0 +1,122 @@
+"""The support matrix: complete, sourced, consistent with the issue's upstream facts, rendered into the docs
+from the data, and enforced in one line by the preflight check."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+from test_export import QFORMATS
+
+from gb10exp.backends import support
+from gb10exp.backends.support import ALGOS, ARCHS, ENGINES, MATRIX, arch_of_capability, lookup, native_engines
+from gb10exp.config import ConfigError
+
+DOC = ROOT / "docs" / "notes" / "export.md"
+
+
+def test_every_cell_exists_with_a_status_and_a_source():
+    for engine in ENGINES:
+        assert set(MATRIX[engine]) == set(ALGOS)
+        for algo in ALGOS:
+            for arch in ARCHS:
+                cell = MATRIX[engine][algo][arch]
+                assert cell.status in ("native", "emulated", "unsupported")
+                assert cell.source and ("/" in cell.source)  # a repository path or URL
+
+
+@pytest.mark.parametrize(
+    "engine,algo,arch,status",
+    [  # TensorRT-LLM: QuantAlgo has no W4A16_NVFP4 / NVFP4_AWQ; NVFP4 on Blackwell only; AWQ not on GB10
+        ("trtllm", "W4A16_NVFP4", "gb10", "unsupported"),
+        ("trtllm", "NVFP4_AWQ", "blackwell", "unsupported"),
+        ("trtllm", "NVFP4", "gb10", "native"),
+        ("trtllm", "NVFP4", "hopper", "unsupported"),
+        ("trtllm", "W4A16_AWQ", "gb10", "unsupported"),
+        ("trtllm", "W4A16_AWQ", "hopper", "native"),
+        ("trtllm", "W4A8_AWQ", "ampere", "unsupported"),
+        ("trtllm", "FP8", "ada", "native"),
+        ("trtllm", "FP8", "ampere", "unsupported"),
+        ("trtllm", "none", "cpu", "unsupported"),
+        # vLLM's modelopt loader: FP8 (>= sm_89), NVFP4, W4A16_NVFP4; never the AWQ algos
+        ("vllm", "FP8", "hopper", "native"),
+        ("vllm", "NVFP4", "gb10", "native"),
+        ("vllm", "NVFP4", "hopper", "emulated"),
+        ("vllm", "W4A16_NVFP4", "gb10", "native"),
+        ("vllm", "W4A16_AWQ", "hopper", "unsupported"),
+        ("vllm", "W4A8_AWQ", "ada", "unsupported"),
+        ("llamacpp", "GGUF", "cpu", "native"),
+        ("llamacpp", "NVFP4", "gb10", "unsupported"),
+        ("ollama", "GGUF", "gb10", "native"),
+        ("hf", "NVFP4", "cpu", "emulated"),
+        ("hf", "none", "cpu", "native"),
+        ("hf", "GGUF", "hopper", "unsupported"),
+    ],
+)
+def test_cells_agree_with_the_upstream_sources(engine, algo, arch, status):
+    assert lookup(engine, algo, arch).status == status
+
+
+def test_lookup_by_qformat_and_native_engines():
+    assert lookup("trtllm", QFORMATS["nvfp4"], "gb10").status == "native"
+    assert lookup("llamacpp", QFORMATS["gguf_q4_k_m"], "ampere").status == "native"
+    assert lookup("trtllm", QFORMATS["bf16"], "hopper").status == "native"
+    assert native_engines(QFORMATS["nvfp4_wo"], "gb10") == ["vllm"]
+    assert native_engines(QFORMATS["nvfp4"], "gb10") == ["trtllm", "vllm"]
+    assert native_engines(QFORMATS["int4_awq"], "hopper") == ["trtllm"]
+    assert lookup("trtllm", "W4A16", "hopper").note.endswith("is not in the matrix")
+
+
+@pytest.mark.parametrize(
+    "cap,arch",
+    [
+        ((9, 0), "hopper"),
+        ((10, 0), "blackwell"),
+        ((10, 3), "blackwell"),
+        ((12, 1), "gb10"),
+        ((8, 9), "ada"),
+        ((8, 6), "ampere"),
+        ((8, 0), "ampere"),
+        ((7, 5), "sm_75"),
+    ],
+)
+def test_arch_of_capability(cap, arch):
+    assert arch_of_capability(cap) == arch
+
+
+def test_arch_of_cpu():
+    assert support.arch_of("cpu") == "cpu"
+
+
+def test_unsupported_combination_is_refused_in_one_line_with_what_works_instead():
+    with pytest.raises(ConfigError) as info:
+        support.check("trtllm", QFORMATS["nvfp4_wo"], "gb10")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        "backend=trtllm cannot serve qformat='nvfp4_wo' (quant_algo W4A16_NVFP4) on gb10: "
+        "not a TensorRT-LLM QuantAlgo"
+    )
+    assert "tensorrt_llm/quantization/mode.py" in msg
+    assert (
+        "instead: engine vllm for nvfp4_wo; or qformat in ['bf16', 'fp8', 'nvfp4'] on backend=trtllm" in msg
+    )
+    with pytest.raises(ConfigError, match=r"qformat='int4_awq' \(quant_algo W4A16_AWQ\) on gb10: W4A16 AWQ"):
+        support.check("trtllm", QFORMATS["int4_awq"], "gb10")
+    support.check("trtllm", QFORMATS["int4_awq"], "hopper")
+    support.check("hf", QFORMATS["nvfp4"], "cpu")  # emulated is allowed (and tagged)
+    support.check("openai", QFORMATS["nvfp4_wo"], "gb10")  # the server's engine is not known here
+
+
+def test_run_tag():
+    assert support.tag("hf", QFORMATS["nvfp4"], "cpu") == "hf/cpu: emulated"
+    assert support.tag("trtllm", QFORMATS["fp8"], "hopper") == "trtllm/hopper: native"
+    assert (
+        support.tag("openai", QFORMATS["fp8"], "cpu") == "openai/cpu: unknown (the server's engine decides)"
+    )
+
+
+def test_docs_show_the_matrix_generated_from_the_data():
+    text = DOC.read_text()
+    assert support.markdown() in text, (
+        "docs/notes/export.md is stale: paste gb10exp.backends.support.markdown()"
+    )
