@@ -208,3 +208,30 @@ def test_cli_export_of_a_block_misfit_fails_before_any_run(tmp_path):
         in out.stdout + out.stderr
     )
     assert mlflow_runs(tmp_path)[1] == []  # refused before an MLflow run existed
+
+
+@pytest.mark.slow
+def test_export_check_script_passes_on_the_cpu(tmp_path):
+    """benchmarks/export_check.py, the lead's GPU check, run here on its tiny CPU size."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "export_check.py"),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads((tmp_path / "export_check.json").read_text())
+    assert summary["ok"] and [r["format"] for r in summary["results"]] == ["nvfp4", "fp8", "int4_awq"]
+    assert [r["quant_algo"] for r in summary["results"]] == ["NVFP4", "FP8", "W4A16_AWQ"]
+    assert (tmp_path / "export_check.log").is_file()
