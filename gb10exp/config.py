@@ -74,9 +74,6 @@ class QFormatConfig:
     quant_algo: str | None = None
 
     def __post_init__(self) -> None:
-        if self.modelopt_cfg is not None:
-            _require(bool(self.quant_algo), "qformat.quant_algo", self.quant_algo,
-                     "the quant_algo modelopt exports this format as (hf_quant_config.json), e.g. NVFP4")
         if self.gguf_type is not None:
             _require(self.gguf_type in GGUF_TYPES, "qformat.gguf_type", self.gguf_type, f"one of {list(GGUF_TYPES)}")
             _require(self.modelopt_cfg is None, "qformat.modelopt_cfg", self.modelopt_cfg,

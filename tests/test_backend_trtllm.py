@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 
 import pytest
 import torch
-from conftest import TINY, run_gb10exp
+from conftest import ROOT, TINY, run_gb10exp
 from test_bench import tiny_llama
 
-from gb10exp.backends import get_backend
+from gb10exp.backends import BenchInputs, get_backend
 from gb10exp.backends.trtllm.backend import checkpoint_decode_bytes
 from gb10exp.bench.roofline import torch_decode_bytes
-from gb10exp.config import BackendConfig, ConfigError, QFormatConfig
+from gb10exp.config import BackendConfig, BenchConfig, ConfigError, QFormatConfig
 
 NO_TRTLLM = importlib.util.find_spec("tensorrt_llm") is None
 
@@ -49,3 +51,111 @@ def test_checkpoint_bytes_read_from_safetensors_headers(tmp_path, tied):
     model = tiny_llama(tied=tied).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     assert checkpoint_decode_bytes(tmp_path) == torch_decode_bytes(model)
+
+
+# --- Contract tests against a stand-in tensorrt_llm with the 1.x LLM API's signatures (tests/fixtures) ---
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """tests/fixtures/tensorrt_llm importable as tensorrt_llm for one test, then gone again."""
+    import sys
+
+    def purge():
+        for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+            del sys.modules[name]
+
+    purge()
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fixtures"))
+    import tensorrt_llm
+
+    assert tensorrt_llm.__version__.endswith("+standin")
+    yield tensorrt_llm
+    purge()
+
+
+def test_standin_rejects_unknown_keywords_like_the_real_api(standin, tmp_path):
+    from tensorrt_llm import LLM, SamplingParams
+    from tensorrt_llm.llmapi import KvCacheConfig
+
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=4)  # a transformers name, not TensorRT-LLM's
+    with pytest.raises(TypeError):
+        KvCacheConfig(enable_prefix_caching=False)  # vLLM's name
+    tiny_llama(tied=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        LLM(model=str(tmp_path), gpu_memory_utilization=0.5)  # vLLM's name
+    llm = LLM(model=str(tmp_path), max_batch_size=2)
+    with pytest.raises(TypeError, match="stream"):
+        llm.generate_async([1, 2, 3], SamplingParams(max_tokens=1), stream=True)
+
+
+def _inputs(model, quantized=False):
+    prompt_tokens = torch.randint(0, 1000, (512,), generator=torch.Generator().manual_seed(2))
+    return BenchInputs(model, None, prompt_tokens, torch.device("cpu"), quantized)
+
+
+def test_backend_calls_match_the_llm_api_and_score_the_windows(standin):
+    """prepare / perplexity / benchmark / close through the stand-in: every call our backend makes exists
+    with these keywords in TensorRT-LLM 1.x, and the engine's perplexity equals PyTorch's on the same model."""
+    model = tiny_llama(tied=False)
+    windows = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(windows).logits.float(), dim=-1)
+    offline = [-logp[i, :-1].gather(-1, windows[i, 1:, None]).sum().item() for i in range(2)]
+
+    backend = get_backend(BackendConfig(name="trtllm", options={"max_batch_size": 4}))
+    tags = backend.prepare(_inputs(model))
+    assert tags["trtllm.checkpoint"] == "save_pretrained (unquantized)"
+    assert tags["trtllm.version"] == "1.0.0+standin"
+    assert standin.LLM is type(backend.llm) and backend.llm.args["max_batch_size"] == 4
+    folder = backend.folder
+    scored = backend.perplexity(windows)
+    assert [t for _, t in scored] == [31, 31]
+    assert [n for n, _ in scored] == pytest.approx(offline, rel=1e-4)
+    cfg = BenchConfig(input_len=16, output_len=4, batch_size=2, warmup=1, repeats=2)
+    metrics, bench_tags = backend.benchmark(_inputs(model), cfg)
+    assert metrics["decode_tokens_per_s"] > 0 and bench_tags["bench.method"].startswith("TensorRT-LLM")
+    assert "engine_ppl_check" not in bench_tags
+    backend.close()
+    assert not folder.exists()  # keep_checkpoint=false
+
+
+def test_missing_context_logits_are_tagged(standin, monkeypatch):
+    monkeypatch.setattr(standin.llmapi, "CONTEXT_LOGITS", False)  # TensorRT-LLM 1.0's behaviour
+    model = tiny_llama(tied=False)
+    backend = get_backend(BackendConfig(name="trtllm", options={}))
+    backend.prepare(_inputs(model))
+    assert backend.perplexity(torch.randint(0, 1000, (1, 16))) is None
+    _, tags = backend.benchmark(_inputs(model), BenchConfig(input_len=8, output_len=2, warmup=0, repeats=1))
+    assert tags["trtllm.context_logits"] == "missing"
+    assert tags["engine_ppl_check"].startswith("not run: TensorRT-LLM returned no context_logits")
+    backend.close()
+
+
+def test_quantized_export_for_trtllm_uses_the_shared_export(tmp_path):
+    import modelopt.torch.quantization as mtq
+
+    from gb10exp.backends.trtllm.backend import export_checkpoint
+
+    model = tiny_llama(tied=False)
+    tokens = torch.randint(0, 1000, (2, 32))
+    model = mtq.quantize(model, copy.deepcopy(mtq.FP8_DEFAULT_CFG), lambda m: m(tokens))
+    how = export_checkpoint(_inputs(model, quantized=True), tmp_path)
+    assert how == "modelopt export_hf_checkpoint (FP8)"
+    assert json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
+
+
+@pytest.mark.parametrize("batch,options,ok", [(8, {}, True), (9, {}, False), (16, {"max_batch_size": 16}, True)])
+def test_bench_batch_above_max_batch_size_is_refused(batch, options, ok):
+    from gb10exp.backends.trtllm.backend import preflight_check
+    from gb10exp.config import Config
+
+    cfg = Config(model=None, qformat=None, calib=None, eval=None, tracking=None,
+                 backend=BackendConfig(name="trtllm", options=options), bench=BenchConfig(batch_size=batch))
+    if ok:
+        preflight_check(cfg)
+    else:
+        with pytest.raises(ConfigError, match=r"bench.batch_size=9 is not allowed with backend=trtllm: at most "
+                                              r"backend.options.max_batch_size=8"):
+            preflight_check(cfg)

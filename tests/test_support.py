@@ -9,7 +9,7 @@ from test_export import QFORMATS
 
 from gb10exp.backends import support
 from gb10exp.backends.support import ALGOS, ARCHS, ENGINES, MATRIX, arch_of_capability, lookup, native_engines
-from gb10exp.config import ConfigError
+from gb10exp.config import ConfigError, QFormatConfig
 
 DOC = ROOT / "docs" / "notes" / "export.md"
 
@@ -105,6 +105,9 @@ def test_unsupported_combination_is_refused_in_one_line_with_what_works_instead(
     support.check("trtllm", QFORMATS["int4_awq"], "hopper")
     support.check("hf", QFORMATS["nvfp4"], "cpu")  # emulated is allowed (and tagged)
     support.check("openai", QFORMATS["nvfp4_wo"], "gb10")  # the server's engine is not known here
+    support.check(
+        "trtllm", QFormatConfig(name="x", modelopt_cfg="X_CFG"), "gb10"
+    )  # no quant_algo: not judged
 
 
 def test_run_tag():

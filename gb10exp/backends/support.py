@@ -255,8 +255,8 @@ def check(backend: str, qformat: QFormatConfig, arch: str) -> None:
     from gb10exp.config import ConfigError
 
     engine = BACKEND_ENGINES.get(backend)
-    if engine is None or arch not in ARCHS:
-        return
+    if engine is None or arch not in ARCHS or algo_of(qformat) not in ALGOS:
+        return  # only what the matrix knows is refused (the run's `support` tag says the rest)
     cell = lookup(engine, qformat, arch)
     if cell.status != UNSUPPORTED:
         return

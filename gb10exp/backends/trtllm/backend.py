@@ -1,16 +1,20 @@
 """TensorRT-LLM's LLM API on the checkpoint modelopt exports: real NVFP4/FP8 kernels, not a simulation.
 
-``prepare`` writes the run's model as a Hugging Face checkpoint (``export_hf_checkpoint`` for a
-modelopt-quantized model, ``save_pretrained`` otherwise) and loads it with ``tensorrt_llm.LLM``; that
+``prepare`` writes the run's model as a Hugging Face checkpoint (``gb10exp.quant.export.write_checkpoint``, the
+function ``export=true`` uses: ``export_hf_checkpoint`` for a modelopt-quantized model, ``save_pretrained``
+otherwise) and loads it with ``tensorrt_llm.LLM``; that
 load (weights, kernel autotuning, CUDA-graph capture) is the run's ``startup_s``, never part of a
 request. Requests go through ``generate_async(..., streaming=True)`` with token ids in, greedy
 sampling, ``ignore_eos`` and ``max_tokens = output_len``; each streamed update stamps its new tokens.
 KV-cache block reuse is off: a repeated prompt must not be answered from the prefix cache, and context
 logits (engine perplexity) are only complete without it.
 
-TensorRT-LLM runs only on NVIDIA GPUs, in practice inside NVIDIA's container; where it cannot be
-imported the run fails in one line saying how to get it. Written from TensorRT-LLM's documented LLM API
-(``LLM``, ``SamplingParams``, ``KvCacheConfig``, ``RequestOutput``); not run on the CPU machines.
+TensorRT-LLM runs only on NVIDIA GPUs, in practice inside NVIDIA's container (install: docs/notes/export.md,
+``python -m gb10exp.backends.trtllm.install``); where it cannot be imported the run fails in one line saying
+how to get it, and a format it cannot run on this GPU is refused by the support matrix
+(gb10exp/backends/support.py). The calls follow TensorRT-LLM 1.x's LLM API (``LLM``, ``SamplingParams``,
+``KvCacheConfig``, ``RequestOutput``); tests/test_backend_trtllm.py runs them against a stand-in with the
+same signatures (tests/fixtures/tensorrt_llm), so a keyword the real API lacks fails on the CPU too.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ from pathlib import Path
 
 import torch
 
+from gb10exp.backends import support
 from gb10exp.backends.base import BenchInputs
 from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, stamps_from_stream
-from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
+from gb10exp.config import BenchConfig, Config, ConfigError, QFormatConfig
+from gb10exp.quant.export import DTYPE_BYTES, write_checkpoint
 from gb10exp.utils import cache_dir
 
 INSTALL_HINT = ("TensorRT-LLM runs on NVIDIA GPUs inside NVIDIA's container: docker run --gpus all --ipc=host -it "
                 "-v $PWD:/work nvcr.io/nvidia/tensorrt-llm/release:<tag>, then pip install -e /work")
-# safetensors dtype names -> bytes per element (packed FP4 is stored as U8, two values a byte)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "I64": 8,
-               "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "BOOL": 1}
+DEFAULT_MAX_BATCH_SIZE = 8  # backend.options.max_batch_size unless set
+NO_CONTEXT_LOGITS = ("not run: TensorRT-LLM returned no context_logits (1.0 can return None), so the engine's "
+                     "own perplexity could not be checked against PyTorch's")
 
 
 def checkpoint_decode_bytes(folder: Path) -> float:
@@ -56,32 +62,34 @@ def checkpoint_decode_bytes(folder: Path) -> float:
 
 def export_checkpoint(inputs: BenchInputs, folder: Path) -> str:
     """The run's model as a checkpoint TensorRT-LLM loads; returns how it was written."""
-    model = inputs.model
-    if getattr(model.config, "architectures", None) is None:  # export fails on models built in code
-        model.config.architectures = [type(model).__name__]
-    if inputs.quantized:
-        from modelopt.torch.export import export_hf_checkpoint
+    ckpt = write_checkpoint(inputs.model, inputs.tokenizer, folder, inputs.quantized)
+    return f"{ckpt.method} ({ckpt.quant_algo})" if ckpt.quant_algo else ckpt.method
 
-        export_hf_checkpoint(model, export_dir=str(folder))
-        how = "modelopt export_hf_checkpoint (real quantized weights)"
-    else:
-        model.save_pretrained(str(folder))
-        how = "save_pretrained (unquantized)"
-    inputs.tokenizer.save_pretrained(str(folder))
-    return how
+
+def preflight_check(cfg: Config) -> None:
+    """Per job, before any work: TensorRT-LLM queues requests beyond its max_batch_size silently, so a
+    bench.batch_size above it would time a queue, not a batch."""
+    if cfg.backend.name != "trtllm" or not cfg.bench.enabled:
+        return
+    limit = cfg.backend.options.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
+    if cfg.bench.batch_size > limit:
+        raise ConfigError(f"bench.batch_size={cfg.bench.batch_size} is not allowed with backend=trtllm: at most "
+                          f"backend.options.max_batch_size={limit} (the engine would queue the rest); raise "
+                          f"backend.options.max_batch_size or lower bench.batch_size")
 
 
 class TRTLLMBackend:
     name = "trtllm"
 
     def __init__(self, checkpoint: str | None = None, free_gpu_memory_fraction: float = 0.5,
-                 max_batch_size: int = 8, keep_checkpoint: bool = False):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, keep_checkpoint: bool = False):
         self.checkpoint = Path(checkpoint).expanduser() if checkpoint else None
         self.free_gpu_memory_fraction, self.max_batch_size = free_gpu_memory_fraction, max_batch_size
         self.keep_checkpoint = keep_checkpoint
         self.llm = None
         self.folder: Path | None = None
         self._exported: Path | None = None
+        self.context_logits_missing = False
 
     def check(self, qformat: QFormatConfig) -> None:
         if qformat.gguf_type is not None:
@@ -95,6 +103,7 @@ class TRTLLMBackend:
                               f"{INSTALL_HINT}") from exc
         if not torch.cuda.is_available():
             raise ConfigError(f"backend=trtllm needs an NVIDIA GPU and none is visible; {INSTALL_HINT}")
+        support.check(self.name, qformat, support.arch_of("cuda"))
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         import tensorrt_llm
@@ -118,6 +127,7 @@ class TRTLLMBackend:
         for window, result in zip(windows.tolist(), self.llm.generate(windows.tolist(), params), strict=True):
             logits = result.context_logits
             if logits is None:
+                self.context_logits_missing = True
                 return None
             logp = torch.log_softmax(logits[: len(window) - 1].float(), dim=-1)
             targets = torch.tensor(window[1:], device=logp.device)
@@ -147,7 +157,10 @@ class TRTLLMBackend:
         target = Target(str(inputs.device if inputs.device.type == "cuda" else "cuda"),
                         checkpoint_decode_bytes(self.folder))
         metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
-        return metrics, tags | {"speed_valid": "true", "bench.method": "TensorRT-LLM LLM.generate_async streaming"}
+        tags |= {"speed_valid": "true", "bench.method": "TensorRT-LLM LLM.generate_async streaming"}
+        if self.context_logits_missing:  # engine_accuracy's generic "no engine scoring" would be wrong here
+            tags |= {"engine_ppl_check": NO_CONTEXT_LOGITS, "trtllm.context_logits": "missing"}
+        return metrics, tags
 
     def close(self) -> None:
         if self.llm is not None:
