@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean
+.PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ report: $(VENV)/.core  ## report + verdict of the latest experiment; ARGS="--exp
 
 ui: $(VENV)/.core  ## MLflow UI on http://127.0.0.1:5000 for the local store
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+trtllm-env:  ## inside NVIDIA's TensorRT-LLM container: install gb10exp, keeping its torch/modelopt/tensorrt_llm
+	python3 -m gb10exp.backends.trtllm.install $(ARGS)
 
 clean:  ## remove Hydra outputs (keeps the MLflow store and the venv)
 	rm -rf outputs multirun

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,9 @@ NO_TRTLLM = importlib.util.find_spec("tensorrt_llm") is None
 @pytest.mark.skipif(not NO_TRTLLM, reason="TensorRT-LLM is installed here")
 def test_missing_tensorrt_llm_fails_in_one_line_saying_how_to_get_it():
     backend = get_backend(BackendConfig(name="trtllm", options={}))
-    with pytest.raises(ConfigError, match=r"backend=trtllm needs tensorrt_llm.*nvcr.io/nvidia/tensorrt-llm") as info:
+    with pytest.raises(
+        ConfigError, match=r"backend=trtllm needs tensorrt_llm.*nvcr.io/nvidia/tensorrt-llm"
+    ) as info:
         backend.check(QFormatConfig(name="nvfp4", modelopt_cfg="NVFP4_DEFAULT_CFG"))
     assert "\n" not in str(info.value)
 
@@ -42,7 +45,9 @@ def test_gguf_formats_are_refused_by_engines_that_cannot_run_them():
 
 
 def test_unknown_backend_option_is_rejected():
-    with pytest.raises(ConfigError, match=r"backend.options.n_gpu_layer is not allowed for backend=llamacpp: one of"):
+    with pytest.raises(
+        ConfigError, match=r"backend.options.n_gpu_layer is not allowed for backend=llamacpp: one of"
+    ):
         get_backend(BackendConfig(name="llamacpp", options={"n_gpu_layer": 1}))
 
 
@@ -146,16 +151,119 @@ def test_quantized_export_for_trtllm_uses_the_shared_export(tmp_path):
     assert json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
 
 
-@pytest.mark.parametrize("batch,options,ok", [(8, {}, True), (9, {}, False), (16, {"max_batch_size": 16}, True)])
+@pytest.mark.parametrize(
+    "batch,options,ok", [(8, {}, True), (9, {}, False), (16, {"max_batch_size": 16}, True)]
+)
 def test_bench_batch_above_max_batch_size_is_refused(batch, options, ok):
     from gb10exp.backends.trtllm.backend import preflight_check
     from gb10exp.config import Config
 
-    cfg = Config(model=None, qformat=None, calib=None, eval=None, tracking=None,
-                 backend=BackendConfig(name="trtllm", options=options), bench=BenchConfig(batch_size=batch))
+    cfg = Config(
+        model=None,
+        qformat=None,
+        calib=None,
+        eval=None,
+        tracking=None,
+        backend=BackendConfig(name="trtllm", options=options),
+        bench=BenchConfig(batch_size=batch),
+    )
     if ok:
         preflight_check(cfg)
     else:
-        with pytest.raises(ConfigError, match=r"bench.batch_size=9 is not allowed with backend=trtllm: at most "
-                                              r"backend.options.max_batch_size=8"):
+        with pytest.raises(
+            ConfigError,
+            match=r"bench.batch_size=9 is not allowed with backend=trtllm: at most "
+            r"backend.options.max_batch_size=8",
+        ):
             preflight_check(cfg)
+
+
+# --- Installing gb10exp in NVIDIA's container without replacing its torch / modelopt ---
+
+
+def _wheel(folder, name: str, version: str, requires: list[str]) -> None:
+    """A minimal real wheel (metadata only) for pip's resolver, offline."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+            name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)
+        ),
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+
+
+def test_constraints_pin_the_installed_torch_and_modelopt(tmp_path):
+    from gb10exp.backends.trtllm import install
+
+    text = install.constraints_text(install.installed())
+    assert f"torch=={torch.__version__}" in text.splitlines()
+    assert "nvidia-modelopt==0.47.0" in text.splitlines()
+
+
+def test_plan_installs_only_what_is_missing_and_keeps_the_containers_versions():
+    from gb10exp.backends.trtllm import install
+
+    container = {
+        "torch": "2.8.0a0+5228986c39.nv25.6",
+        "nvidia-modelopt": "0.33.1",
+        "transformers": "4.56.0",
+        "numpy": "1.26.4",
+        "tensorrt-llm": "1.0.0",
+    }
+    missing, notes = install.plan(install.requirements(), container)
+    names = [install._split(r)[0] for r in missing]
+    assert "torch" not in names and "nvidia-modelopt" not in names and "numpy" not in names
+    assert {"hydra-core", "omegaconf", "mlflow", "lm-eval"} <= set(names)
+    assert notes == ["nvidia-modelopt 0.33.1 is outside gb10exp's '==0.47.*': kept (the container's)"]
+    cmds = install.commands(Path("/c.txt"), missing)
+    assert cmds[0][-3:] == ["--no-deps", "-e", str(ROOT)] and cmds[1][3:6] == ["install", "-c", "/c.txt"]
+
+
+def test_pip_with_the_constraints_refuses_to_replace_torch(tmp_path):
+    """Real pip, offline: a package wanting a newer torch would replace it; under the constraints it cannot."""
+    import os
+    import subprocess
+    import sys
+
+    from gb10exp.backends.trtllm import install
+
+    _wheel(tmp_path, "torch", "99.0", [])
+    _wheel(tmp_path, "gb10exp_probe", "1.0", ["torch>=99"])
+    constraints = tmp_path / "c.txt"
+    constraints.write_text(install.constraints_text(install.installed()))
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--no-index",
+        "--find-links",
+        str(tmp_path),
+        "gb10exp_probe",
+    ]
+    # this machine's own pip configuration (a global constraints file, find-links) stays out of it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    free = subprocess.run(pip, capture_output=True, text=True, timeout=300, env=env)
+    assert free.returncode == 0 and "torch-99.0" in free.stdout  # without constraints torch would be replaced
+    pinned = subprocess.run(
+        pip + ["-c", str(constraints)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert pinned.returncode != 0
+    assert "ResolutionImpossible" in pinned.stderr or "conflict" in pinned.stderr.lower()
+
+
+def test_install_dry_run_here_changes_nothing(tmp_path, capsys):
+    from gb10exp.backends.trtllm import install
+
+    assert install.main(["--dry-run", "--constraints", str(tmp_path / "c.txt")]) == 0
+    out = capsys.readouterr().out
+    assert f"  torch: {torch.__version__}" in out and "  nvidia-modelopt: 0.47.0" in out
+    assert "missing requirements: none" in out  # this venv has every core requirement already
+    assert "--no-deps -e" in out and (tmp_path / "c.txt").read_text().count("==") > 50
