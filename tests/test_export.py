@@ -116,7 +116,8 @@ def test_nvfp4_checkpoint_holds_the_fake_quantized_weights(tmp_path):
     )
     differ = unpacked != simulated
     assert differ.float().mean() < 0.005
-    assert (unpacked - simulated).abs().max() <= 0.1 * simulated.abs().max()
+    # at most one E2M1 step: the largest (4 to 6) is a third of the largest value
+    assert (unpacked - simulated).abs().max() <= simulated.abs().max() / 3
 
 
 def test_second_export_of_the_same_model_copies_the_first(tmp_path):
