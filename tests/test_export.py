@@ -198,6 +198,7 @@ def test_cli_export_true_records_the_checkpoint_in_the_run(tmp_path):
     local = client.download_artifacts(run.info.run_id, "export/hf_quant_config.json", str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text())["quantization"]["group_size"] == 16
     assert run.data.metrics["export_gib"] > run.data.metrics["export_tensor_gib"] > 0
+    assert run.data.metrics["export_tensor_gib"] == pytest.approx(run.data.metrics["weight_gib"], rel=0.06)
     assert f"trtllm-serve {folder}" in out.stdout + out.stderr
     assert f"vllm serve {folder} --port 8000 --quantization modelopt_fp4" in out.stdout + out.stderr
 
