@@ -33,6 +33,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _said(c) -> str:
+    if c.verdict is None:
+        return c.note or "–"
+    how = f"{c.label}" + (", by seed spread" if c.judged_by == "seeds" else "")
+    return f"{c.verdict.value} ({how})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
@@ -58,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in report.summaries:
         bf16, fp8 = s.row.vs_bf16, s.row.vs_fp8
         print(f"{s.model} {s.qformat} (calib {s.row.run.calib_size}): "
-              f"vs bf16 {bf16.verdict.value if bf16.verdict else bf16.note or '–'}, "
-              f"vs fp8 {fp8.verdict.value if fp8.verdict else fp8.note or '–'}")
+              f"vs bf16 {_said(bf16)}, vs fp8 {_said(fp8)}")
+    if report.fp8_command:
+        print(f"no fp8 run exists, so there is no verdict against fp8; add the fp8 runs with:\n  {report.fp8_command}")
     failed = len(report.collected.unfinished) + len(report.collected.prerun_failures)
     if failed:
         print(f"{failed} run(s) of the selection did not finish: listed in the report")

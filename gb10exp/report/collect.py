@@ -20,7 +20,14 @@ from gb10exp.config import ConfigError
 NONE = ("None", "null", "")  # how MLflow params spell a null
 REPORT_TAG = "kind"  # report runs are tagged kind=report and never reported on
 # The params that fix the perplexity windows: runs agreeing on them were evaluated on the same tokens.
+# Only the fallback for runs recorded before the digest tags existed (old stores): params cannot see an
+# edited eval.path file, a different tokenizer or another compute dtype.
 WINDOW_PARAMS = ("eval.dataset", "eval.path", "eval.seq_len", "eval.num_windows")
+# The tags that make two runs comparable (CONTRACT: identity helper): the digest of the scored tokens and
+# scoring protocol, of the tokenizer, and the dtype the numbers were computed in.
+PAIR_TAGS = ("eval_digest", "tokenizer_digest", "compute_dtype")
+PAIRED_BY_TAGS = "eval_digest, tokenizer_digest, compute_dtype"
+PAIRED_BY_PARAMS = "params (old run without digest tags)"
 
 
 @dataclass
@@ -57,6 +64,7 @@ class RunRow:
     tags: dict[str, str]
     start_time: int
     windows: dict[str, list[float]] | None = None  # results.json's per-window sums, when present
+    overrides: list[str] | None = None  # overrides.yaml (the job's command-line overrides), loaded on demand
 
     @property
     def qformat(self) -> str:
@@ -89,8 +97,46 @@ class RunRow:
         return (tuple(model), tuple(self.params.get(k) for k in WINDOW_PARAMS))
 
     @property
+    def has_digests(self) -> bool:
+        return all(self.tags.get(t) for t in PAIR_TAGS)
+
+    @property
+    def seed(self) -> str:
+        return self.params.get("seed", "0")
+
+    @property
+    def recipe_key(self) -> tuple:
+        """Runs with equal keys differ at most in their seed: the calibrations of one recipe."""
+        return tuple(sorted((k, v) for k, v in self.params.items() if k != "seed"))
+
+    @property
+    def ref_windows(self) -> dict[str, list[float]] | None:
+        """The in-run reference: the unquantized model scored on exactly this run's positions."""
+        if not self.windows or not self.windows.get("ref_nll"):
+            return None
+        return {"nll": self.windows["ref_nll"], "tokens": self.windows["tokens"]}
+
+    @property
     def error(self) -> str:
         return self.tags.get("error", "")
+
+
+def pair_basis(a: RunRow, b: RunRow) -> str:
+    """How two runs are matched: by the digest tags when both carry them, else by params."""
+    return PAIRED_BY_TAGS if a.has_digests and b.has_digests else PAIRED_BY_PARAMS
+
+
+def pair_differences(a: RunRow, b: RunRow) -> list[str]:
+    """What makes ``a`` and ``b`` incomparable (empty: they were scored on the same tokens the same way)."""
+    if a.model != b.model:
+        return [f"model {a.model} != {b.model}"]
+    # The digests say nothing about the weights: the model's own params must agree either way.
+    keys = [k for k in sorted(set(a.params) | set(b.params)) if k.startswith("model.")]
+    out = [f"{k} {a.params.get(k)} != {b.params.get(k)}" for k in keys if a.params.get(k) != b.params.get(k)]
+    if pair_basis(a, b) == PAIRED_BY_TAGS:
+        return out + [f"{t} {a.tags[t]} != {b.tags[t]}" for t in PAIR_TAGS if a.tags[t] != b.tags[t]]
+    return out + [f"{k} {a.params.get(k)} != {b.params.get(k)}" for k in WINDOW_PARAMS
+                  if a.params.get(k) != b.params.get(k)]
 
 
 @dataclass
@@ -128,6 +174,16 @@ def load_windows(client, row: RunRow) -> dict[str, list[float]] | None:
         except Exception:  # no artifact (an old or foreign run): the report falls back to the metrics
             return None
         return json.loads(Path(path).read_text()).get("windows")
+
+
+def load_overrides(client, row: RunRow) -> list[str] | None:
+    """The job's command-line overrides (``overrides.yaml``: one per line), or None for a run without it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(row.run_id, "overrides.yaml", tmp)
+        except Exception:  # an old or foreign run
+            return None
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def latest_experiment(client) -> str:
@@ -188,6 +244,10 @@ def collect(client, selection: Selection) -> Collected:
     for row in by_id.values():
         row.windows = load_windows(client, row)
     references = [by_id[r.run_id] for r in references]  # the same objects, windows loaded once
+    if not any(r.qformat == "fp8" for r in references):  # the report prints the command that adds fp8 runs
+        for row in finished:
+            if row.quantized:
+                by_id[row.run_id].overrides = load_overrides(client, row)
     return Collected(
         rows=[by_id[r.run_id] for r in finished],
         references=references,

@@ -29,6 +29,7 @@ class Block:
     text: str = ""
     headers: tuple[str, ...] = ()
     rows: tuple[tuple[str, ...], ...] = ()
+    alt: str = "loss against model size"  # an image's alternative text
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -47,7 +48,24 @@ def verdict_cell(c: Comparison) -> str:
     if c.verdict is None:
         return "–"
     label = {Verdict.PASS: "pass", Verdict.FAIL: "**fail**", Verdict.INCONCLUSIVE: "inconclusive"}[c.verdict]
+    if c.judged_by == "seeds":
+        return f"{label} (by seed spread)"
     return label if c.change is None or c.change.has_ci else f"{label} (point estimate)"
+
+
+def seed_cell(c: Comparison, seeds: list[str] | None = None) -> str:
+    if c.seed_spread is None:
+        return "–"
+    s = c.seed_spread
+    which = f", seeds {', '.join(seeds)}" if seeds else ""
+    return f"{pct(s.point)} [{s.lo * 100:+.2f}, {s.hi * 100:+.2f}]{which}"
+
+
+def reference_cell(r: ReportRow) -> str:
+    """Which reference each verdict used, and how it was matched."""
+    parts = [f"{name}: {c.label}" for name, c in (("bf16", r.vs_bf16), ("fp8", r.vs_fp8))
+             if c.label and c.note != "reference"]
+    return "; ".join(parts) or "–"
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -78,33 +96,63 @@ def _task_cell(run: RunRow, name: str) -> str:
 def runs_table(rows: list[ReportRow]) -> Block:
     tasks = task_metric_names(rows)
     optional = [c for c in OPTIONAL_COLUMNS if any(c[0] in r.run.metrics for r in rows)]
-    headers = ["model", "format", "calib", "perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok",
-               "top-1 agree"] + [t.removeprefix("task/") for t in tasks] + ["weights GiB"] + [h for _, h, _ in optional]
+    seeds = len({r.run.seed for r in rows}) > 1
+    headers = (["model", "format", "calib"] + (["seed"] if seeds else []) +
+               ["perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok", "top-1 agree"]
+               + [t.removeprefix("task/") for t in tasks] + ["weights GiB"] + [h for _, h, _ in optional]
+               + ["reference used"])
     body = []
     for r in rows:
         m = r.run.metrics
-        cells = [r.run.model, r.run.qformat, str(r.run.calib_size or "–"), _fmt(m.get("perplexity"), "{:.3f}"),
-                 change_cell(r.vs_bf16), change_cell(r.vs_fp8), _fmt(m.get("kl_mean"), "{:.4f}"),
-                 _fmt(m.get("top1_agreement"), "{:.3f}")]
+        cells = [r.run.model, r.run.qformat, str(r.run.calib_size or "–")] + ([r.run.seed] if seeds else [])
+        cells += [_fmt(m.get("perplexity"), "{:.3f}"),
+                  change_cell(r.vs_bf16), change_cell(r.vs_fp8), _fmt(m.get("kl_mean"), "{:.4f}"),
+                  _fmt(m.get("top1_agreement"), "{:.3f}")]
         cells += [_task_cell(r.run, t) for t in tasks]
         cells.append(_fmt(m.get("weight_gib"), "{:.3f}"))
         for key, _, fmt in optional:
             cell = _fmt(m.get(key), fmt)
             cells.append(cell if speed_valid(r.run) or cell == "–" else f"{cell} (fake quant)")
+        cells.append(reference_cell(r))
         body.append(tuple(cells))
     return Block("table", headers=tuple(headers), rows=tuple(body))
 
 
 def verdict_table(summaries: list[FormatSummary]) -> Block:
+    seeds = any(len(s.seeds) > 1 for s in summaries)
     headers = ("model", "format", "calib", "loss vs bf16 [95% CI]", "< 1% vs bf16", "loss vs fp8 [95% CI]",
-               "< 1% vs fp8", "spread over calib sizes")
+               "< 1% vs fp8", "spread over calib sizes") + (("loss vs bf16 over seeds [min, max]",) if seeds else ()) + (
+               "reference used",)
     body = []
     for s in summaries:
         r = s.row
         spread = "–" if s.calib_spread is None else f"{s.calib_spread * 100:.2f} pp ({', '.join(map(str, s.calib_sizes))})"
-        body.append((s.model, s.qformat, str(r.run.calib_size), change_cell(r.vs_bf16), verdict_cell(r.vs_bf16),
-                     change_cell(r.vs_fp8), verdict_cell(r.vs_fp8), spread))
+        cells = (s.model, s.qformat, str(r.run.calib_size), change_cell(r.vs_bf16), verdict_cell(r.vs_bf16),
+                 change_cell(r.vs_fp8), verdict_cell(r.vs_fp8), spread)
+        cells += (seed_cell(r.vs_bf16, s.seeds),) if seeds else ()
+        body.append(cells + (reference_cell(r),))
     return Block("table", headers=headers, rows=tuple(body))
+
+
+def unpaired_blocks(rows: list[ReportRow]) -> list[Block]:
+    """Reference runs of the same model that could not be paired with a run, and what differs."""
+    found = [(u.run.name, u.role, u.candidate.name, "; ".join(u.differences)) for r in rows for u in r.unpaired]
+    if not found:
+        return []
+    text = ("These runs were not compared with these references: they were not scored on the same tokens in the "
+            "same way (pairing needs equal eval_digest, tokenizer_digest and compute_dtype tags and model params; "
+            "runs recorded without those tags are matched by their window params). A bf16 verdict above then "
+            "comes from the run's in-run reference where it has one.")
+    return [Block("h2", "Runs that could not be paired"), Block("p", text),
+            Block("table", headers=("run", "reference", "candidate run", "what differs"), rows=tuple(found))]
+
+
+def fp8_blocks(fp8_command: str | None) -> list[Block]:
+    if fp8_command is None:
+        return []
+    return [Block("p", "No fp8 run exists in this experiment, so no verdict against fp8 is possible. This command "
+                       f"adds the missing fp8 runs to the same sweep (same overrides, same experiment): `{fp8_command}`; "
+                       "then run this report again.")]
 
 
 def noise_text(noise: NoiseFloor | None) -> str:
@@ -129,8 +177,12 @@ def definitions_text() -> str:
             f"95% CI: paired percentile bootstrap over windows ({BOOTSTRAP_RESAMPLES} resamples, seeded). "
             f"pass: the interval's upper bound is below {THRESHOLD:.0%}; fail: its lower bound is {THRESHOLD:.0%} or more "
             f"(exactly {THRESHOLD:.0%} is not below {THRESHOLD:.0%}); inconclusive: the interval straddles {THRESHOLD:.0%}. "
-            "Each format's verdict is taken at its largest calibration size; the fp8 reference has the same "
-            "calibration size where one ran.")
+            "Reference: a separate bf16 run scored on the same tokens the same way when one exists, otherwise the "
+            "in-run reference (the unquantized model evaluated inside the quantized run on exactly its windows); "
+            "every verdict names the one it used. Each format's verdict is taken at its largest calibration size; "
+            "the fp8 reference has the same calibration size where one ran. Where several seeds calibrated one "
+            "recipe, their spread (min to max of their losses) is shown beside the window interval, and the "
+            "verdict uses the wider of the two.")
 
 
 def failures_blocks(collected: Collected) -> list[Block]:
@@ -148,14 +200,15 @@ def failures_blocks(collected: Collected) -> list[Block]:
 
 
 def document(title: str, meta: str, collected: Collected, rows: list[ReportRow], summaries: list[FormatSummary],
-             noise: NoiseFloor | None, plot_name: str | None) -> list[Block]:
+             noise: NoiseFloor | None, plot_name: str | None, fp8_command: str | None = None) -> list[Block]:
     """The whole report, in order."""
     blocks = [Block("h1", title), Block("p", meta), Block("h2", "Verdict: less than 1% loss?")]
     blocks += [verdict_table(summaries)] if summaries else [Block("p", "No quantized run finished.")]
+    blocks += fp8_blocks(fp8_command)
     blocks += [Block("p", definitions_text()), Block("p", noise_text(noise)), Block("h2", "All runs"), runs_table(rows)]
     if plot_name:
         blocks.append(Block("img", plot_name))
-    return blocks + failures_blocks(collected)
+    return blocks + unpaired_blocks(rows) + failures_blocks(collected)
 
 
 def _md_cell(text: str) -> str:
@@ -172,7 +225,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif b.kind == "p":
             out.append(b.text)
         elif b.kind == "img":
-            out.append(f"![loss against model size]({b.text})")
+            out.append(f"![{b.alt}]({b.text})")
         elif b.kind == "table":
             lines = ["| " + " | ".join(b.headers) + " |", "|" + "|".join("---" for _ in b.headers) + "|"]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
@@ -201,7 +254,7 @@ def to_html(blocks: list[Block], folder: Path | None = None) -> str:
         if b.kind in ("h1", "h2", "p"):
             parts.append(f"<{b.kind}>{_html_text(b.text)}</{b.kind}>")
         elif b.kind == "img":
-            parts.append(f'<img src="{_image_src(b.text, folder)}" alt="loss against model size" style="max-width:100%">')
+            parts.append(f'<img src="{_image_src(b.text, folder)}" alt="{html.escape(b.alt)}" style="max-width:100%">')
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
             body = "".join("<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows)
