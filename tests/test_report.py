@@ -388,3 +388,18 @@ def test_seed_spread_widens_the_interval(store, tmp_path):
     assert verdicts["nvfp4"]["vs_bf16"]["verdict"] == "inconclusive"
     md = (tmp_path / "report" / "report.md").read_text()
     assert "inconclusive (by seed spread)" in md and "+0.67% [+0.20, +1.20], seeds 0, 1, 2" in md
+
+
+def test_sweep_table_has_ppl_vs_ref(store):
+    from gb10exp.tracking.summary import format_table, sweep_rows
+
+    log_card_sweep(store)
+    table = format_table(sweep_rows(store, "/nonexistent/sweep-a")).splitlines()
+    assert table[0].split()[:4] == ["run", "status", "ppl", "ppl"] and "ppl vs ref" in table[0]
+    line = next(t for t in table if t.startswith("known-nvfp4-calib128 "))
+    assert "+0.30% in-run" in line
+    log_run(store, "bf16", shifted(math.log(1.001)), tags=DIGESTS)  # a bf16 job in the same sweep
+    table = format_table(sweep_rows(store, "/nonexistent/sweep-a")).splitlines()
+    line = next(t for t in table if t.startswith("known-nvfp4-calib128 "))
+    assert f"{(1.003 / 1.001 - 1) * 100:+.2f}% bf16" in line
+    assert next(t for t in table if t.startswith("known-bf16-calib16 ")).split()[3] == "ref"

@@ -31,6 +31,7 @@ class Report:
     rows: list[ReportRow]
     summaries: list[FormatSummary]
     fp8_command: str | None = None  # the command that adds the missing fp8 runs, when none exists
+    recommendation: Any = None  # recommend.Recommendation with --recommend
 
 
 def _interval(i: Interval | None) -> dict[str, Any] | None:
@@ -76,10 +77,13 @@ def _meta(tracking_uri: str, collected: Collected) -> str:
             f"Generated {when}.")
 
 
-def build_report(tracking_uri: str, selection: Selection, out_dir: Path) -> Report:
-    """Collect, compare, judge and write the report files into ``out_dir``."""
+def build_report(tracking_uri: str, selection: Selection, out_dir: Path, constraints: Any = None) -> Report:
+    """Collect, compare, judge and write the report files into ``out_dir``; with ``constraints``
+    (recommend.Constraints) also the recommendation (recommend.md/json, pareto.png)."""
     from mlflow.tracking import MlflowClient
 
+    if constraints is not None:
+        constraints.check()  # bad flags fail before any query
     collected = collect(MlflowClient(tracking_uri=tracking_uri), selection)
     rows = compare(collected)
     summaries = summarize(rows)
@@ -93,7 +97,27 @@ def build_report(tracking_uri: str, selection: Selection, out_dir: Path) -> Repo
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(render.to_html(blocks, out_dir))
     files[2].write_text(json.dumps(as_json(rows, summaries, collected, fp8_command), indent=2, default=str))
-    return Report(out_dir, files + ([png] if png else []), collected, rows, summaries, fp8_command)
+    files += [png] if png else []
+    rec = None
+    if constraints is not None:
+        rec, rec_files = write_recommendation(rows, constraints, out_dir, selection.label(), _meta(tracking_uri, collected))
+        files += rec_files
+    return Report(out_dir, files, collected, rows, summaries, fp8_command, rec)
+
+
+def write_recommendation(rows: list[ReportRow], constraints: Any, out_dir: Path, label: str, meta: str
+                         ) -> tuple[Any, list[Path]]:
+    """recommend.md, recommend.json and pareto.png in ``out_dir``."""
+    from gb10exp.report import recommend
+
+    rec = recommend.recommend(rows, constraints)
+    title = f"Which quantization on {rec.device_name}? — {label}"
+    png = recommend.plot(rec, title, out_dir / recommend.PLOT_NAME)
+    blocks = [render.Block("h1", title), render.Block("p", meta)] + recommend.blocks(rec, png.name if png else None)
+    files = [out_dir / "recommend.md", out_dir / "recommend.json"]
+    files[0].write_text(render.to_markdown(blocks))
+    files[1].write_text(json.dumps(recommend.as_json(rec), indent=2, default=str))
+    return rec, files + ([png] if png else [])
 
 
 def log_report(tracking_uri: str, report: Report, label: str) -> str | None:
