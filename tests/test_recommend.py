@@ -48,7 +48,9 @@ def test_pareto_front():
 
 def test_recommendation_on_a_constructed_set(store, tmp_path):
     log_set(store)
-    report = build_report(store, Selection(experiment=EXPERIMENT), tmp_path / "r", Constraints(max_weight_gib=0.6))
+    report = build_report(
+        store, Selection(experiment=EXPERIMENT), tmp_path / "r", Constraints(max_weight_gib=0.6)
+    )
     rec = report.recommendation
     # bf16 weighs 1 GiB: the best that fits 0.6 GiB is fp8, served natively on GB10.
     assert rec.choice.name == "known-fp8-calib16"
@@ -60,7 +62,8 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     assert runs["known-nvfp4-calib16"]["loss"]["point"] == pytest.approx(0.03)
     assert runs["known-bf16-calib16"]["fails"] == ["--max-weight-gib"]
     assert runs["known-int4-calib16"]["native_engines"] == [] and runs["known-int4-calib16"]["fails"] == [
-        "native engine"]
+        "native engine"
+    ]
     on_bytes = {n for n, r in runs.items() if r["pareto_bytes"]}
     on_speed = {n for n, r in runs.items() if r["pareto_speed"]}
     everyone = set(runs)
@@ -92,8 +95,12 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
 
 def test_measured_speed_beats_the_projection(store, tmp_path):
     log_set(store, nvfp4_measured=600.0)  # measured on a GB10: far below its bandwidth bound of 975 tok/s
-    report = build_report(store, Selection(experiment=EXPERIMENT), tmp_path / "r",
-                          Constraints(max_weight_gib=0.3, min_decode_tokens_per_s=700))
+    report = build_report(
+        store,
+        Selection(experiment=EXPERIMENT),
+        tmp_path / "r",
+        Constraints(max_weight_gib=0.3, min_decode_tokens_per_s=700),
+    )
     rec = report.recommendation
     nv = next(x for x in rec.candidates if x.name == "known-nvfp4-calib16")
     assert nv.speed == 600.0 and nv.speed_kind == "measured" and nv.speed_note == "measured on NVIDIA GB10"
@@ -109,7 +116,9 @@ def test_recommendation_uses_the_seed_spread(store, tmp_path):
     log_run(store, "bf16", BASE_NLL, tags=DIGESTS)
     for seed, loss in ((0, 1.002), (1, 1.006), (2, 1.012)):
         log_run(store, "fp8", shifted(math.log(loss)), seed=seed, tags=DIGESTS)
-    report = build_report(store, Selection(experiment=EXPERIMENT), tmp_path / "r", Constraints(max_weight_gib=0.6))
+    report = build_report(
+        store, Selection(experiment=EXPERIMENT), tmp_path / "r", Constraints(max_weight_gib=0.6)
+    )
     rec = report.recommendation
     assert rec.choice.name == "known-fp8-calib16"  # seed 0, the smallest loss
     assert rec.choice.loss_basis == "seeds"
@@ -120,8 +129,22 @@ def test_recommendation_uses_the_seed_spread(store, tmp_path):
 def test_cli_recommend_and_its_errors(store, tmp_path, capsys):
     log_set(store)
     out = tmp_path / "cli"
-    assert report_main(["--tracking-uri", store, "--out", str(out), "--recommend", "--max-weight-gib", "0.3",
-                        "--min-decode-tokens-per-s", "1000"]) == 0
+    assert (
+        report_main(
+            [
+                "--tracking-uri",
+                store,
+                "--out",
+                str(out),
+                "--recommend",
+                "--max-weight-gib",
+                "0.3",
+                "--min-decode-tokens-per-s",
+                "1000",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "recommendation: no run meets the constraints. --min-decode-tokens-per-s binds" in printed
     client = MlflowClient(tracking_uri=store)
@@ -129,9 +152,11 @@ def test_cli_recommend_and_its_errors(store, tmp_path, capsys):
     logged = {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
     assert {"report/recommend.md", "report/recommend.json", "report/pareto.png"} <= logged
 
-    for args, message in ((["--recommend", "--max-weight-gib", "-1"], "--max-weight-gib=-1.0 is not allowed"),
-                          (["--recommend", "--device", "tpu"], "--device='tpu' is not allowed"),
-                          (["--max-weight-gib", "1"], "not allowed without --recommend")):
+    for args, message in (
+        (["--recommend", "--max-weight-gib", "-1"], "--max-weight-gib=-1.0 is not allowed"),
+        (["--recommend", "--device", "tpu"], "--device='tpu' is not allowed"),
+        (["--max-weight-gib", "1"], "not allowed without --recommend"),
+    ):
         assert report_main(["--tracking-uri", store, "--no-log", "--out", str(out), *args]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(ConfigError, match="positive number"):

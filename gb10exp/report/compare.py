@@ -48,7 +48,9 @@ class Comparison:
         """Which reference, and how it was matched: printed beside every verdict."""
         if not self.source:
             return ""
-        return self.source if self.paired_by in ("", SAME_RUN) else f"{self.source}, paired by {self.paired_by}"
+        return (
+            self.source if self.paired_by in ("", SAME_RUN) else f"{self.source}, paired by {self.paired_by}"
+        )
 
 
 @dataclass
@@ -93,6 +95,7 @@ class NoiseFloor:
     min_run: str | None  # the run with the narrowest interval
     max_half_width: float | None
     bf16_ppl: Interval | None  # the baseline's own perplexity interval (unpaired): the text's variability
+    baseline: str = "bf16"  # whose perplexity bf16_ppl is: "bf16" (a bf16 run) or IN_RUN
 
 
 def _paired_change(row: RunRow, ref: RunRow) -> Interval:
@@ -110,11 +113,19 @@ def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Compar
             change = _paired_change(row, ref)
         except WindowMismatch as exc:
             return Comparison(reference=ref, note=f"windows differ ({exc})", source=source, paired_by=basis)
-        return Comparison(ref, change, verdict(change), source=source, paired_by=basis, judged=change,
-                          judged_by="windows")
+        return Comparison(
+            ref, change, verdict(change), source=source, paired_by=basis, judged=change, judged_by="windows"
+        )
     if role == "bf16" and (in_run := in_run_change(row)) is not None:
-        return Comparison(None, in_run, verdict(in_run), source=IN_RUN, paired_by=SAME_RUN, judged=in_run,
-                          judged_by="windows")
+        return Comparison(
+            None,
+            in_run,
+            verdict(in_run),
+            source=IN_RUN,
+            paired_by=SAME_RUN,
+            judged=in_run,
+            judged_by="windows",
+        )
     return Comparison(note=missing)
 
 
@@ -129,8 +140,13 @@ def in_run_change(row: RunRow) -> Interval | None:
 
 def _candidates(row: RunRow, references: list[RunRow], role: str) -> tuple[list[RunRow], list[Unpaired]]:
     """References of ``role`` for ``row``: those that pair, and those of the same model that do not."""
-    pool = [r for r in references if r.model == row.model and r.run_id != row.run_id
-            and ((role == "bf16" and not r.quantized) or (role == "fp8" and r.quantized and r.qformat == "fp8"))]
+    pool = [
+        r
+        for r in references
+        if r.model == row.model
+        and r.run_id != row.run_id
+        and ((role == "bf16" and not r.quantized) or (role == "fp8" and r.quantized and r.qformat == "fp8"))
+    ]
     paired, unpaired = [], []
     for ref in pool:
         differences = pair_differences(row, ref)
@@ -172,7 +188,8 @@ def compare(collected: Collected) -> list[ReportRow]:
             vs_fp8 = Comparison(note="")  # the baseline against fp8 says nothing about the claim
         else:
             ref, fp8_unpaired = fp8_reference(row, collected.references)
-            vs_fp8 = _compare(row, ref, "fp8", "no fp8 run on the same windows")
+            any_fp8 = any(r.qformat == "fp8" for r in collected.references)
+            vs_fp8 = _compare(row, ref, "fp8", "no fp8 run on the same windows" if any_fp8 else "no fp8 run")
             unpaired += fp8_unpaired
         out.append(ReportRow(row, vs_bf16, vs_fp8, unpaired))
     apply_seed_spread(out)
@@ -220,15 +237,20 @@ def summarize(rows: list[ReportRow]) -> list[FormatSummary]:
     for (model, qformat), members in groups.items():
         largest = max(r.run.calib_size or 0 for r in members)
         at_largest = [r for r in members if (r.run.calib_size or 0) == largest]
-        scored = sorted((r for r in at_largest if r.vs_bf16.change is not None), key=lambda r: r.vs_bf16.change.point)
+        scored = sorted(
+            (r for r in at_largest if r.vs_bf16.change is not None), key=lambda r: r.vs_bf16.change.point
+        )
         chosen = scored[(len(scored) - 1) // 2] if scored else at_largest[-1]
         # Calibration sizes are compared at one seed (the chosen one's), so seeds do not count twice.
         same_seed = [r for r in members if r.run.seed == chosen.run.seed]
         points = [r.vs_bf16.change.point for r in same_seed if r.vs_bf16.change is not None]
         spread = max(points) - min(points) if len(points) > 1 else None
         seeds = sorted({r.run.seed for r in at_largest if r.run.recipe_key == chosen.run.recipe_key})
-        out.append(FormatSummary(model, qformat, chosen, sorted({r.run.calib_size or 0 for r in members}), spread,
-                                 seeds))
+        out.append(
+            FormatSummary(
+                model, qformat, chosen, sorted({r.run.calib_size or 0 for r in members}), spread, seeds
+            )
+        )
     return out
 
 
@@ -246,8 +268,10 @@ def missing_fp8(collected: Collected, rows: list[ReportRow]) -> str | None:
             if sep and value not in values.setdefault(key, []):
                 values[key].append(value)
     if not known:  # runs without overrides.yaml: what the params say
-        values = {"model": sorted({r.params.get("model.name", r.model) for r in quantized}),
-                  "calib_size": sorted({str(r.calib_size) for r in quantized if r.calib_size is not None})}
+        values = {
+            "model": sorted({r.params.get("model.name", r.model) for r in quantized}),
+            "calib_size": sorted({str(r.calib_size) for r in quantized if r.calib_size is not None}),
+        }
     values["qformat"] = ["fp8"]
     # A key swept over several values becomes a comma list again; calibration does not touch bf16, so
     # formats are the only key replaced.
@@ -257,8 +281,11 @@ def missing_fp8(collected: Collected, rows: list[ReportRow]) -> str | None:
 
 def noise_floor(rows: list[ReportRow]) -> NoiseFloor | None:
     """The evaluation's resolution, from the paired intervals and the baseline's own interval."""
-    widths = sorted((r.vs_bf16.change.half_width, r.run.name) for r in rows
-                    if r.vs_bf16.change is not None and r.vs_bf16.change.has_ci)
+    widths = sorted(
+        (r.vs_bf16.change.half_width, r.run.name)
+        for r in rows
+        if r.vs_bf16.change is not None and r.vs_bf16.change.has_ci
+    )
     base = next((r.run for r in rows if not r.run.quantized), None)
     any_run = base or (rows[0].run if rows else None)
     if any_run is None:
@@ -271,6 +298,7 @@ def noise_floor(rows: list[ReportRow]) -> NoiseFloor | None:
         min_run=widths[0][1] if widths else None,
         max_half_width=widths[-1][0] if widths else None,
         bf16_ppl=_baseline_ppl(base, rows),
+        baseline="bf16" if base is not None and base.windows else IN_RUN,
     )
 
 

@@ -37,9 +37,19 @@ WEIGHT, SPEED, NATIVE = "--max-weight-gib", "--min-decode-tokens-per-s", "native
 # Device name (as given to --device, matched as a substring, first match wins) -> the architecture the
 # support matrix is keyed by (CONTRACT: arch names).
 ARCH_OF_NAME: tuple[tuple[str, str], ...] = (
-    ("gb10", "gb10"), ("gb200", "blackwell"), ("b200", "blackwell"), ("b100", "blackwell"),
-    ("rtx 50", "blackwell"), ("h200", "hopper"), ("h100", "hopper"), ("h800", "hopper"), ("l40", "ada"),
-    ("l4", "ada"), ("rtx 40", "ada"), ("a100", "ampere"), ("a10g", "ampere"),
+    ("gb10", "gb10"),
+    ("gb200", "blackwell"),
+    ("b200", "blackwell"),
+    ("b100", "blackwell"),
+    ("rtx 50", "blackwell"),
+    ("h200", "hopper"),
+    ("h100", "hopper"),
+    ("h800", "hopper"),
+    ("l40", "ada"),
+    ("l4", "ada"),
+    ("rtx 40", "ada"),
+    ("a100", "ampere"),
+    ("a10g", "ampere"),
 )
 
 
@@ -66,8 +76,10 @@ def device_bandwidth(device: str) -> tuple[str, float]:
         if key.lower() in device.lower():
             return key, gbps
     names = ", ".join(k for k, _ in PEAK_BANDWIDTH_GBPS)
-    raise ConfigError(f"--device={device!r} is not allowed: its memory bandwidth is unknown; one of {names} "
-                      "(add it to PEAK_BANDWIDTH_GBPS in gb10exp/bench/roofline.py)")
+    raise ConfigError(
+        f"--device={device!r} is not allowed: its memory bandwidth is unknown; one of {names} "
+        "(add it to PEAK_BANDWIDTH_GBPS in gb10exp/bench/roofline.py)"
+    )
 
 
 def device_arch(device: str) -> str:
@@ -104,8 +116,11 @@ class Candidate:
     @property
     def label(self) -> str:
         run = self.row.run
-        return run.qformat + (f"/c{run.calib_size}" if run.calib_size else "") + (
-            f"/s{run.seed}" if run.seed not in ("0", "None") else "")
+        return (
+            run.qformat
+            + (f"/c{run.calib_size}" if run.calib_size else "")
+            + (f"/s{run.seed}" if run.seed not in ("0", "None") else "")
+        )
 
 
 @dataclass
@@ -130,19 +145,26 @@ def _native(qformat: str, arch: str) -> list[str] | None:
     return list(native_engines(qformat, arch))
 
 
-def _speed(row: ReportRow, device_name: str, bandwidth: float, weight: float | None
-           ) -> tuple[float | None, str, str]:
+def _speed(
+    row: ReportRow, device_name: str, bandwidth: float, weight: float | None
+) -> tuple[float | None, str, str]:
     run, m = row.run, row.run.metrics
     where = run.tags.get("hardware") or run.tags.get("gpu") or ""
     valid = run.tags.get("speed_valid", "true") != "false"
     if valid and "decode_tokens_per_s" in m and device_name.lower() in where.lower():
         return m["decode_tokens_per_s"], "measured", f"measured on {where}"
     if valid and device_name == "GB10" and "gb10_projected_decode_tokens_per_s" in m:
-        return (m["gb10_projected_decode_tokens_per_s"], "projected",
-                f"projected from {where or 'another device'}: its fraction of the bandwidth bound at GB10's bandwidth")
+        return (
+            m["gb10_projected_decode_tokens_per_s"],
+            "projected",
+            f"projected from {where or 'another device'}: its fraction of the bandwidth bound at GB10's bandwidth",
+        )
     if weight:
-        return (bandwidth * 1e9 / (weight * GIB), "projected",
-                f"projected: bandwidth bound {bandwidth:.0f} GB/s / {weight:.3f} GiB (an upper bound, batch 1)")
+        return (
+            bandwidth * 1e9 / (weight * GIB),
+            "projected",
+            f"projected: bandwidth bound {bandwidth:.0f} GB/s / {weight:.3f} GiB (an upper bound, batch 1)",
+        )
     return None, "", "no speed: no measurement and no weight bytes"
 
 
@@ -158,10 +180,22 @@ def candidates(rows: list[ReportRow], c: Constraints) -> tuple[list[Candidate], 
             loss, basis = comp.judged, comp.judged_by
         weight = run.metrics.get("weight_gib")
         speed, kind, note = _speed(row, device_name, bandwidth, weight)
-        tasks = {k.removeprefix("task/"): v for k, v in run.metrics.items()
-                 if k in render.task_metric_names([row])}
-        cand = Candidate(row, loss, basis, "itself" if basis == "exact" else comp.label, run.metrics.get("kl_mean"),
-                         tasks, weight, speed, kind, note, _native(run.qformat, arch))
+        tasks = {
+            k.removeprefix("task/"): v for k, v in run.metrics.items() if k in render.task_metric_names([row])
+        }
+        cand = Candidate(
+            row,
+            loss,
+            basis,
+            "itself" if basis == "exact" else comp.label,
+            run.metrics.get("kl_mean"),
+            tasks,
+            weight,
+            speed,
+            kind,
+            note,
+            _native(run.qformat, arch),
+        )
         cand.fails = _fails(cand, c)
         out.append(cand)
     return out, device_name, bandwidth, arch
@@ -171,7 +205,9 @@ def _fails(cand: Candidate, c: Constraints) -> list[str]:
     fails = []
     if c.max_weight_gib is not None and (cand.weight_gib is None or cand.weight_gib > c.max_weight_gib):
         fails.append(WEIGHT)
-    if c.min_decode_tokens_per_s is not None and (cand.speed is None or cand.speed < c.min_decode_tokens_per_s):
+    if c.min_decode_tokens_per_s is not None and (
+        cand.speed is None or cand.speed < c.min_decode_tokens_per_s
+    ):
         fails.append(SPEED)
     if cand.native is not None and not cand.native:
         fails.append(NATIVE)
@@ -197,8 +233,10 @@ def _interval_text(x: Candidate) -> str:
         return "–"
     if x.loss_basis == "exact":
         return "0 (the bf16 reference itself)"
-    how = {"seeds": "spread over seeds (wider than the window interval)",
-           "windows": "95% interval over evaluation windows"}.get(x.loss_basis, "")
+    how = {
+        "seeds": "spread over seeds (wider than the window interval)",
+        "windows": "95% interval over evaluation windows",
+    }.get(x.loss_basis, "")
     if not x.loss.has_ci:
         return f"{pct(x.loss.point)} (point estimate, no interval)"
     return f"{pct(x.loss.point)} [{x.loss.lo * 100:+.2f}, {x.loss.hi * 100:+.2f}] ({how})"
@@ -214,21 +252,28 @@ def _binding(scored: list[Candidate], c: Constraints) -> list[str]:
         best = min(admitted, key=lambda x: (x.loss.point, x.weight_gib or math.inf))
         if flag == WEIGHT:
             smallest = min(admitted, key=lambda x: x.weight_gib if x.weight_gib is not None else math.inf)
-            need = (f"{WEIGHT} binds: {len(admitted)} run(s) meet every other constraint but weigh more than "
-                    f"{c.max_weight_gib:g} GiB; the best of them, {best.name}, needs {best.weight_gib or math.nan:.3f} "
-                    f"GiB, the smallest, {smallest.name}, {smallest.weight_gib or math.nan:.3f} GiB")
+            need = (
+                f"{WEIGHT} binds: {len(admitted)} run(s) meet every other constraint but weigh more than "
+                f"{c.max_weight_gib:g} GiB; the best of them, {best.name}, needs {best.weight_gib or math.nan:.3f} "
+                f"GiB, the smallest, {smallest.name}, {smallest.weight_gib or math.nan:.3f} GiB"
+            )
         elif flag == SPEED:
             fastest = max(admitted, key=lambda x: x.speed or 0)
-            need = (f"{SPEED} binds: the runs meeting every other constraint decode at most "
-                    f"{fastest.speed or 0:.1f} tokens/s ({fastest.name}, {fastest.speed_kind}) against the required "
-                    f"{c.min_decode_tokens_per_s:g}; the best of them, {best.name}, gives {best.speed or 0:.1f}")
+            need = (
+                f"{SPEED} binds: the runs meeting every other constraint decode at most "
+                f"{fastest.speed or 0:.1f} tokens/s ({fastest.name}, {fastest.speed_kind}) against the required "
+                f"{c.min_decode_tokens_per_s:g}; the best of them, {best.name}, gives {best.speed or 0:.1f}"
+            )
         else:
-            need = (f"{NATIVE} on {c.device} binds: {', '.join(x.name for x in admitted)} meet(s) the budget but no "
-                    "engine serves the format natively there")
+            need = (
+                f"{NATIVE} on {c.device} binds: {', '.join(x.name for x in admitted)} meet(s) the budget but no "
+                "engine serves the format natively there"
+            )
         out.append(need)
     if not out and scored:
-        counts = ", ".join(f"{flag}: {sum(flag in x.fails for x in scored)} of {len(scored)} runs fail it"
-                           for flag in active)
+        counts = ", ".join(
+            f"{flag}: {sum(flag in x.fails for x in scored)} of {len(scored)} runs fail it" for flag in active
+        )
         out.append(f"no single constraint binds: every run fails at least two ({counts})")
     return out
 
@@ -239,13 +284,19 @@ def recommend(rows: list[ReportRow], c: Constraints) -> Recommendation:
     cands, device_name, bandwidth, arch = candidates(rows, c)
     _mark_fronts(cands)
     scored = [x for x in cands if x.loss is not None]
-    unscored = [f"{x.name}: {x.row.vs_bf16.note or 'no perplexity change vs bf16'}" for x in cands if x.loss is None]
+    unscored = [
+        f"{x.name}: {x.row.vs_bf16.note or 'no perplexity change vs bf16'}" for x in cands if x.loss is None
+    ]
     ok = [x for x in scored if not x.fails]
     if not ok:
-        return Recommendation(c, device_name, bandwidth, arch, cands, None, [], "", _binding(scored, c), unscored)
+        return Recommendation(
+            c, device_name, bandwidth, arch, cands, None, [], "", _binding(scored, c), unscored
+        )
     choice = min(ok, key=lambda x: (x.loss.point, x.weight_gib or math.inf))
-    reasons = [f"smallest perplexity loss vs bf16 among the {len(ok)} of {len(scored)} runs that meet every "
-               f"constraint: {_interval_text(choice)}, reference: {choice.reference}"]
+    reasons = [
+        f"smallest perplexity loss vs bf16 among the {len(ok)} of {len(scored)} runs that meet every "
+        f"constraint: {_interval_text(choice)}, reference: {choice.reference}"
+    ]
     if choice.weight_gib is not None:
         limit = f" (limit {c.max_weight_gib:g})" if c.max_weight_gib is not None else ""
         reasons.append(f"weights {choice.weight_gib:.3f} GiB{limit}")
@@ -267,12 +318,20 @@ def _uncertainty(choice: Candidate, ok: list[Candidate]) -> str:
     text = f"Loss {_interval_text(choice)}."
     if choice.loss is not None and choice.loss_basis != "exact" and not choice.loss.has_ci:
         text += " Without per-window results there is no interval: treat the ranking as provisional."
-    close = [x for x in ok if x is not choice and x.loss is not None and x.loss.lo <= choice.loss.hi
-             and choice.loss.lo <= x.loss.hi]
+    close = [
+        x
+        for x in ok
+        if x is not choice
+        and x.loss is not None
+        and x.loss.lo <= choice.loss.hi
+        and choice.loss.lo <= x.loss.hi
+    ]
     if close:
         names = "; ".join(f"{x.name} ({_interval_text(x)}, {x.weight_gib or 0:.3f} GiB)" for x in close)
-        text += (f" Not distinguishable on this evaluation from: {names}; a smaller or faster one among them "
-                 "costs nothing measurable here.")
+        text += (
+            f" Not distinguishable on this evaluation from: {names}; a smaller or faster one among them "
+            "costs nothing measurable here."
+        )
     else:
         text += " Its interval does not overlap any other run that meets the constraints."
     if choice.speed_kind == "projected":
@@ -285,76 +344,174 @@ def as_json(rec: Recommendation) -> dict[str, Any]:
         return None if i is None else {"point": i.point, "lo": i.lo, "hi": i.hi, "has_ci": i.has_ci}
 
     return {
-        "constraints": {"max_weight_gib": rec.constraints.max_weight_gib,
-                        "min_decode_tokens_per_s": rec.constraints.min_decode_tokens_per_s,
-                        "device": rec.constraints.device, "device_name": rec.device_name,
-                        "bandwidth_gbps": rec.bandwidth_gbps, "arch": rec.arch},
-        "choice": None if rec.choice is None else {"run_id": rec.choice.row.run.run_id, "name": rec.choice.name},
-        "reasons": rec.reasons, "uncertainty": rec.uncertainty, "binding": rec.binding, "unscored": rec.unscored,
-        "runs": [{"run_id": x.row.run.run_id, "name": x.name, "qformat": x.row.run.qformat,
-                  "calib_size": x.row.run.calib_size, "seed": x.row.run.seed, "loss": interval(x.loss),
-                  "loss_basis": x.loss_basis, "reference": x.reference, "kl_mean": x.kl, "tasks": x.tasks,
-                  "weight_gib": x.weight_gib, "decode_tokens_per_s": x.speed, "speed_kind": x.speed_kind,
-                  "speed_note": x.speed_note, "native_engines": x.native, "fails": x.fails,
-                  "pareto_bytes": x.front_bytes, "pareto_speed": x.front_speed} for x in rec.candidates],
+        "constraints": {
+            "max_weight_gib": rec.constraints.max_weight_gib,
+            "min_decode_tokens_per_s": rec.constraints.min_decode_tokens_per_s,
+            "device": rec.constraints.device,
+            "device_name": rec.device_name,
+            "bandwidth_gbps": rec.bandwidth_gbps,
+            "arch": rec.arch,
+        },
+        "choice": None
+        if rec.choice is None
+        else {"run_id": rec.choice.row.run.run_id, "name": rec.choice.name},
+        "reasons": rec.reasons,
+        "uncertainty": rec.uncertainty,
+        "binding": rec.binding,
+        "unscored": rec.unscored,
+        "runs": [
+            {
+                "run_id": x.row.run.run_id,
+                "name": x.name,
+                "qformat": x.row.run.qformat,
+                "calib_size": x.row.run.calib_size,
+                "seed": x.row.run.seed,
+                "loss": interval(x.loss),
+                "loss_basis": x.loss_basis,
+                "reference": x.reference,
+                "kl_mean": x.kl,
+                "tasks": x.tasks,
+                "weight_gib": x.weight_gib,
+                "decode_tokens_per_s": x.speed,
+                "speed_kind": x.speed_kind,
+                "speed_note": x.speed_note,
+                "native_engines": x.native,
+                "fails": x.fails,
+                "pareto_bytes": x.front_bytes,
+                "pareto_speed": x.front_speed,
+            }
+            for x in rec.candidates
+        ],
     }
 
 
 def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
     c = rec.constraints
-    limits = [f"{WEIGHT} {c.max_weight_gib:g}" if c.max_weight_gib is not None else None,
-              f"{SPEED} {c.min_decode_tokens_per_s:g}" if c.min_decode_tokens_per_s is not None else None,
-              f"--device {c.device} ({rec.device_name}, {rec.bandwidth_gbps:.0f} GB/s, {rec.arch})"]
-    out = [Block("h2", "Recommendation"), Block("p", "Constraints: " + ", ".join(x for x in limits if x) + ".")]
+    limits = [
+        f"{WEIGHT} {c.max_weight_gib:g}" if c.max_weight_gib is not None else None,
+        f"{SPEED} {c.min_decode_tokens_per_s:g}" if c.min_decode_tokens_per_s is not None else None,
+        f"--device {c.device} ({rec.device_name}, {rec.bandwidth_gbps:.0f} GB/s, {rec.arch})",
+    ]
+    out = [
+        Block("h2", "Recommendation"),
+        Block("p", "Constraints: " + ", ".join(x for x in limits if x) + "."),
+    ]
     if rec.choice is not None:
-        out.append(Block("p", f"**Run {rec.choice.name}** ({rec.choice.row.run.qformat}"
-                              f"{f', calib {rec.choice.row.run.calib_size}' if rec.choice.row.run.calib_size else ''}). "
-                              "Why: " + "; ".join(rec.reasons) + "."))
+        out.append(
+            Block(
+                "p",
+                f"**Run {rec.choice.name}** ({rec.choice.row.run.qformat}"
+                f"{f', calib {rec.choice.row.run.calib_size}' if rec.choice.row.run.calib_size else ''}). "
+                "Why: " + "; ".join(rec.reasons) + ".",
+            )
+        )
         out.append(Block("p", "Uncertainty: " + rec.uncertainty))
     else:
         out.append(Block("p", "**No run meets the constraints.** " + " ".join(b + "." for b in rec.binding)))
-    headers = ("run", "loss vs bf16 (interval used)", "KL", "weights GiB", "decode tok/s", "native engines",
-               "Pareto (bytes / speed)", "fails")
+    headers = (
+        "run",
+        "loss vs bf16 (interval used)",
+        "KL",
+        "weights GiB",
+        "decode tok/s",
+        "native engines",
+        "Pareto (bytes / speed)",
+        "fails",
+    )
     body = []
     for x in rec.candidates:
         speed = "–" if x.speed is None else f"{x.speed:.1f} ({x.speed_kind})"
         native = "unknown" if x.native is None else (", ".join(x.native) or "none")
         front = "/".join(("yes" if f else "no") for f in (x.front_bytes, x.front_speed)) if x.loss else "–"
-        body.append((x.name, _interval_text(x), "–" if x.kl is None else f"{x.kl:.4f}",
-                     "–" if x.weight_gib is None else f"{x.weight_gib:.3f}", speed, native, front,
-                     ", ".join(x.fails) or "–"))
+        body.append(
+            (
+                x.name,
+                _interval_text(x),
+                "–" if x.kl is None else f"{x.kl:.4f}",
+                "–" if x.weight_gib is None else f"{x.weight_gib:.3f}",
+                speed,
+                native,
+                front,
+                ", ".join(x.fails) or "–",
+            )
+        )
     out.append(Block("table", headers=headers, rows=tuple(body)))
     if any(x.speed_kind == "projected" for x in rec.candidates):
-        out.append(Block("p", f"Speeds labelled projected were not measured on {rec.device_name}: a run measured on "
-                              "another GPU keeps the fraction of the bandwidth bound it achieved there (GB10 only); "
-                              f"otherwise the bound itself, {rec.bandwidth_gbps:.0f} GB/s / weight bytes at batch 1, "
-                              "which no engine reaches (expect 60-85% of it)."))
+        out.append(
+            Block(
+                "p",
+                f"Speeds labelled projected were not measured on {rec.device_name}: a run measured on "
+                "another GPU keeps the fraction of the bandwidth bound it achieved there (GB10 only); "
+                f"otherwise the bound itself, {rec.bandwidth_gbps:.0f} GB/s / weight bytes at batch 1, "
+                "which no engine reaches (expect 60-85% of it).",
+            )
+        )
     if rec.unscored:
         out.append(Block("p", "Not placed (no perplexity change vs bf16): " + "; ".join(rec.unscored) + "."))
     if plot_name:
-        out.append(Block("img", plot_name, alt="Pareto front: quality loss against weight bytes and decode speed"))
+        out.append(
+            Block("img", plot_name, alt="Pareto front: quality loss against weight bytes and decode speed")
+        )
     return out
 
 
-def _front_panel(ax, cands: list[Candidate], x_of, on_front, xlabel: str, limit: float | None, choice,
-                 symlog: bool, speed_axis: bool) -> None:
+def _front_panel(
+    ax,
+    cands: list[Candidate],
+    x_of,
+    on_front,
+    xlabel: str,
+    limit: float | None,
+    choice,
+    symlog: bool,
+    speed_axis: bool,
+) -> None:
     shown = [x for x in cands if x.loss is not None and x_of(x) is not None]
     for x in shown:
         lo, hi = (x.loss.point - x.loss.lo) * 100, (x.loss.hi - x.loss.point) * 100
         front = on_front(x)
         hollow = speed_axis and x.speed_kind == "projected"
-        ax.errorbar([x_of(x)], [x.loss.point * 100], yerr=[[lo], [hi]], fmt="o", capsize=3, alpha=0.9,
-                    markersize=9 if front else 6, color="tab:blue" if front else "grey",
-                    markerfacecolor="white" if hollow else None, zorder=3 if front else 2)
+        ax.errorbar(
+            [x_of(x)],
+            [x.loss.point * 100],
+            yerr=[[lo], [hi]],
+            fmt="o",
+            capsize=3,
+            alpha=0.9,
+            markersize=9 if front else 6,
+            color="tab:blue" if front else "grey",
+            markerfacecolor="white" if hollow else None,
+            zorder=3 if front else 2,
+        )
         tag = f" (fails: {', '.join(x.fails)})" if x.fails else ""
-        ax.annotate(x.label + tag, (x_of(x), x.loss.point * 100), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(
+            x.label + tag,
+            (x_of(x), x.loss.point * 100),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
     front = sorted((x for x in shown if on_front(x)), key=x_of)
     if len(front) > 1:
-        ax.plot([x_of(x) for x in front], [x.loss.point * 100 for x in front], color="tab:blue", linewidth=1.5,
-                label="Pareto front")
+        ax.plot(
+            [x_of(x) for x in front],
+            [x.loss.point * 100 for x in front],
+            color="tab:blue",
+            linewidth=1.5,
+            label="Pareto front",
+        )
     if choice is not None and x_of(choice) is not None and choice.loss is not None:
-        ax.plot([x_of(choice)], [choice.loss.point * 100], marker="*", markersize=18, color="gold",
-                markeredgecolor="black", linestyle="", zorder=4, label=f"choice: {choice.label}")
+        ax.plot(
+            [x_of(choice)],
+            [choice.loss.point * 100],
+            marker="*",
+            markersize=18,
+            color="gold",
+            markeredgecolor="black",
+            linestyle="",
+            zorder=4,
+            label=f"choice: {choice.label}",
+        )
     if limit is not None:
         ax.axvline(limit, color="crimson", linestyle="--", linewidth=1, label="constraint")
     if symlog:
@@ -378,11 +535,28 @@ def plot(rec: Recommendation, title: str, path: Path) -> Path | None:
         return None
     symlog = max((abs(v) for x in placed for v in (x.loss.lo, x.loss.hi)), default=0) > 0.2
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    _front_panel(axes[0], placed, lambda x: x.weight_gib, lambda x: x.front_bytes, "weights (GiB, deployed bytes)",
-                 rec.constraints.max_weight_gib, rec.choice, symlog, False)
-    _front_panel(axes[1], placed, lambda x: x.speed, lambda x: x.front_speed,
-                 f"decode tokens/s on {rec.device_name} (hollow: projected)", rec.constraints.min_decode_tokens_per_s,
-                 rec.choice, symlog, True)
+    _front_panel(
+        axes[0],
+        placed,
+        lambda x: x.weight_gib,
+        lambda x: x.front_bytes,
+        "weights (GiB, deployed bytes)",
+        rec.constraints.max_weight_gib,
+        rec.choice,
+        symlog,
+        False,
+    )
+    _front_panel(
+        axes[1],
+        placed,
+        lambda x: x.speed,
+        lambda x: x.front_speed,
+        f"decode tokens/s on {rec.device_name} (hollow: projected)",
+        rec.constraints.min_decode_tokens_per_s,
+        rec.choice,
+        symlog,
+        True,
+    )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

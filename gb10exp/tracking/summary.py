@@ -34,8 +34,19 @@ def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
     """Per row: the relative perplexity change against the sweep's paired bf16 run, else the in-run one."""
     from gb10exp.report.collect import RunRow, pair_differences
 
-    runs = [RunRow(r.get("run_id", r["name"]), r["name"], r["status"], "", r.get("params", {}), r["metrics"],
-                   r.get("tags", {}), 0) for r in rows]
+    runs = [
+        RunRow(
+            r.get("run_id", r["name"]),
+            r["name"],
+            r["status"],
+            "",
+            r.get("params", {}),
+            r["metrics"],
+            r.get("tags", {}),
+            0,
+        )
+        for r in rows
+    ]
     bf16 = [b for b in runs if b.status == "FINISHED" and not b.quantized and "perplexity" in b.metrics]
     cells = []
     for run in runs:
@@ -84,10 +95,24 @@ def sweep_rows(tracking_uri: str, sweep_dir: str) -> list[dict[str, Any]]:
         return []  # no job got as far as recording; don't create an empty store
     client = MlflowClient(tracking_uri=tracking_uri)
     ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, filter_string=f"tags.sweep_dir = '{sweep_dir}'",
-                              order_by=["attributes.start_time ASC"]) if ids else []
-    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, "metrics": r.data.metrics,
-             "params": r.data.params, "tags": r.data.tags} for r in runs]
+    runs = (
+        client.search_runs(
+            ids, filter_string=f"tags.sweep_dir = '{sweep_dir}'", order_by=["attributes.start_time ASC"]
+        )
+        if ids
+        else []
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "metrics": r.data.metrics,
+            "params": r.data.params,
+            "tags": r.data.tags,
+        }
+        for r in runs
+    ]
 
 
 class SweepSummary(Callback):
