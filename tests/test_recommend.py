@@ -35,7 +35,14 @@ def log_set(uri: str, nvfp4_measured: float | None = None) -> None:
     log_run(uri, "fp8", shifted(FP8_NOISY), tags=DIGESTS, extra_metrics={"weight_gib": 0.5})
     measured = {} if nvfp4_measured is None else {"decode_tokens_per_s": nvfp4_measured}
     tags = DIGESTS if nvfp4_measured is None else {**DIGESTS, "gpu": "NVIDIA GB10", "speed_valid": "true"}
-    log_run(uri, "nvfp4", shifted(math.log(1.03)), tags=tags, extra_metrics={"weight_gib": 0.28, **measured})
+    task = {"task/mini/acc": 0.75}
+    log_run(
+        uri,
+        "nvfp4",
+        shifted(math.log(1.03)),
+        tags=tags,
+        extra_metrics={"weight_gib": 0.28, **measured, **task},
+    )
     # Larger and worse than nvfp4: dominated on both fronts.
     log_run(uri, "nvfp4_awq", shifted(math.log(1.05)), tags=DIGESTS, extra_metrics={"weight_gib": 0.30})
     # The smallest, but no engine serves W4A16 AWQ natively on GB10.
@@ -70,6 +77,10 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     assert on_bytes == on_speed == everyone - {"known-nvfp4_awq-calib16"}
     md = (tmp_path / "r" / "recommend.md").read_text()
     assert "**Run known-fp8-calib16** (fp8, calib 16)" in md and "![Pareto front" in md
+    assert (
+        "| known-nvfp4-calib16 | +3.00% [+3.00, +3.00] (95% interval over evaluation windows) | 0.0100 | mini/acc 0.750 |"
+        in md
+    )
     assert (tmp_path / "r" / "pareto.png").stat().st_size > 10_000
 
     rows = report.rows
@@ -78,7 +89,8 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     assert free.choice.name == "known-bf16-calib16"
     assert "Not distinguishable on this evaluation from: known-fp8-calib16" in free.uncertainty
     # 0.3 GiB: int4 (0.26) is smaller but not native, nvfp4_awq fits but is not native either: nvfp4.
-    assert recommend(rows, Constraints(max_weight_gib=0.3)).choice.name == "known-nvfp4-calib16"
+    small = recommend(rows, Constraints(max_weight_gib=0.3))
+    assert small.choice.name == "known-nvfp4-calib16" and "mini/acc 0.750" in small.reasons
     # Too fast for any run that fits: nothing, and the speed constraint binds (nvfp4 projects 975 tok/s).
     none = recommend(rows, Constraints(max_weight_gib=0.3, min_decode_tokens_per_s=1000))
     assert none.choice is None and len(none.binding) == 1

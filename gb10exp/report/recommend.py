@@ -418,6 +418,8 @@ def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
         "Pareto (bytes / speed)",
         "fails",
     )
+    if any(x.tasks for x in rec.candidates):  # task scores only when some run has them
+        headers = headers[:3] + ("tasks",) + headers[3:]
     body = []
     for x in rec.candidates:
         speed = "–" if x.speed is None else f"{x.speed:.1f} ({x.speed_kind})"
@@ -428,6 +430,11 @@ def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
                 x.name,
                 _interval_text(x),
                 "–" if x.kl is None else f"{x.kl:.4f}",
+                *(
+                    (", ".join(f"{k} {v:.3f}" for k, v in x.tasks.items()) or "–",)
+                    if "tasks" in headers
+                    else ()
+                ),
                 "–" if x.weight_gib is None else f"{x.weight_gib:.3f}",
                 speed,
                 native,
