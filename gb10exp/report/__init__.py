@@ -17,7 +17,7 @@ from typing import Any
 
 from gb10exp.report import render
 from gb10exp.report.collect import REPORT_TAG, Collected, Selection, collect
-from gb10exp.report.compare import FormatSummary, ReportRow, compare, noise_floor, summarize
+from gb10exp.report.compare import FormatSummary, ReportRow, compare, missing_fp8, noise_floor, summarize
 from gb10exp.report.stats import Interval
 
 PLOT_NAME = "loss.png"
@@ -30,6 +30,8 @@ class Report:
     collected: Collected
     rows: list[ReportRow]
     summaries: list[FormatSummary]
+    fp8_command: str | None = None  # the command that adds the missing fp8 runs, when none exists
+    recommendation: Any = None  # recommend.Recommendation with --recommend
 
 
 def _interval(i: Interval | None) -> dict[str, Any] | None:
@@ -37,53 +39,147 @@ def _interval(i: Interval | None) -> dict[str, Any] | None:
 
 
 def _comparison(c) -> dict[str, Any]:
-    return {"reference": c.reference.run_id if c.reference else None, "change": _interval(c.change),
-            "verdict": c.verdict.value if c.verdict else None, "note": c.note}
+    return {
+        "reference": c.reference.run_id if c.reference else None,
+        "source": c.source,
+        "paired_by": c.paired_by,
+        "label": c.label,
+        "change": _interval(c.change),
+        "seed_spread": _interval(c.seed_spread),
+        "judged": _interval(c.judged),
+        "judged_by": c.judged_by,
+        "verdict": c.verdict.value if c.verdict else None,
+        "note": c.note,
+    }
 
 
-def as_json(report_rows: list[ReportRow], summaries: list[FormatSummary], collected: Collected) -> dict[str, Any]:
+def as_json(
+    report_rows: list[ReportRow],
+    summaries: list[FormatSummary],
+    collected: Collected,
+    fp8_command: str | None = None,
+) -> dict[str, Any]:
     """The report's numbers, machine-readable (tests and notebooks read this rather than the Markdown)."""
     return {
-        "rows": [{"run_id": r.run.run_id, "name": r.run.name, "model": r.run.model, "qformat": r.run.qformat,
-                  "calib_size": r.run.calib_size, "metrics": r.run.metrics,
-                  "vs_bf16": _comparison(r.vs_bf16), "vs_fp8": _comparison(r.vs_fp8)} for r in report_rows],
-        "verdicts": [{"model": s.model, "qformat": s.qformat, "calib_size": s.row.run.calib_size,
-                      "vs_bf16": _comparison(s.row.vs_bf16), "vs_fp8": _comparison(s.row.vs_fp8),
-                      "calib_spread": s.calib_spread} for s in summaries],
-        "unfinished": [{"run_id": r.run_id, "name": r.name, "status": r.status, "error": r.error}
-                       for r in collected.unfinished],
+        "rows": [
+            {
+                "run_id": r.run.run_id,
+                "name": r.run.name,
+                "model": r.run.model,
+                "qformat": r.run.qformat,
+                "calib_size": r.run.calib_size,
+                "seed": r.run.seed,
+                "metrics": r.run.metrics,
+                "vs_bf16": _comparison(r.vs_bf16),
+                "vs_fp8": _comparison(r.vs_fp8),
+            }
+            for r in report_rows
+        ],
+        "verdicts": [
+            {
+                "model": s.model,
+                "qformat": s.qformat,
+                "calib_size": s.row.run.calib_size,
+                "run_id": s.row.run.run_id,
+                "seeds": s.seeds,
+                "vs_bf16": _comparison(s.row.vs_bf16),
+                "vs_fp8": _comparison(s.row.vs_fp8),
+                "calib_spread": s.calib_spread,
+            }
+            for s in summaries
+        ],
+        "unpaired": [
+            {
+                "run_id": u.run.run_id,
+                "name": u.run.name,
+                "role": u.role,
+                "candidate": u.candidate.run_id,
+                "candidate_name": u.candidate.name,
+                "differences": u.differences,
+            }
+            for r in report_rows
+            for u in r.unpaired
+        ],
+        "fp8_command": fp8_command,
+        "unfinished": [
+            {"run_id": r.run_id, "name": r.name, "status": r.status, "error": r.error}
+            for r in collected.unfinished
+        ],
         "prerun_failures": [{"job": j, "error": e} for j, e in collected.prerun_failures],
     }
 
 
 def _meta(tracking_uri: str, collected: Collected) -> str:
     commits = sorted({r.tags.get("git_commit", "?")[:10] for r in collected.rows})
-    devices = sorted({g if (g := r.tags.get("gpu")) not in (None, "", "none") else r.tags.get("cpu", "?")
-                      for r in collected.rows})
+    devices = sorted(
+        {
+            g if (g := r.tags.get("gpu")) not in (None, "", "none") else r.tags.get("cpu", "?")
+            for r in collected.rows
+        }
+    )
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"Tracking store `{tracking_uri}`, experiment(s) {', '.join(collected.experiments) or '–'}: "
-            f"{len(collected.rows)} finished run(s), {len(collected.unfinished) + len(collected.prerun_failures)} "
-            f"that did not finish. Runs from git {', '.join(commits) or '–'} on {'; '.join(devices) or '–'}. "
-            f"Generated {when}.")
+    return (
+        f"Tracking store `{tracking_uri}`, experiment(s) {', '.join(collected.experiments) or '–'}: "
+        f"{len(collected.rows)} finished run(s), {len(collected.unfinished) + len(collected.prerun_failures)} "
+        f"that did not finish. Runs from git {', '.join(commits) or '–'} on {'; '.join(devices) or '–'}. "
+        f"Generated {when}."
+    )
 
 
-def build_report(tracking_uri: str, selection: Selection, out_dir: Path) -> Report:
-    """Collect, compare, judge and write the report files into ``out_dir``."""
+def build_report(tracking_uri: str, selection: Selection, out_dir: Path, constraints: Any = None) -> Report:
+    """Collect, compare, judge and write the report files into ``out_dir``; with ``constraints``
+    (recommend.Constraints) also the recommendation (recommend.md/json, pareto.png)."""
     from mlflow.tracking import MlflowClient
 
+    if constraints is not None:
+        constraints.check()  # bad flags fail before any query
     collected = collect(MlflowClient(tracking_uri=tracking_uri), selection)
     rows = compare(collected)
     summaries = summarize(rows)
+    fp8_command = missing_fp8(collected, rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"Does NVFP4 lose less than 1%? — {selection.label()}"
     png = render.plot(rows, title, out_dir / PLOT_NAME)
-    blocks = render.document(title, _meta(tracking_uri, collected), collected, rows, summaries, noise_floor(rows),
-                             png.name if png else None)
+    blocks = render.document(
+        title,
+        _meta(tracking_uri, collected),
+        collected,
+        rows,
+        summaries,
+        noise_floor(rows),
+        png.name if png else None,
+        fp8_command,
+    )
     files = [out_dir / "report.md", out_dir / "report.html", out_dir / "report.json"]
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(render.to_html(blocks, out_dir))
-    files[2].write_text(json.dumps(as_json(rows, summaries, collected), indent=2, default=str))
-    return Report(out_dir, files + ([png] if png else []), collected, rows, summaries)
+    files[2].write_text(json.dumps(as_json(rows, summaries, collected, fp8_command), indent=2, default=str))
+    files += [png] if png else []
+    rec = None
+    if constraints is not None:
+        rec, rec_files = write_recommendation(
+            rows, constraints, out_dir, selection.label(), _meta(tracking_uri, collected)
+        )
+        files += rec_files
+    return Report(out_dir, files, collected, rows, summaries, fp8_command, rec)
+
+
+def write_recommendation(
+    rows: list[ReportRow], constraints: Any, out_dir: Path, label: str, meta: str
+) -> tuple[Any, list[Path]]:
+    """recommend.md, recommend.json and pareto.png in ``out_dir``."""
+    from gb10exp.report import recommend
+
+    rec = recommend.recommend(rows, constraints)
+    title = f"Which quantization on {rec.device_name}? — {label}"
+    png = recommend.plot(rec, title, out_dir / recommend.PLOT_NAME)
+    blocks = [render.Block("h1", title), render.Block("p", meta)] + recommend.blocks(
+        rec, png.name if png else None
+    )
+    files = [out_dir / "recommend.md", out_dir / "recommend.json"]
+    files[0].write_text(render.to_markdown(blocks))
+    files[1].write_text(json.dumps(recommend.as_json(rec), indent=2, default=str))
+    return rec, files + ([png] if png else [])
 
 
 def log_report(tracking_uri: str, report: Report, label: str) -> str | None:
@@ -96,8 +192,9 @@ def log_report(tracking_uri: str, report: Report, label: str) -> str | None:
     if not runs:
         return None
     experiment = client.get_experiment_by_name(runs[0].experiment)
-    run = client.create_run(experiment.experiment_id, run_name=f"report-{label}",
-                            tags={REPORT_TAG: "report", "report.of": label})
+    run = client.create_run(
+        experiment.experiment_id, run_name=f"report-{label}", tags={REPORT_TAG: "report", "report.of": label}
+    )
     for path in report.files:
         client.log_artifact(run.info.run_id, str(path), "report")
     client.set_terminated(run.info.run_id, "FINISHED")

@@ -1,9 +1,10 @@
 """``python -m gb10exp.report``: the report of an MLflow experiment or sweep, with a verdict per format.
 
-    python -m gb10exp.report                                   # the experiment of the latest run
-    python -m gb10exp.report --experiment gb10exp-smollm2_135m
-    python -m gb10exp.report --sweep 2026-11-25_18-08-25       # one sweep (its id is its output folder)
-    python -m gb10exp.report --tracking-uri http://mlflow:5000 --experiment gb10exp-llama3_1_8b_instruct
+python -m gb10exp.report                                   # the experiment of the latest run
+python -m gb10exp.report --experiment gb10exp-smollm2_135m
+python -m gb10exp.report --sweep 2026-11-25_18-08-25       # one sweep (its id is its output folder)
+python -m gb10exp.report --tracking-uri http://mlflow:5000 --experiment gb10exp-llama3_1_8b_instruct
+python -m gb10exp.report --recommend --max-weight-gib 6 --min-decode-tokens-per-s 20   # on GB10 (default)
 """
 
 from __future__ import annotations
@@ -21,16 +22,48 @@ DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gb10exp.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m gb10exp.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--experiment", help="MLflow experiment name (default: the experiment of the latest run)")
+    which.add_argument(
+        "--experiment", help="MLflow experiment name (default: the experiment of the latest run)"
+    )
     which.add_argument("--sweep", help="sweep id: the name of the sweep's output folder (tag sweep_id)")
-    which.add_argument("--sweep-dir", help="the sweep's output folder; also lists jobs that failed before MLflow")
-    parser.add_argument("--tracking-uri", default=DEFAULT_URI, help=f"MLflow store or server (default {DEFAULT_URI})")
+    which.add_argument(
+        "--sweep-dir", help="the sweep's output folder; also lists jobs that failed before MLflow"
+    )
+    parser.add_argument(
+        "--tracking-uri", default=DEFAULT_URI, help=f"MLflow store or server (default {DEFAULT_URI})"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default reports/<experiment or sweep>)")
     parser.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
+    rec = parser.add_argument_group("recommendation (--recommend)")
+    rec.add_argument(
+        "--recommend",
+        action="store_true",
+        help="name the run to deploy under the constraints below, with the Pareto front (pareto.png)",
+    )
+    rec.add_argument("--max-weight-gib", type=float, help="largest deployed weight size, GiB (weight_gib)")
+    rec.add_argument(
+        "--min-decode-tokens-per-s", type=float, help="slowest acceptable decode, tokens/s at batch 1"
+    )
+    rec.add_argument(
+        "--device",
+        default=None,
+        help="the device to deploy on (default gb10): speed measured there if "
+        "a run was, else projected from its bandwidth",
+    )
     return parser.parse_args(argv)
+
+
+def _said(c) -> str:
+    if c.verdict is None:
+        return c.note or "–"
+    how = f"{c.label}" + (", by seed spread" if c.judged_by == "seeds" else "")
+    return f"{c.verdict.value} ({how})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,20 +83,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gb10exp.report: error: {exc}", file=sys.stderr)
             return 2
     label = selection.label()
+    constraints = None
+    if args.recommend:
+        from gb10exp.report.recommend import Constraints
+
+        constraints = Constraints(args.max_weight_gib, args.min_decode_tokens_per_s, args.device or "gb10")
+    elif (
+        args.max_weight_gib is not None or args.min_decode_tokens_per_s is not None or args.device is not None
+    ):
+        print(
+            "gb10exp.report: error: --max-weight-gib/--min-decode-tokens-per-s/--device are not allowed without "
+            "--recommend: add --recommend",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        report = build_report(args.tracking_uri, selection, args.out or Path("reports") / label)
+        report = build_report(args.tracking_uri, selection, args.out or Path("reports") / label, constraints)
     except ConfigError as exc:
         print(f"gb10exp.report: error: {exc}", file=sys.stderr)
         return 2
     for s in report.summaries:
         bf16, fp8 = s.row.vs_bf16, s.row.vs_fp8
-        print(f"{s.model} {s.qformat} (calib {s.row.run.calib_size}): "
-              f"vs bf16 {bf16.verdict.value if bf16.verdict else bf16.note or '–'}, "
-              f"vs fp8 {fp8.verdict.value if fp8.verdict else fp8.note or '–'}")
+        print(
+            f"{s.model} {s.qformat} (calib {s.row.run.calib_size}): "
+            f"vs bf16 {_said(bf16)}, vs fp8 {_said(fp8)}"
+        )
+    if report.fp8_command:
+        print(
+            f"no fp8 run exists, so there is no verdict against fp8; add the fp8 runs with:\n  {report.fp8_command}"
+        )
     failed = len(report.collected.unfinished) + len(report.collected.prerun_failures)
     if failed:
         print(f"{failed} run(s) of the selection did not finish: listed in the report")
     print(f"report: {report.folder / 'report.md'}")
+    if (rec := report.recommendation) is not None:
+        if rec.choice is not None:
+            print(f"recommendation on {rec.device_name}: {rec.choice.name} — " + "; ".join(rec.reasons))
+            print(f"uncertainty: {rec.uncertainty}")
+        else:
+            print("recommendation: no run meets the constraints. " + " ".join(rec.binding))
+        print(
+            f"recommendation: {report.folder / 'recommend.md'} (Pareto front: {report.folder / 'pareto.png'})"
+        )
     if not args.no_log and (run_id := log_report(args.tracking_uri, report, label)):
         print(f"logged as MLflow run {run_id} (artifacts under report/)")
     return 0

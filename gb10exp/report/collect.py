@@ -20,7 +20,14 @@ from gb10exp.config import ConfigError
 NONE = ("None", "null", "")  # how MLflow params spell a null
 REPORT_TAG = "kind"  # report runs are tagged kind=report and never reported on
 # The params that fix the perplexity windows: runs agreeing on them were evaluated on the same tokens.
+# Only the fallback for runs recorded before the digest tags existed (old stores): params cannot see an
+# edited eval.path file, a different tokenizer or another compute dtype.
 WINDOW_PARAMS = ("eval.dataset", "eval.path", "eval.seq_len", "eval.num_windows")
+# The tags that make two runs comparable (CONTRACT: identity helper): the digest of the scored tokens and
+# scoring protocol, of the tokenizer, and the dtype the numbers were computed in.
+PAIR_TAGS = ("eval_digest", "tokenizer_digest", "compute_dtype")
+PAIRED_BY_TAGS = "eval_digest, tokenizer_digest, compute_dtype"
+PAIRED_BY_PARAMS = "params (old run without digest tags)"
 
 
 @dataclass
@@ -57,6 +64,7 @@ class RunRow:
     tags: dict[str, str]
     start_time: int
     windows: dict[str, list[float]] | None = None  # results.json's per-window sums, when present
+    overrides: list[str] | None = None  # overrides.yaml (the job's command-line overrides), loaded on demand
 
     @property
     def qformat(self) -> str:
@@ -68,13 +76,25 @@ class RunRow:
 
     @property
     def calibrated(self) -> bool:
-        """Quantized by modelopt, which calibrates."""
-        return self.params.get("qformat.modelopt_cfg", "None") not in NONE
+        """Quantized by modelopt with calibration (``qformat.uses_calibration`` false: weight-only
+        round-to-nearest formats, whose result no calibration sample touches)."""
+        if self.params.get("qformat.uses_calibration") == "False":
+            return False
+        return (
+            self.params.get("qformat.modelopt_cfg", "None") not in NONE
+            or self.params.get("qformat.kind") == "auto"
+        )
 
     @property
     def quantized(self) -> bool:
-        """Quantized by modelopt or by llama.cpp's quantizer (``qformat.gguf_type``): not a bf16 reference."""
-        return self.calibrated or self.params.get("qformat.gguf_type", "None") not in NONE
+        """Quantized (modelopt, ``mtq.auto_quantize`` or llama.cpp's quantizer): not a bf16 reference."""
+        kind = self.params.get("qformat.kind")
+        if kind not in (None, *NONE):
+            return kind != "none"
+        return (
+            self.params.get("qformat.modelopt_cfg", "None") not in NONE
+            or self.params.get("qformat.gguf_type", "None") not in NONE
+        )
 
     @property
     def calib_size(self) -> int | None:
@@ -89,8 +109,56 @@ class RunRow:
         return (tuple(model), tuple(self.params.get(k) for k in WINDOW_PARAMS))
 
     @property
+    def has_digests(self) -> bool:
+        return all(self.tags.get(t) for t in PAIR_TAGS)
+
+    @property
+    def seed(self) -> str:
+        return self.params.get("seed", "0")
+
+    @property
+    def recipe_key(self) -> tuple:
+        """Runs with equal keys differ at most in their seed: the calibrations of one recipe."""
+        # Keys that never change what a run measures (the config hash's exclusions) do not split a recipe.
+        return tuple(
+            sorted(
+                (k, v)
+                for k, v in self.params.items()
+                if k != "seed" and k.split(".")[0] not in ("tracking", "force", "cache")
+            )
+        )
+
+    @property
+    def ref_windows(self) -> dict[str, list[float]] | None:
+        """The in-run reference: the unquantized model scored on exactly this run's positions."""
+        if not self.windows or not self.windows.get("ref_nll"):
+            return None
+        return {"nll": self.windows["ref_nll"], "tokens": self.windows["tokens"]}
+
+    @property
     def error(self) -> str:
         return self.tags.get("error", "")
+
+
+def pair_basis(a: RunRow, b: RunRow) -> str:
+    """How two runs are matched: by the digest tags when both carry them, else by params."""
+    return PAIRED_BY_TAGS if a.has_digests and b.has_digests else PAIRED_BY_PARAMS
+
+
+def pair_differences(a: RunRow, b: RunRow) -> list[str]:
+    """What makes ``a`` and ``b`` incomparable (empty: they were scored on the same tokens the same way)."""
+    if a.model != b.model:
+        return [f"model {a.model} != {b.model}"]
+    # The digests say nothing about the weights: the model's own params must agree either way.
+    keys = [k for k in sorted(set(a.params) | set(b.params)) if k.startswith("model.")]
+    out = [f"{k} {a.params.get(k)} != {b.params.get(k)}" for k in keys if a.params.get(k) != b.params.get(k)]
+    if pair_basis(a, b) == PAIRED_BY_TAGS:
+        return out + [f"{t} {a.tags[t]} != {b.tags[t]}" for t in PAIR_TAGS if a.tags[t] != b.tags[t]]
+    return out + [
+        f"{k} {a.params.get(k)} != {b.params.get(k)}"
+        for k in WINDOW_PARAMS
+        if a.params.get(k) != b.params.get(k)
+    ]
 
 
 @dataclass
@@ -106,8 +174,13 @@ def _search(client, experiment_ids: list[str], filter_string: str = "") -> list[
     """Every run (all pages), oldest first, without report runs."""
     runs, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
+        page = client.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -116,8 +189,16 @@ def _search(client, experiment_ids: list[str], filter_string: str = "") -> list[
 
 
 def _row(run, experiment: str) -> RunRow:
-    return RunRow(run.info.run_id, run.info.run_name or run.info.run_id, run.info.status, experiment,
-                  dict(run.data.params), dict(run.data.metrics), dict(run.data.tags), run.info.start_time or 0)
+    return RunRow(
+        run.info.run_id,
+        run.info.run_name or run.info.run_id,
+        run.info.status,
+        experiment,
+        dict(run.data.params),
+        dict(run.data.metrics),
+        dict(run.data.tags),
+        run.info.start_time or 0,
+    )
 
 
 def load_windows(client, row: RunRow) -> dict[str, list[float]] | None:
@@ -130,12 +211,24 @@ def load_windows(client, row: RunRow) -> dict[str, list[float]] | None:
         return json.loads(Path(path).read_text()).get("windows")
 
 
+def load_overrides(client, row: RunRow) -> list[str] | None:
+    """The job's command-line overrides (``overrides.yaml``: one per line), or None for a run without it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(row.run_id, "overrides.yaml", tmp)
+        except Exception:  # an old or foreign run
+            return None
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def latest_experiment(client) -> str:
     """The name of the experiment holding the most recently started (non-report) run."""
     experiments = client.search_experiments()
     runs = _search(client, [e.experiment_id for e in experiments]) if experiments else []
     if not runs:
-        raise ConfigError("the tracking store holds no runs: run a sweep first (python -m gb10exp +experiment=nvfp4_claim)")
+        raise ConfigError(
+            "the tracking store holds no runs: run a sweep first (python -m gb10exp +experiment=nvfp4_claim)"
+        )
     latest = max(runs, key=lambda r: r.info.start_time or 0)
     return client.get_experiment(latest.info.experiment_id).name
 
@@ -170,24 +263,34 @@ def prerun_failures(sweep_dir: str | None) -> list[tuple[str, str]]:
 def collect(client, selection: Selection) -> Collected:
     """The runs of ``selection``, their references, and their failures, with per-window results."""
     experiments = _experiment_ids(client, selection)
-    selected = [_row(r, experiments[r.info.experiment_id])
-                for r in _search(client, list(experiments), selection.filter_string())]
+    selected = [
+        _row(r, experiments[r.info.experiment_id])
+        for r in _search(client, list(experiments), selection.filter_string())
+    ]
     if not selected and not prerun_failures(selection.sweep_dir):
-        raise ConfigError(f"no runs match {selection.label()!r} in this tracking store; check --experiment/--sweep "
-                          "and --tracking-uri")
+        raise ConfigError(
+            f"no runs match {selection.label()!r} in this tracking store; check --experiment/--sweep "
+            "and --tracking-uri"
+        )
     involved = {r.experiment for r in selected}
     ids = [i for i, n in experiments.items() if n in involved]
     pool = [_row(r, experiments[r.info.experiment_id]) for r in _search(client, ids)] if ids else []
     finished = _latest_per_config([r for r in selected if r.status == "FINISHED"])
-    references = _latest_per_config([r for r in pool if r.status == "FINISHED"
-                                     and (not r.quantized or r.qformat == "fp8")])
+    references = _latest_per_config(
+        [r for r in pool if r.status == "FINISHED" and (not r.quantized or r.qformat == "fp8")]
+    )
     # A sweep chosen by id still finds its local folder (and the jobs that failed before MLflow) via tags.
-    sweep_dir = selection.sweep_dir or next((r.tags["sweep_dir"] for r in selected if "sweep_dir" in r.tags
-                                             and selection.sweep_id), None)
+    sweep_dir = selection.sweep_dir or next(
+        (r.tags["sweep_dir"] for r in selected if "sweep_dir" in r.tags and selection.sweep_id), None
+    )
     by_id = {r.run_id: r for r in finished + references}
     for row in by_id.values():
         row.windows = load_windows(client, row)
     references = [by_id[r.run_id] for r in references]  # the same objects, windows loaded once
+    if not any(r.qformat == "fp8" for r in references):  # the report prints the command that adds fp8 runs
+        for row in finished:
+            if row.quantized:
+                by_id[row.run_id].overrides = load_overrides(client, row)
     return Collected(
         rows=[by_id[r.run_id] for r in finished],
         references=references,

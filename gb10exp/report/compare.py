@@ -1,19 +1,32 @@
 """Pair every run with its references (bf16 and fp8 on the same windows) and judge it.
 
-The bf16 reference of a run is the latest finished unquantized run of the same model evaluated on the
-same windows (equal ``model.*`` and window params; calibration does not touch it). The fp8 reference is
-the fp8 run with the same calibration size and seed when there is one, else the fp8 run with the most
-calibration samples. Each format's summary verdict is taken at its largest calibration size (the one a
-user would deploy); the spread across calibration sizes is reported beside it.
+Two runs pair only when they scored the same tokens the same way: equal ``eval_digest``,
+``tokenizer_digest`` and ``compute_dtype`` tags and equal ``model.*`` params. Runs recorded before those
+tags existed fall back to the window params (``WINDOW_PARAMS``) and are labelled so. The bf16 reference of
+a run is the latest finished unquantized run that pairs with it; when there is none, the run's in-run
+reference (the unquantized model scored on exactly its windows: ``windows.ref_nll`` in results.json) is
+used, so a sweep without a bf16 job still gets a verdict. Every comparison says which reference it used.
+The fp8 reference is the fp8 run with the same calibration size and seed when there is one, else the fp8
+run with the most calibration samples.
+
+Calibrations of one recipe with different seeds (``seed=0,1,2``) give a seed spread (min..max of their
+point estimates); a verdict uses the wider of that spread and the evaluation-window interval. Each
+format's summary verdict is taken at its largest calibration size (the one a user would deploy); the
+spread across calibration sizes is reported beside it.
 """
 
 from __future__ import annotations
 
+import shlex
+import statistics
 from dataclasses import dataclass, field
 
-from gb10exp.report.collect import Collected, RunRow
+from gb10exp.report.collect import Collected, RunRow, pair_basis, pair_differences
 from gb10exp.report.stats import Interval, WindowMismatch, point_only, ppl_interval, relative_change
 from gb10exp.report.verdict import Verdict, verdict
+
+IN_RUN = "in-run reference"  # the unquantized model, scored inside the quantized run on its windows
+SAME_RUN = "same run"
 
 
 @dataclass
@@ -21,9 +34,33 @@ class Comparison:
     """A run against one reference: the relative perplexity change and its verdict, or why there is none."""
 
     reference: RunRow | None = None
-    change: Interval | None = None
-    verdict: Verdict | None = None
+    change: Interval | None = None  # the evaluation-window interval (paired bootstrap)
+    verdict: Verdict | None = None  # from ``judged``
     note: str = ""  # "reference" (the run is the reference), or why nothing was compared
+    source: str = ""  # which reference: "bf16 run <name>", "fp8 run <name>" or IN_RUN
+    paired_by: str = ""  # PAIRED_BY_TAGS, PAIRED_BY_PARAMS or SAME_RUN
+    seed_spread: Interval | None = None  # mean [min, max] over the seeds of this run's recipe
+    judged: Interval | None = None  # the interval the verdict used: the wider of change and seed_spread
+    judged_by: str = ""  # "windows" | "seeds"
+
+    @property
+    def label(self) -> str:
+        """Which reference, and how it was matched: printed beside every verdict."""
+        if not self.source:
+            return ""
+        return (
+            self.source if self.paired_by in ("", SAME_RUN) else f"{self.source}, paired by {self.paired_by}"
+        )
+
+
+@dataclass
+class Unpaired:
+    """A reference candidate of the same model that could not be paired with a run, and why."""
+
+    run: RunRow
+    candidate: RunRow
+    role: str  # "bf16" | "fp8"
+    differences: list[str]
 
 
 @dataclass
@@ -31,6 +68,7 @@ class ReportRow:
     run: RunRow
     vs_bf16: Comparison
     vs_fp8: Comparison
+    unpaired: list[Unpaired] = field(default_factory=list)
 
 
 @dataclass
@@ -42,6 +80,7 @@ class FormatSummary:
     row: ReportRow  # the row the verdict is taken from
     calib_sizes: list[int] = field(default_factory=list)
     calib_spread: float | None = None  # max - min loss vs bf16 across calibration sizes
+    seeds: list[str] = field(default_factory=list)  # seeds of the chosen recipe that finished
 
 
 @dataclass
@@ -56,36 +95,82 @@ class NoiseFloor:
     min_run: str | None  # the run with the narrowest interval
     max_half_width: float | None
     bf16_ppl: Interval | None  # the baseline's own perplexity interval (unpaired): the text's variability
+    baseline: str = "bf16"  # whose perplexity bf16_ppl is: "bf16" (a bf16 run) or IN_RUN
 
 
-def _compare(row: RunRow, ref: RunRow | None, missing: str) -> Comparison:
-    if ref is None:
-        return Comparison(note=missing)
-    if ref.run_id == row.run_id:
-        return Comparison(reference=ref, note="reference")
-    try:
-        if row.windows and ref.windows:
-            change = relative_change(row.windows, ref.windows)
+def _paired_change(row: RunRow, ref: RunRow) -> Interval:
+    if row.windows and ref.windows:
+        return relative_change(row.windows, ref.windows)
+    return point_only(row.metrics["perplexity"], ref.metrics["perplexity"])
+
+
+def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Comparison:
+    if ref is not None and ref.run_id == row.run_id:
+        return Comparison(reference=ref, note="reference", source="itself", paired_by=SAME_RUN)
+    if ref is not None:
+        source, basis = f"{role} run {ref.name}", pair_basis(row, ref)
+        try:
+            change = _paired_change(row, ref)
+        except WindowMismatch as exc:
+            return Comparison(reference=ref, note=f"windows differ ({exc})", source=source, paired_by=basis)
+        return Comparison(
+            ref, change, verdict(change), source=source, paired_by=basis, judged=change, judged_by="windows"
+        )
+    if role == "bf16" and (in_run := in_run_change(row)) is not None:
+        return Comparison(
+            None,
+            in_run,
+            verdict(in_run),
+            source=IN_RUN,
+            paired_by=SAME_RUN,
+            judged=in_run,
+            judged_by="windows",
+        )
+    return Comparison(note=missing)
+
+
+def in_run_change(row: RunRow) -> Interval | None:
+    """The change against the unquantized model evaluated inside the run (same windows by construction)."""
+    if (ref := row.ref_windows) is not None and row.windows:
+        return relative_change(row.windows, ref)
+    if "reference_perplexity" in row.metrics and "perplexity" in row.metrics:  # no per-window sums kept
+        return point_only(row.metrics["perplexity"], row.metrics["reference_perplexity"])
+    return None
+
+
+def _candidates(row: RunRow, references: list[RunRow], role: str) -> tuple[list[RunRow], list[Unpaired]]:
+    """References of ``role`` for ``row``: those that pair, and those of the same model that do not."""
+    pool = [
+        r
+        for r in references
+        if r.model == row.model
+        and r.run_id != row.run_id
+        and ((role == "bf16" and not r.quantized) or (role == "fp8" and r.quantized and r.qformat == "fp8"))
+    ]
+    paired, unpaired = [], []
+    for ref in pool:
+        differences = pair_differences(row, ref)
+        if differences:
+            unpaired.append(Unpaired(row, ref, role, differences))
         else:
-            change = point_only(row.metrics["perplexity"], ref.metrics["perplexity"])
-    except WindowMismatch as exc:
-        return Comparison(reference=ref, note=f"windows differ ({exc})")
-    return Comparison(ref, change, verdict(change))
+            paired.append(ref)
+    return paired, unpaired
 
 
-def bf16_reference(row: RunRow, references: list[RunRow]) -> RunRow | None:
+def bf16_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None, list[Unpaired]]:
     if not row.quantized:
-        return row
-    same = [r for r in references if not r.quantized and r.window_key == row.window_key]
-    return max(same, key=lambda r: r.start_time, default=None)
+        return row, []
+    paired, unpaired = _candidates(row, references, "bf16")
+    return max(paired, key=lambda r: r.start_time, default=None), ([] if paired else unpaired)
 
 
-def fp8_reference(row: RunRow, references: list[RunRow]) -> RunRow | None:
-    same = [r for r in references if r.quantized and r.qformat == "fp8" and r.window_key == row.window_key]
-    if row.qformat == "fp8" and row.run_id in {r.run_id for r in same}:
-        return row
-    twin = [r for r in same if r.calib_size == row.calib_size and r.params.get("seed") == row.params.get("seed")]
-    return max(twin or same, key=lambda r: (r.calib_size or 0, r.start_time), default=None)
+def fp8_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None, list[Unpaired]]:
+    if row.qformat == "fp8" and row.run_id in {r.run_id for r in references}:
+        return row, []
+    paired, unpaired = _candidates(row, references, "fp8")
+    twin = [r for r in paired if r.calib_size == row.calib_size and r.seed == row.seed]
+    best = max(twin or paired, key=lambda r: (r.calib_size or 0, r.start_time), default=None)
+    return best, ([] if paired else unpaired)
 
 
 def _order(row: RunRow) -> tuple:
@@ -97,34 +182,110 @@ def compare(collected: Collected) -> list[ReportRow]:
     """Every finished run of the selection with its two comparisons, in table order."""
     out = []
     for row in sorted(collected.rows, key=_order):
-        vs_bf16 = _compare(row, bf16_reference(row, collected.references), "no bf16 run on the same windows")
+        ref, unpaired = bf16_reference(row, collected.references)
+        vs_bf16 = _compare(row, ref, "bf16", "no bf16 run on the same windows and no in-run reference")
         if not row.quantized:
             vs_fp8 = Comparison(note="")  # the baseline against fp8 says nothing about the claim
         else:
-            vs_fp8 = _compare(row, fp8_reference(row, collected.references), "no fp8 run on the same windows")
-        out.append(ReportRow(row, vs_bf16, vs_fp8))
+            ref, fp8_unpaired = fp8_reference(row, collected.references)
+            any_fp8 = any(r.qformat == "fp8" for r in collected.references)
+            vs_fp8 = _compare(row, ref, "fp8", "no fp8 run on the same windows" if any_fp8 else "no fp8 run")
+            unpaired += fp8_unpaired
+        out.append(ReportRow(row, vs_bf16, vs_fp8, unpaired))
+    apply_seed_spread(out)
     return out
 
 
+def wider(window: Interval, seeds: Interval | None) -> tuple[Interval, str]:
+    """The wider of the evaluation-window interval and the seed spread, and which one it was."""
+    if seeds is not None and seeds.hi - seeds.lo > window.hi - window.lo:
+        return seeds, "seeds"
+    return window, "windows"
+
+
+def apply_seed_spread(rows: list[ReportRow]) -> None:
+    """Calibrations of one recipe with different seeds: record their spread on each, and judge each by the
+    wider of its window interval and that spread (a new calibration may land anywhere in it)."""
+    groups: dict[tuple, list[ReportRow]] = {}
+    for r in rows:
+        if r.run.quantized:
+            groups.setdefault(r.run.recipe_key, []).append(r)
+    for members in groups.values():
+        if len({m.run.seed for m in members}) < 2:
+            continue
+        for attr in ("vs_bf16", "vs_fp8"):
+            comparisons = [getattr(m, attr) for m in members if getattr(m, attr).change is not None]
+            if len(comparisons) < 2 or len({c.source == IN_RUN for c in comparisons}) > 1:
+                continue  # seeds judged against different kinds of reference do not form one spread
+            points = [c.change.point for c in comparisons]
+            spread = Interval(statistics.fmean(points), min(points), max(points))
+            for c in comparisons:
+                c.seed_spread = spread
+                c.judged, c.judged_by = wider(c.change, spread)
+                c.verdict = verdict(c.judged)
+
+
 def summarize(rows: list[ReportRow]) -> list[FormatSummary]:
-    """Per model and quantized format: the verdict at the largest calibration size."""
+    """Per model and quantized format: the verdict at the largest calibration size (with several seeds
+    there, the seed whose loss is the median one stands for the recipe; its verdict already uses the
+    wider of window interval and seed spread)."""
     groups: dict[tuple[str, str], list[ReportRow]] = {}
     for r in rows:
         if r.run.quantized:
             groups.setdefault((r.run.model, r.run.qformat), []).append(r)
     out = []
     for (model, qformat), members in groups.items():
-        chosen = max(members, key=lambda r: r.run.calib_size or 0)
-        points = [r.vs_bf16.change.point for r in members if r.vs_bf16.change is not None]
+        largest = max(r.run.calib_size or 0 for r in members)
+        at_largest = [r for r in members if (r.run.calib_size or 0) == largest]
+        scored = sorted(
+            (r for r in at_largest if r.vs_bf16.change is not None), key=lambda r: r.vs_bf16.change.point
+        )
+        chosen = scored[(len(scored) - 1) // 2] if scored else at_largest[-1]
+        # Calibration sizes are compared at one seed (the chosen one's), so seeds do not count twice.
+        same_seed = [r for r in members if r.run.seed == chosen.run.seed]
+        points = [r.vs_bf16.change.point for r in same_seed if r.vs_bf16.change is not None]
         spread = max(points) - min(points) if len(points) > 1 else None
-        out.append(FormatSummary(model, qformat, chosen, sorted(r.run.calib_size or 0 for r in members), spread))
+        seeds = sorted({r.run.seed for r in at_largest if r.run.recipe_key == chosen.run.recipe_key})
+        out.append(
+            FormatSummary(
+                model, qformat, chosen, sorted({r.run.calib_size or 0 for r in members}), spread, seeds
+            )
+        )
     return out
+
+
+def missing_fp8(collected: Collected, rows: list[ReportRow]) -> str | None:
+    """When no quantized run has an fp8 reference because no fp8 run exists at all: the exact command that
+    adds fp8 runs to the same sweep (the sweep's own overrides, with ``qformat=fp8``), else None."""
+    quantized = [r.run for r in rows if r.run.quantized]
+    if not quantized or any(r.qformat == "fp8" for r in collected.references):
+        return None
+    values: dict[str, list[str]] = {}
+    known = [r for r in quantized if r.overrides is not None]
+    for run in known:
+        for override in run.overrides:
+            key, sep, value = override.partition("=")
+            if sep and value not in values.setdefault(key, []):
+                values[key].append(value)
+    if not known:  # runs without overrides.yaml: what the params say
+        values = {
+            "model": sorted({r.params.get("model.name", r.model) for r in quantized}),
+            "calib_size": sorted({str(r.calib_size) for r in quantized if r.calib_size is not None}),
+        }
+    values["qformat"] = ["fp8"]
+    # A key swept over several values becomes a comma list again; calibration does not touch bf16, so
+    # formats are the only key replaced.
+    args = [f"{k}={','.join(v)}" for k, v in values.items() if v]
+    return "python -m gb10exp " + " ".join(shlex.quote(a) for a in args)
 
 
 def noise_floor(rows: list[ReportRow]) -> NoiseFloor | None:
     """The evaluation's resolution, from the paired intervals and the baseline's own interval."""
-    widths = sorted((r.vs_bf16.change.half_width, r.run.name) for r in rows
-                    if r.vs_bf16.change is not None and r.vs_bf16.change.has_ci)
+    widths = sorted(
+        (r.vs_bf16.change.half_width, r.run.name)
+        for r in rows
+        if r.vs_bf16.change is not None and r.vs_bf16.change.has_ci
+    )
     base = next((r.run for r in rows if not r.run.quantized), None)
     any_run = base or (rows[0].run if rows else None)
     if any_run is None:
@@ -136,5 +297,14 @@ def noise_floor(rows: list[ReportRow]) -> NoiseFloor | None:
         min_half_width=widths[0][0] if widths else None,
         min_run=widths[0][1] if widths else None,
         max_half_width=widths[-1][0] if widths else None,
-        bf16_ppl=ppl_interval(base.windows) if base is not None and base.windows else None,
+        bf16_ppl=_baseline_ppl(base, rows),
+        baseline="bf16" if base is not None and base.windows else IN_RUN,
     )
+
+
+def _baseline_ppl(base: RunRow | None, rows: list[ReportRow]) -> Interval | None:
+    """The bf16 run's perplexity interval, or the in-run reference's when no bf16 run is in the report."""
+    if base is not None and base.windows:
+        return ppl_interval(base.windows)
+    in_run = next((r.run.ref_windows for r in rows if r.run.ref_windows is not None), None)
+    return ppl_interval(in_run) if in_run is not None else None

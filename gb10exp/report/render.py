@@ -29,6 +29,7 @@ class Block:
     text: str = ""
     headers: tuple[str, ...] = ()
     rows: tuple[tuple[str, ...], ...] = ()
+    alt: str = "loss against model size"  # an image's alternative text
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -47,7 +48,27 @@ def verdict_cell(c: Comparison) -> str:
     if c.verdict is None:
         return "–"
     label = {Verdict.PASS: "pass", Verdict.FAIL: "**fail**", Verdict.INCONCLUSIVE: "inconclusive"}[c.verdict]
+    if c.judged_by == "seeds":
+        return f"{label} (by seed spread)"
     return label if c.change is None or c.change.has_ci else f"{label} (point estimate)"
+
+
+def seed_cell(c: Comparison, seeds: list[str] | None = None) -> str:
+    if c.seed_spread is None:
+        return "–"
+    s = c.seed_spread
+    which = f", seeds {', '.join(seeds)}" if seeds else ""
+    return f"{pct(s.point)} [{s.lo * 100:+.2f}, {s.hi * 100:+.2f}]{which}"
+
+
+def reference_cell(r: ReportRow) -> str:
+    """Which reference each verdict used, and how it was matched."""
+    parts = [
+        f"{name}: {c.label}"
+        for name, c in (("bf16", r.vs_bf16), ("fp8", r.vs_fp8))
+        if c.label and c.note != "reference"
+    ]
+    return "; ".join(parts) or "–"
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -78,84 +99,192 @@ def _task_cell(run: RunRow, name: str) -> str:
 def runs_table(rows: list[ReportRow]) -> Block:
     tasks = task_metric_names(rows)
     optional = [c for c in OPTIONAL_COLUMNS if any(c[0] in r.run.metrics for r in rows)]
-    headers = ["model", "format", "calib", "perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok",
-               "top-1 agree"] + [t.removeprefix("task/") for t in tasks] + ["weights GiB"] + [h for _, h, _ in optional]
+    seeds = len({r.run.seed for r in rows}) > 1
+    headers = (
+        ["model", "format", "calib"]
+        + (["seed"] if seeds else [])
+        + ["perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok", "top-1 agree"]
+        + [t.removeprefix("task/") for t in tasks]
+        + ["weights GiB"]
+        + [h for _, h, _ in optional]
+        + ["reference used"]
+    )
     body = []
     for r in rows:
         m = r.run.metrics
-        cells = [r.run.model, r.run.qformat, str(r.run.calib_size or "–"), _fmt(m.get("perplexity"), "{:.3f}"),
-                 change_cell(r.vs_bf16), change_cell(r.vs_fp8), _fmt(m.get("kl_mean"), "{:.4f}"),
-                 _fmt(m.get("top1_agreement"), "{:.3f}")]
+        cells = [r.run.model, r.run.qformat, str(r.run.calib_size or "–")] + ([r.run.seed] if seeds else [])
+        cells += [
+            _fmt(m.get("perplexity"), "{:.3f}"),
+            change_cell(r.vs_bf16),
+            change_cell(r.vs_fp8),
+            _fmt(m.get("kl_mean"), "{:.4f}"),
+            _fmt(m.get("top1_agreement"), "{:.3f}"),
+        ]
         cells += [_task_cell(r.run, t) for t in tasks]
         cells.append(_fmt(m.get("weight_gib"), "{:.3f}"))
         for key, _, fmt in optional:
             cell = _fmt(m.get(key), fmt)
             cells.append(cell if speed_valid(r.run) or cell == "–" else f"{cell} (fake quant)")
+        cells.append(reference_cell(r))
         body.append(tuple(cells))
     return Block("table", headers=tuple(headers), rows=tuple(body))
 
 
 def verdict_table(summaries: list[FormatSummary]) -> Block:
-    headers = ("model", "format", "calib", "loss vs bf16 [95% CI]", "< 1% vs bf16", "loss vs fp8 [95% CI]",
-               "< 1% vs fp8", "spread over calib sizes")
+    seeds = any(len(s.seeds) > 1 for s in summaries)
+    headers = (
+        (
+            "model",
+            "format",
+            "calib",
+            "loss vs bf16 [95% CI]",
+            "< 1% vs bf16",
+            "loss vs fp8 [95% CI]",
+            "< 1% vs fp8",
+            "spread over calib sizes",
+        )
+        + (("loss vs bf16 over seeds [min, max]",) if seeds else ())
+        + ("reference used",)
+    )
     body = []
     for s in summaries:
         r = s.row
-        spread = "–" if s.calib_spread is None else f"{s.calib_spread * 100:.2f} pp ({', '.join(map(str, s.calib_sizes))})"
-        body.append((s.model, s.qformat, str(r.run.calib_size), change_cell(r.vs_bf16), verdict_cell(r.vs_bf16),
-                     change_cell(r.vs_fp8), verdict_cell(r.vs_fp8), spread))
+        spread = (
+            "–"
+            if s.calib_spread is None
+            else f"{s.calib_spread * 100:.2f} pp ({', '.join(map(str, s.calib_sizes))})"
+        )
+        cells = (
+            s.model,
+            s.qformat,
+            str(r.run.calib_size),
+            change_cell(r.vs_bf16),
+            verdict_cell(r.vs_bf16),
+            change_cell(r.vs_fp8),
+            verdict_cell(r.vs_fp8),
+            spread,
+        )
+        cells += (seed_cell(r.vs_bf16, s.seeds),) if seeds else ()
+        body.append(cells + (reference_cell(r),))
     return Block("table", headers=headers, rows=tuple(body))
+
+
+def unpaired_blocks(rows: list[ReportRow]) -> list[Block]:
+    """Reference runs of the same model that could not be paired with a run, and what differs."""
+    found = [
+        (u.run.name, u.role, u.candidate.name, "; ".join(u.differences)) for r in rows for u in r.unpaired
+    ]
+    if not found:
+        return []
+    text = (
+        "These runs were not compared with these references: they were not scored on the same tokens in the "
+        "same way (pairing needs equal eval_digest, tokenizer_digest and compute_dtype tags and model params; "
+        "runs recorded without those tags are matched by their window params). A bf16 verdict above then "
+        "comes from the run's in-run reference where it has one."
+    )
+    return [
+        Block("h2", "Runs that could not be paired"),
+        Block("p", text),
+        Block("table", headers=("run", "reference", "candidate run", "what differs"), rows=tuple(found)),
+    ]
+
+
+def fp8_blocks(fp8_command: str | None) -> list[Block]:
+    if fp8_command is None:
+        return []
+    return [
+        Block(
+            "p",
+            "No fp8 run exists in this experiment, so no verdict against fp8 is possible. This command "
+            f"adds the missing fp8 runs to the same sweep (same overrides, same experiment): `{fp8_command}`; "
+            "then run this report again.",
+        )
+    ]
 
 
 def noise_text(noise: NoiseFloor | None) -> str:
     if noise is None or noise.min_half_width is None:
         return "Noise floor: unknown (no run has per-window results to bootstrap)."
-    text = (f"Noise floor: on these {noise.windows} windows ({noise.tokens:,} tokens) the narrowest paired 95% "
-            f"interval is ±{noise.min_half_width * 100:.2f}% ({noise.min_run}); intervals widen with the loss itself, "
-            f"up to ±{noise.max_half_width * 100:.2f}% here. A loss within about ±{noise.min_half_width * 100:.1f}% of "
-            "1% cannot be judged on this evaluation set: give it more windows (eval.num_windows, eval.seq_len). "
-            "The intervals cover the choice of evaluation text only, not calibration samples or other tasks; "
-            "the spread over calibration sizes shows the latter.")
+    text = (
+        f"Noise floor: on these {noise.windows} windows ({noise.tokens:,} tokens) the narrowest paired 95% "
+        f"interval is ±{noise.min_half_width * 100:.2f}% ({noise.min_run}); intervals widen with the loss itself, "
+        f"up to ±{noise.max_half_width * 100:.2f}% here. A loss within about ±{noise.min_half_width * 100:.1f}% of "
+        "1% cannot be judged on this evaluation set: give it more windows (eval.num_windows, eval.seq_len). "
+        "The intervals cover the choice of evaluation text only, not calibration samples or other tasks; "
+        "the spread over calibration sizes shows the latter."
+    )
     if noise.bf16_ppl is not None:
         b = noise.bf16_ppl
-        text += (f" The bf16 perplexity itself, {b.point:.3f} [{b.lo:.3f}, {b.hi:.3f}], moves by "
-                 f"±{b.half_width / b.point * 100:.1f}% with the choice of text: compare absolute perplexities only "
-                 "on identical windows.")
+        whose = "bf16" if noise.baseline == "bf16" else "unquantized (in-run reference)"
+        text += (
+            f" The {whose} perplexity itself, {b.point:.3f} [{b.lo:.3f}, {b.hi:.3f}], moves by "
+            f"±{b.half_width / b.point * 100:.1f}% with the choice of text: compare absolute perplexities only "
+            "on identical windows."
+        )
     return text
 
 
 def definitions_text() -> str:
-    return (f"Loss = relative perplexity increase, ppl(format) / ppl(reference) − 1, on the same evaluation windows. "
-            f"95% CI: paired percentile bootstrap over windows ({BOOTSTRAP_RESAMPLES} resamples, seeded). "
-            f"pass: the interval's upper bound is below {THRESHOLD:.0%}; fail: its lower bound is {THRESHOLD:.0%} or more "
-            f"(exactly {THRESHOLD:.0%} is not below {THRESHOLD:.0%}); inconclusive: the interval straddles {THRESHOLD:.0%}. "
-            "Each format's verdict is taken at its largest calibration size; the fp8 reference has the same "
-            "calibration size where one ran.")
+    return (
+        f"Loss = relative perplexity increase, ppl(format) / ppl(reference) − 1, on the same evaluation windows. "
+        f"95% CI: paired percentile bootstrap over windows ({BOOTSTRAP_RESAMPLES} resamples, seeded). "
+        f"pass: the interval's upper bound is below {THRESHOLD:.0%}; fail: its lower bound is {THRESHOLD:.0%} or more "
+        f"(exactly {THRESHOLD:.0%} is not below {THRESHOLD:.0%}); inconclusive: the interval straddles {THRESHOLD:.0%}. "
+        "Reference: a separate bf16 run scored on the same tokens the same way when one exists, otherwise the "
+        "in-run reference (the unquantized model evaluated inside the quantized run on exactly its windows); "
+        "every verdict names the one it used. Each format's verdict is taken at its largest calibration size; "
+        "the fp8 reference has the same calibration size where one ran. Where several seeds calibrated one "
+        "recipe, their spread (min to max of their losses) is shown beside the window interval, and the "
+        "verdict uses the wider of the two."
+    )
 
 
 def failures_blocks(collected: Collected) -> list[Block]:
     blocks = [Block("h2", "Runs that did not finish")]
     finished_hashes = {r.tags.get("config_hash") for r in collected.rows}
     rows = tuple(
-        (r.name, r.status, r.experiment, r.error[:200] or "(no error recorded)",
-         "yes" if r.tags.get("config_hash") in finished_hashes else "no")
+        (
+            r.name,
+            r.status,
+            r.experiment,
+            r.error[:200] or "(no error recorded)",
+            "yes" if r.tags.get("config_hash") in finished_hashes else "no",
+        )
         for r in collected.unfinished
     )
-    rows += tuple((job, "FAILED before MLflow", "–", message, "–") for job, message in collected.prerun_failures)
+    rows += tuple(
+        (job, "FAILED before MLflow", "–", message, "–") for job, message in collected.prerun_failures
+    )
     if not rows:
         return blocks + [Block("p", "None: every run of the selection finished.")]
-    return blocks + [Block("table", headers=("run", "status", "experiment", "error", "finished later"), rows=rows)]
+    return blocks + [
+        Block("table", headers=("run", "status", "experiment", "error", "finished later"), rows=rows)
+    ]
 
 
-def document(title: str, meta: str, collected: Collected, rows: list[ReportRow], summaries: list[FormatSummary],
-             noise: NoiseFloor | None, plot_name: str | None) -> list[Block]:
+def document(
+    title: str,
+    meta: str,
+    collected: Collected,
+    rows: list[ReportRow],
+    summaries: list[FormatSummary],
+    noise: NoiseFloor | None,
+    plot_name: str | None,
+    fp8_command: str | None = None,
+) -> list[Block]:
     """The whole report, in order."""
     blocks = [Block("h1", title), Block("p", meta), Block("h2", "Verdict: less than 1% loss?")]
     blocks += [verdict_table(summaries)] if summaries else [Block("p", "No quantized run finished.")]
-    blocks += [Block("p", definitions_text()), Block("p", noise_text(noise)), Block("h2", "All runs"), runs_table(rows)]
+    blocks += fp8_blocks(fp8_command)
+    blocks += [
+        Block("p", definitions_text()),
+        Block("p", noise_text(noise)),
+        Block("h2", "All runs"),
+        runs_table(rows),
+    ]
     if plot_name:
         blocks.append(Block("img", plot_name))
-    return blocks + failures_blocks(collected)
+    return blocks + unpaired_blocks(rows) + failures_blocks(collected)
 
 
 def _md_cell(text: str) -> str:
@@ -172,7 +301,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif b.kind == "p":
             out.append(b.text)
         elif b.kind == "img":
-            out.append(f"![loss against model size]({b.text})")
+            out.append(f"![{b.alt}]({b.text})")
         elif b.kind == "table":
             lines = ["| " + " | ".join(b.headers) + " |", "|" + "|".join("---" for _ in b.headers) + "|"]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
@@ -201,17 +330,25 @@ def to_html(blocks: list[Block], folder: Path | None = None) -> str:
         if b.kind in ("h1", "h2", "p"):
             parts.append(f"<{b.kind}>{_html_text(b.text)}</{b.kind}>")
         elif b.kind == "img":
-            parts.append(f'<img src="{_image_src(b.text, folder)}" alt="loss against model size" style="max-width:100%">')
+            parts.append(
+                f'<img src="{_image_src(b.text, folder)}" alt="{html.escape(b.alt)}" style="max-width:100%">'
+            )
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
-            body = "".join("<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows
+            )
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "th{background:#f3f3f3}")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "th{background:#f3f3f3}"
+    )
     title = next((b.text for b in blocks if b.kind == "h1"), "report")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
 
 
 def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
@@ -226,7 +363,11 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
     several_models = len({r.run.model for r in rows}) > 1
     labelled: set[str] = set()
     extent: list[tuple[float, float]] = []  # offset artists do not autoscale: limits come from here
-    shown = [r for r in rows if x_of(r.run) is not None and (r.vs_bf16.change is not None or r.vs_bf16.note == "reference")]
+    shown = [
+        r
+        for r in rows
+        if x_of(r.run) is not None and (r.vs_bf16.change is not None or r.vs_bf16.note == "reference")
+    ]
     # Runs at one x (nvfp4 and nvfp4_awq, or two calibration sizes) are spread a few points apart.
     same_x: dict[float, list[str]] = {}
     for r in shown:
@@ -238,9 +379,18 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
         point, lo, hi = (0.0, 0.0, 0.0) if c.change is None else (c.change.point, c.change.lo, c.change.hi)
         label = r.run.qformat if r.run.qformat not in labelled else None
         labelled.add(r.run.qformat)
-        ax.errorbar([x], [point * 100], yerr=[[(point - lo) * 100], [(hi - point) * 100]],
-                    fmt=markers.get(r.run.calib_size, "o"), color=colors[r.run.qformat], capsize=3, markersize=7,
-                    label=label, alpha=0.9, transform=offset_copy(ax.transData, fig=ax.figure, x=dodge, units="points"))
+        ax.errorbar(
+            [x],
+            [point * 100],
+            yerr=[[(point - lo) * 100], [(hi - point) * 100]],
+            fmt=markers.get(r.run.calib_size, "o"),
+            color=colors[r.run.qformat],
+            capsize=3,
+            markersize=7,
+            label=label,
+            alpha=0.9,
+            transform=offset_copy(ax.transData, fig=ax.figure, x=dodge, units="points"),
+        )
         extent += [(x, lo * 100), (x, hi * 100)]
         if several_models:
             ax.annotate(r.run.model, (x, point * 100), textcoords="offset points", xytext=(5, 5), fontsize=7)
@@ -249,8 +399,16 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
         ax.autoscale_view()
         ax.margins(x=0.15)
     ax.axhline(THRESHOLD * 100, color="crimson", linestyle="--", linewidth=1)
-    ax.text(1.0, THRESHOLD * 100, f"  {THRESHOLD:.0%} claim", color="crimson", va="bottom", ha="right",
-            transform=ax.get_yaxis_transform(), fontsize=8)
+    ax.text(
+        1.0,
+        THRESHOLD * 100,
+        f"  {THRESHOLD:.0%} claim",
+        color="crimson",
+        va="bottom",
+        ha="right",
+        transform=ax.get_yaxis_transform(),
+        fontsize=8,
+    )
     ax.axhline(0, color="grey", linewidth=0.8)
     # Limits by hand: offset artists do not autoscale, and the 1% line must always be in view.
     lows, highs = [y for _, y in extent[::2]] or [0.0], [y for _, y in extent[1::2]] or [0.0]
@@ -271,7 +429,9 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
     if calibs and len(calibs) > 1:
         from matplotlib.lines import Line2D
 
-        handles += [Line2D([], [], marker=markers[c], color="grey", linestyle="", label=f"calib {c}") for c in calibs]
+        handles += [
+            Line2D([], [], marker=markers[c], color="grey", linestyle="", label=f"calib {c}") for c in calibs
+        ]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
@@ -293,12 +453,19 @@ def plot(rows: list[ReportRow], title: str, path: Path) -> Path | None:
     sizes = [r.run.metrics["weight_gib"] for r in plotted if "weight_gib" in r.run.metrics]
     mib = bool(sizes) and max(sizes) < 1  # a 135M model's 0.1-0.25 GiB reads better in MiB
     scale, unit = (1024, "MiB") if mib else (1, "GiB")
-    _panel(axes[0][0], plotted, lambda run: run.metrics["weight_gib"] * scale if "weight_gib" in run.metrics else None,
-           f"weights ({unit}, scales included)", symlog)
+    _panel(
+        axes[0][0],
+        plotted,
+        lambda run: run.metrics["weight_gib"] * scale if "weight_gib" in run.metrics else None,
+        f"weights ({unit}, scales included)",
+        symlog,
+    )
     if sizes and max(sizes) / max(min(sizes), 1e-9) > 20:  # several models: 0.1 to 16 GiB
         axes[0][0].set_xscale("log")
     if speed:
-        _panel(axes[0][1], speed, lambda run: run.metrics.get("decode_tokens_per_s"), "decode tokens/s", symlog)
+        _panel(
+            axes[0][1], speed, lambda run: run.metrics.get("decode_tokens_per_s"), "decode tokens/s", symlog
+        )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -59,8 +59,10 @@ def relative_change(
     nll, ref_nll = np.asarray(windows["nll"], float), np.asarray(ref_windows["nll"], float)
     tokens, ref_tokens = np.asarray(windows["tokens"], float), np.asarray(ref_windows["tokens"], float)
     if nll.shape != ref_nll.shape or not np.array_equal(tokens, ref_tokens):
-        raise WindowMismatch(f"{nll.size} windows of {tokens.sum():.0f} tokens vs {ref_nll.size} windows of "
-                             f"{ref_tokens.sum():.0f} tokens")
+        raise WindowMismatch(
+            f"{nll.size} windows of {tokens.sum():.0f} tokens vs {ref_nll.size} windows of "
+            f"{ref_tokens.sum():.0f} tokens"
+        )
     diff = nll - ref_nll
     # exp(Δ mean NLL) - 1 == ppl/ppl_ref - 1; expm1 keeps precision for tiny differences.
     point = math.expm1(diff.sum() / tokens.sum())
@@ -71,8 +73,12 @@ def relative_change(
     return Interval(point, float(lo), float(hi))
 
 
-def ppl_interval(windows: dict[str, list[float]], resamples: int = BOOTSTRAP_RESAMPLES,
-                 confidence: float = CONFIDENCE, seed: int = 0) -> Interval:
+def ppl_interval(
+    windows: dict[str, list[float]],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> Interval:
     """One run's perplexity with an (unpaired) bootstrap interval: how much it moves with the text."""
     nll, tokens = np.asarray(windows["nll"], float), np.asarray(windows["tokens"], float)
     idx = np.random.default_rng(seed).integers(0, nll.size, size=(resamples, nll.size))

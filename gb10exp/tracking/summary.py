@@ -1,5 +1,10 @@
 """End of a sweep: print its runs side by side, and exit non-zero if any job failed.
 
+"ppl vs ref" is each run's relative perplexity change against a bf16 run of the same sweep scored on the
+same tokens (paired as the report pairs: digest tags, or params for old runs), else against its in-run
+reference (the unquantized model evaluated inside the run: metric ``reference_perplexity``); the cell
+says which ("bf16" or "in-run").
+
 Jobs that failed before an MLflow run existed (bad input caught in ``prepare``) leave ``failed.txt`` in
 their Hydra output folder, so the summary lists them too.
 """
@@ -21,6 +26,43 @@ COLUMNS = [  # (metric, header, format)
     ("decode_tokens_per_s", "tok/s", "{:.1f}"),
     ("total_s", "wall s", "{:.0f}"),
 ]
+REF_HEADER = "ppl vs ref"
+REF_AFTER = "ppl"  # the column it follows
+
+
+def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
+    """Per row: the relative perplexity change against the sweep's paired bf16 run, else the in-run one."""
+    from gb10exp.report.collect import RunRow, pair_differences
+
+    runs = [
+        RunRow(
+            r.get("run_id", r["name"]),
+            r["name"],
+            r["status"],
+            "",
+            r.get("params", {}),
+            r["metrics"],
+            r.get("tags", {}),
+            0,
+        )
+        for r in rows
+    ]
+    bf16 = [b for b in runs if b.status == "FINISHED" and not b.quantized and "perplexity" in b.metrics]
+    cells = []
+    for run in runs:
+        ppl = run.metrics.get("perplexity")
+        ref = next((b for b in bf16 if b is not run and not pair_differences(run, b)), None)
+        if ppl is None:
+            cells.append("-")
+        elif not run.quantized and run.params:
+            cells.append("ref")
+        elif ref is not None:
+            cells.append(f"{(ppl / ref.metrics['perplexity'] - 1) * 100:+.2f}% bf16")
+        elif run.metrics.get("reference_perplexity"):
+            cells.append(f"{(ppl / run.metrics['reference_perplexity'] - 1) * 100:+.2f}% in-run")
+        else:
+            cells.append("-")
+    return cells
 
 
 def mark_failed(output_dir: str, message: str) -> None:
@@ -29,13 +71,16 @@ def mark_failed(output_dir: str, message: str) -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    at = [h for _, h, _ in COLUMNS].index(REF_AFTER) + 3  # after run, status and that column
     headers = ["run", "status"] + [h for _, h, _ in COLUMNS]
+    headers.insert(at, REF_HEADER)
     body = []
-    for r in rows:
+    for r, vs_ref in zip(rows, ppl_vs_ref(rows), strict=True):
         cells = [r["name"], r["status"]]
         for key, _, fmt in COLUMNS:
             value = r["metrics"].get(key)
             cells.append(fmt.format(value) if value is not None else "-")
+        cells.insert(at, vs_ref)
         body.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body, strict=False)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
@@ -50,9 +95,24 @@ def sweep_rows(tracking_uri: str, sweep_dir: str) -> list[dict[str, Any]]:
         return []  # no job got as far as recording; don't create an empty store
     client = MlflowClient(tracking_uri=tracking_uri)
     ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, filter_string=f"tags.sweep_dir = '{sweep_dir}'",
-                              order_by=["attributes.start_time ASC"]) if ids else []
-    return [{"name": r.info.run_name, "status": r.info.status, "metrics": r.data.metrics} for r in runs]
+    runs = (
+        client.search_runs(
+            ids, filter_string=f"tags.sweep_dir = '{sweep_dir}'", order_by=["attributes.start_time ASC"]
+        )
+        if ids
+        else []
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "metrics": r.data.metrics,
+            "params": r.data.params,
+            "tags": r.data.tags,
+        }
+        for r in runs
+    ]
 
 
 class SweepSummary(Callback):
