@@ -48,8 +48,15 @@ DIGESTS = {
 }
 
 
-QUANT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4", "nvfp4_wo": "W4A16_NVFP4", "nvfp4_awq": "NVFP4_AWQ",
-              "int4": "W4A16_AWQ", "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ"}
+QUANT_ALGO = {
+    "fp8": "FP8",
+    "nvfp4": "NVFP4",
+    "nvfp4_wo": "W4A16_NVFP4",
+    "nvfp4_awq": "NVFP4_AWQ",
+    "int4": "W4A16_AWQ",
+    "int4_awq": "W4A16_AWQ",
+    "w4a8_awq": "W4A8_AWQ",
+}
 
 
 def log_run(

@@ -146,7 +146,9 @@ def _native(run, arch: str) -> list[str] | None:
     params = run.params
     if params.get("qformat.gguf_type", "None") not in NONE:
         algo = "GGUF"
-    elif params.get("qformat.modelopt_cfg", "None") in NONE and params.get("qformat.kind", "none") in NONE + ("none",):
+    elif params.get("qformat.modelopt_cfg", "None") in NONE and params.get("qformat.kind", "none") in NONE + (
+        "none",
+    ):
         algo = "none"
     elif params.get("qformat.quant_algo", "None") not in NONE:
         algo = params["qformat.quant_algo"]
