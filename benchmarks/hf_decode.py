@@ -372,8 +372,16 @@ def main(argv: list[str] | None = None) -> dict:
                     say(f"run {i + 1} failed with exit status {got.returncode}")
                     continue
                 runs.append(json.loads(part.read_text()))
+                if i + 1 < args.runs:  # a partial file now; the full one at the end
+                    write_report(args, runs, command, log[:], started, lambda text: None)
     if not runs:
         raise SystemExit("no run finished")
+    return write_report(args, runs, command, log, started, say)
+
+
+def write_report(args, runs: list[dict], command: str, log: list[str], started: float, say) -> dict:
+    """Summarise the runs done so far into the JSON and its .log (after every run, so a run cut short
+    by a time limit still leaves the runs before it)."""
     first = runs[0]
     modes = aggregate(runs, args.modes)
     bound = statistics.median([r["decode_bound_measured_bw_tokens_per_s"] for r in runs])
