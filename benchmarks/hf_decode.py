@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -231,10 +232,17 @@ def measure(args) -> dict:
         for _ in range(count)
     ]  # a fresh prompt per request
 
-    results = {}
+    results, failed = {}, {}
     for mode in args.modes:
         print(f"measuring {mode} ...", flush=True)
-        r = results[mode] = measure_mode(model, mode, args, device, prompts)
+        try:
+            r = results[mode] = measure_mode(model, mode, args, device, prompts)
+        except Exception as exc:  # one broken mode must not cost the others' figures
+            traceback.print_exc()
+            failed[mode] = f"{type(exc).__name__}: {exc}"[:500]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         r["roofline_fraction"] = r["decode_tokens_per_s"] / bound_peak if bound_peak else None
         r["roofline_fraction_measured_bw"] = r["decode_tokens_per_s"] / bound_measured
         print(
@@ -256,8 +264,11 @@ def measure(args) -> dict:
         "leading_tokens_agree": min(
             next((i for i, (a, b) in enumerate(zip(f, first[0], strict=True)) if a != b), len(f))
             for f in first
-        ),
+        )
+        if first
+        else 0,
         "modes": results,
+        "failed": failed,
     }
 
 
@@ -270,11 +281,9 @@ def aggregate(runs: list[dict], modes: list[str]) -> dict:
     out = {}
     for mode in modes:
         per_run = [r["modes"][mode] for r in runs if mode in r["modes"]]
-        m = {
-            k: statistics.median([p[k] for p in per_run])
-            for k in KEYS
-            if per_run and per_run[0].get(k) is not None
-        }
+        if not per_run:
+            continue
+        m = {k: statistics.median([p[k] for p in per_run]) for k in KEYS if per_run[0].get(k) is not None}
         m["over_runs"] = {k: spread([p[k] for p in per_run]) for k in KEYS if k in m}
         m["detail"] = per_run[0]["detail"]
         out[mode] = m
@@ -391,6 +400,9 @@ def write_report(args, runs: list[dict], command: str, log: list[str], started: 
         f"{bandwidth['median']:.0f} GB/s (median of {len(runs)} runs, {bandwidth['min']:.0f}-{bandwidth['max']:.0f}) "
         f"-> bound {bound:.1f} tok/s; batch {args.batch_size}, {args.input_len} + {args.output_len} tokens, {args.dtype}"
     )
+    for i, r in enumerate(runs):
+        for mode, error in r.get("failed", {}).items():
+            say(f"run {i + 1}: {mode} failed: {error}")
     say(f"median over {len(runs)} run(s) in separate processes, range min-max:")
     say(table(modes))
     report = {
