@@ -181,11 +181,48 @@ def measure_mode(model, mode: str, args, device: torch.device, prompts: list[tor
     if device.type == "cuda":
         result["mem_torch_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["first_request_tokens"] = tokens[0, :16].tolist()
+    if decoder is not None and args.profile and device.type == "cuda" and decoder.compiled:
+        try:
+            result["profile"] = profile_step(decoder, prompts[0])
+        except Exception as exc:  # a diagnosis, never worth the figures
+            print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
     if decoder is not None:
         decoder.close()  # the model's weights get their own storage back before the next mode
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+@torch.no_grad()
+def profile_step(decoder: FastDecoder, prompt: torch.Tensor, steps: int = 8) -> dict:
+    """Kernels of one decode step (the compiled step launched without its graph: the same kernels),
+    their count and summed time against the step's time in the graph: what the gaps cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder._prefill(prompt)
+    decoder.step_fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step_fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels) / steps
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    lines = [f"  {sum(t) / steps:9.1f} us/step  {len(t) / steps:5.1f}x  {name[:90]}" for name, t in top]
+    print(
+        f"profile: {len(kernels) / steps:.0f} kernels per step, {busy_us:.0f} us of kernel time per step",
+        flush=True,
+    )
+    print("\n".join(lines), flush=True)
+    return {
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_us_per_step": busy_us,
+        "top": [{"name": n[:200], "us_per_step": sum(t) / steps, "per_step": len(t) / steps} for n, t in top],
+    }
 
 
 def gpu_short_name(name: str) -> str:
@@ -333,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="compile the fast path's decode step (auto: on CUDA only)",
     )
     parser.add_argument("--out", required=True, help="JSON file to write; {gpu} becomes the GPU's short name")
+    parser.add_argument(
+        "--profile", action="store_true", help="list the kernels of a compiled fast step (CUDA)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one run of --runs
     args = parser.parse_args(argv)
     args.modes = args.modes.split(",")
@@ -368,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
                 child = [
                     sys.executable,
                     str(Path(__file__).resolve()),
-                    *forward,
+                    *[a for a in forward if a != "--profile" or i == args.runs - 1],  # profiled: the last run
                     "--child",
                     "--out",
                     str(part),

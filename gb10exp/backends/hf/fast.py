@@ -43,15 +43,19 @@ import torch.nn.functional as F
 
 from gb10exp.bench import Timing, now
 
-# Inductor settings of each compile preset, applied only while compiling (``inductor_flags``).
-# "default": coordinate descent makes Inductor decompose batch-1 matrix-vector products into Triton
-# reductions and search their block sizes, which is where a bandwidth-bound decode step spends its time.
-# "tuned" adds max-autotune (GEMM templates benchmarked against cuBLAS) on top.
+# Inductor settings of each compile preset, passed to ``torch.compile`` (Inductor scopes them to this
+# compile) and set globally only inside ``inductor_flags`` while compiling. Coordinate descent makes
+# Inductor decompose every batch-1 matrix-vector product into a Triton reduction and search its block
+# sizes; max_autotune widens the set of configurations benchmarked for each reduction before that
+# search (measured on an H200: 65% of the copy bound without, 77% with; see docs/notes/decode.md).
+# "tuned" searches further (both directions, radius 2): slower to compile, never a worse kernel.
 # "plain": Inductor's defaults (cuBLAS for every matrix product); kept to measure what tuning buys.
-PRESETS: dict[str, tuple[str | None, dict[str, object]]] = {
-    "plain": (None, {}),
-    "default": (None, {"coordinate_descent_tuning": True}),
-    "tuned": ("max-autotune-no-cudagraphs", {"coordinate_descent_tuning": True}),
+_SEARCH = {"max_autotune": True, "coordinate_descent_tuning": True}
+PRESETS: dict[str, dict[str, object]] = {
+    "plain": {},
+    "default": _SEARCH,
+    "tuned": _SEARCH
+    | {"coordinate_descent_check_all_directions": True, "coordinate_descent_search_radius": 2},
 }
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
 
@@ -222,11 +226,11 @@ class _NativeLlama:
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
         self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
         self.key_pos = torch.arange(max_len, device=device)
-        # One tensor per layer, not one stacked tensor: an in-place write into a slice of a bigger input
-        # can make the compiled graph copy the whole buffer back; into a whole tensor it stays in place.
-        shape = (batch_size, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        # K and V of a layer in one tensor, written by one indexed copy (one kernel, not two, per layer);
+        # one tensor per layer, not one for all: an in-place write into a slice of a bigger input can
+        # make the compiled graph copy the whole buffer back; into a whole tensor it stays in place.
+        shape = (2, batch_size, self.kv_heads, max_len, self.head_dim)
+        self.kv_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
 
     def _fuse(self, linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One matrix for several projections of the same input; each HF weight becomes a view of it,
@@ -260,11 +264,11 @@ class _NativeLlama:
             param.data = param.data.clone()
         self._views.clear()
         self.layers.clear()
-        self.k_cache, self.v_cache = [], []
+        self.kv_cache = []
 
     def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, D) against the cache of layer i; mask (T, L) says which keys each query sees."""
-        k, v = self.k_cache[i], self.v_cache[i]
+        k, v = self.kv_cache[i]
         b, _, t, d = q.shape
         if t > 1:  # prefill: the library kernel, query groups sharing K/V heads without a copy
             out = F.scaled_dot_product_attention(
@@ -295,8 +299,7 @@ class _NativeLlama:
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.k_cache[i].index_copy_(2, positions, k)
-            self.v_cache[i].index_copy_(2, positions, v)
+            self.kv_cache[i].index_copy_(3, positions, torch.stack((k, v)))
             x = x + F.linear(self._attend(q, i, mask), layer.wo, layer.bo)
             h = _rms_norm(x, layer.ln2, layer.eps2)
             gate, up = F.linear(h, layer.wgu, layer.bgu).split(self.intermediate, dim=-1)
@@ -331,7 +334,7 @@ class FastDecoder:
         self.preset = preset or ("tuned" if tuned else "default")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
-        self.compile_mode, self.flags = PRESETS[self.preset]
+        self.flags = PRESETS[self.preset]
         max_len = _round_up(input_len + output_len)
         why = native_unsupported(model, max_len) if native else "native step switched off"
         self.method = "native Llama step" if why is None else f"HF forward ({why})"
@@ -352,7 +355,9 @@ class FastDecoder:
         self.prefill_positions = torch.arange(input_len, device=self.device)
         self.compiled = compile_step
         self.step_fn = (
-            torch.compile(self._step, fullgraph=True, mode=self.compile_mode) if compile_step else self._step
+            torch.compile(self._step, fullgraph=True, options=dict(self.flags))
+            if compile_step
+            else self._step
         )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_s = 0.0
