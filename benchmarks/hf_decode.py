@@ -83,7 +83,7 @@ MODES: dict[str, dict | None] = {
     "generate": None,
     "static": None,
     "fast": {},
-    "fast_tuned": {"tuned": True},
+    "fast_tuned": {"tuned": True},  # backend.options.tuned=true: now the same compile as fast
     "fast_plain": {"preset": "plain"},
     "fast_hf": {"native": False},
     "fast_nograph": {"cuda_graph": False},
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--deadline-s",
         type=float,
         default=None,
-        help="start no further run after this many seconds (the runs done are reported)",
+        help="start no run that would end after this many seconds, judged by the last run's length",
     )
     parser.add_argument("--modes", default="generate,static,fast", help=f"comma-separated, of {list(MODES)}")
     parser.add_argument(
@@ -399,9 +399,12 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(measure(args))
     else:
         forward = [a for a in (argv if argv is not None else sys.argv[1:])]
+        last_s = 0.0
         with tempfile.TemporaryDirectory() as tmp:
             for i in range(args.runs):
-                if args.deadline_s is not None and runs and time.perf_counter() - started > args.deadline_s:
+                # Start a run only when one more, as long as the last, still ends before the deadline.
+                elapsed = time.perf_counter() - started
+                if args.deadline_s is not None and runs and elapsed + last_s > args.deadline_s:
                     say(f"deadline: {len(runs)} of {args.runs} runs done, no further run started")
                     break
                 part = Path(tmp) / f"run{i}.json"
@@ -413,14 +416,19 @@ def main(argv: list[str] | None = None) -> dict:
                     "--out",
                     str(part),
                 ]
-                say(f"run {i + 1}/{args.runs} (separate process)")
-                got = subprocess.run(child, capture_output=True, text=True)
-                for line in (got.stdout + got.stderr).splitlines():
-                    say("  | " + line)
+                say(f"run {i + 1}/{args.runs} (separate process), {elapsed:.0f} s in")
+                run_start = time.perf_counter()
+                # Streamed line by line, so a run cut short by a time limit still shows how far it got.
+                with subprocess.Popen(
+                    child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                ) as got:
+                    for line in got.stdout:
+                        say("  | " + line.rstrip())
                 if got.returncode != 0:
                     say(f"run {i + 1} failed with exit status {got.returncode}")
                     continue
                 runs.append(json.loads(part.read_text()))
+                last_s = time.perf_counter() - run_start
                 if i + 1 < args.runs:  # a partial file now; the full one at the end
                     write_report(args, runs, command, log[:], started, lambda text: None)
     if not runs:
