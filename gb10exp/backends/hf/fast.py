@@ -19,11 +19,11 @@ hundreds of small kernels one by one. Here, for greedy decoding of exactly ``out
   reads empty slots beyond it.
 - An eager prefill, then a decode step that feeds its own argmax back: it writes the next token into
   its input buffer, advances its position tensor and appends to the output, all on the device.
-- On CUDA that step is compiled (``torch.compile``, fullgraph) with Inductor's coordinate-descent
-  tuning, which turns every batch-1 matrix-vector product into a Triton reduction tuned for
-  bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no host work
-  and no host sync; the tokens come back to the host only when the request ends. Inductor's global
-  flags are set only inside ``inductor_flags`` while compiling, then restored.
+- On CUDA that step is compiled (``torch.compile``, fullgraph) with Inductor's max-autotune and
+  coordinate-descent tuning, which turn every batch-1 matrix-vector product into a Triton reduction
+  tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
+  host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
+  global flags are set only inside ``inductor_flags`` while compiling, then restored.
 
 Timing stays honest without a sync per token: the first token is stamped after a device sync (a server
 must have it on the host to send it), later tokens by CUDA events recorded after each replay and read
@@ -47,10 +47,11 @@ from gb10exp.bench import Timing, now
 # compile) and set globally only inside ``inductor_flags`` while compiling. Coordinate descent makes
 # Inductor decompose every batch-1 matrix-vector product into a Triton reduction and search its block
 # sizes; max_autotune widens the set of configurations benchmarked for each reduction before that
-# search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound,
-# with max_autotune 77% (benchmarks/results/raw_call1): that tuning is now the default, and the old
-# ``tuned`` switch has nothing left to add (a wider search, both directions at radius 2, did not finish
-# compiling in 8 minutes on an H100). "plain": Inductor's defaults (cuBLAS for every matrix product).
+# search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound, with
+# max_autotune 77% ("fast" and "fast_tuned" in benchmarks/results/hf_decode_h200.json); on an H100 the
+# latter gives 86% (hf_decode_h100.json). That tuning is now the default and the old ``tuned`` switch has
+# nothing left to add: a wider search (all directions, radius 2) did not finish compiling in 8 minutes
+# on an H100. "plain": Inductor's defaults (cuBLAS for every matrix product), for comparison.
 PRESETS: dict[str, dict[str, object]] = {
     "plain": {},
     "default": {"max_autotune": True, "coordinate_descent_tuning": True},
