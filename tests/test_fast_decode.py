@@ -144,6 +144,7 @@ def test_a_tuned_decoder_leaves_the_global_flags_as_they_were():
     assert (inductor.coordinate_descent_tuning, inductor.max_autotune) == original
 
 
+@pytest.mark.slow  # three Python processes that each import torch and transformers: minutes on 2 busy cores
 def test_hf_decode_reports_medians_and_ranges_over_separate_processes(tmp_path):
     out = tmp_path / "hf_decode_{gpu}.json"
     command = [
