@@ -1,35 +1,49 @@
-"""In-process PyTorch decode speed against the memory-bandwidth roofline, three ways side by side.
+"""In-process PyTorch decode speed against the memory-bandwidth roofline, several ways side by side.
 
-    python benchmarks/hf_decode.py --shape llama3_1_8b --device cuda --out benchmarks/results/hf_decode_h100.json
+    python benchmarks/hf_decode.py --shape llama3_1_8b --runs 3 --out 'benchmarks/results/hf_decode_{gpu}.json'
     python benchmarks/hf_decode.py --shape tiny --device cpu --out /tmp/hf_decode_tiny.json   # smoke test
 
 Builds the model with random bf16 weights directly on the device (no download, no tokenizer: random
 prompt token ids, whose speed is that of any tokens), then times, in one process and on the same
-weights: plain eager ``generate``, ``generate(cache_implementation="static")``, and gb10exp's fast path
-(StaticCache, decode step compiled and captured in a CUDA graph; ``gb10exp/backends/hf/fast.py``).
-Every mode is warmed up first (compilation and capture reported as ``compile_s``, never as decode
-time), then each request decodes exactly ``--output-len`` tokens greedily (EOS ignored) from its own
-prompt. Prints a table and writes JSON with every figure, the device, the bandwidths and the clocks.
+weights, each of ``--modes``: plain eager ``generate``, ``generate(cache_implementation="static")``, and
+gb10exp's fast path (``gb10exp/backends/hf/fast.py``): ``fast`` is the default of
+``backend=hf``, ``fast_tuned`` its ``backend.options.tuned=true``; for diagnosis, ``fast_plain`` (no
+Inductor tuning), ``fast_hf`` (the HF-forward step every non-Llama-like model gets) and
+``fast_nograph`` (no CUDA graph). Every mode is warmed up first (compilation and capture reported as
+``compile_s``, never as decode time), then each request decodes exactly ``--output-len`` tokens
+greedily (EOS ignored) from its own prompt.
+
+``--runs N`` repeats the whole measurement in N separate processes (GPU figures vary from process to
+process by more than within one) and reports, per mode, the median over the runs and their range.
+The JSON (and a ``.log`` beside it with everything printed) records the command, the commit, the
+machine, the copy bandwidth, the bound, tokens/s and the fraction of the bound; ``{gpu}`` in ``--out``
+becomes the GPU's short name (h100, h200; cpu).
 
 Needs only torch and transformers (the gb10exp modules it imports do not pull Hydra, MLflow or
-modelopt). Reference (H100 80GB HBM3, torch 2.11, transformers 5.17, bf16, batch 1): plain generate
-36 tok/s, static 113, a quick compiled loop 129, bound ~188 at measured copy bandwidth; the fast path
-aims at >= 75% of the bound.
+modelopt), so it runs on a bare GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
+import shlex
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, without installing it
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository, without installing it
 
 from gb10exp.backends.hf.fast import FastDecoder, TokenStamper  # noqa: E402
 from gb10exp.bench import Timing, now, summarize  # noqa: E402
@@ -43,20 +57,58 @@ from gb10exp.bench.roofline import (  # noqa: E402
 )
 
 SHAPES = {  # LlamaConfig keyword arguments
-    "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                        rope_theta=500000.0, rms_norm_eps=1e-5),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
+    "llama3_1_8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=512,
+    ),
 }
-MODES = ("generate", "static", "fast", "fast_tuned", "fast_nograph")
+# mode -> FastDecoder keywords (fast modes) or None (transformers generate)
+MODES: dict[str, dict | None] = {
+    "generate": None,
+    "static": None,
+    "fast": {},
+    "fast_tuned": {"tuned": True},  # backend.options.tuned=true: now the same compile as fast
+    "fast_plain": {"preset": "plain"},
+    "fast_hf": {"native": False},
+    "fast_nograph": {"cuda_graph": False},
+}
+KEYS = (
+    "decode_tokens_per_s",
+    "roofline_fraction_measured_bw",
+    "roofline_fraction",
+    "ttft_s",
+    "tpot_s",
+    "itl_p90_s",
+    "compile_s",
+)  # summarised over runs: median and range
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], architectures=["LlamaForCausalLM"], bos_token_id=None, eos_token_id=None,
-                         pad_token_id=0)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype: an fp32 8B model would need 32 GB first
@@ -82,33 +134,35 @@ def generate_runner(model, mode: str, output_len: int, device: torch.device):
     def run(prompt: torch.Tensor) -> tuple[Timing, torch.Tensor]:
         sync(device)
         timing = Timing(start=now(), batch_size=prompt.shape[0])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, streamer=TokenStamper(timing, device), **extra)
-        return timing, out[:, prompt.shape[1]:]
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            streamer=TokenStamper(timing, device),
+            **extra,
+        )
+        return timing, out[:, prompt.shape[1] :]
 
     return run
 
 
-def fast_runner(model, args, device: torch.device, graph: bool, tuned: bool = False):
-    compile_step = {"auto": device.type == "cuda", "on": True, "off": False}[args.compile]
-    decoder = FastDecoder(model, args.batch_size, args.input_len, args.output_len, compile_step, graph, tuned=tuned)
-
-    def run(prompt: torch.Tensor) -> tuple[Timing, torch.Tensor]:
-        timing = decoder.generate(prompt)
-        return timing, decoder.tokens.clone()
-
-    return decoder, run
-
-
 def measure_mode(model, mode: str, args, device: torch.device, prompts: list[torch.Tensor]) -> dict:
     start = time.perf_counter()
-    if mode.startswith("fast"):
-        decoder, run = fast_runner(model, args, device, graph=mode != "fast_nograph", tuned=mode == "fast_tuned")
+    decoder = None
+    if MODES[mode] is not None:
+        compile_step = {"auto": device.type == "cuda", "on": True, "off": False}[args.compile]
+        options = {"cuda_graph": True} | MODES[mode]
+        decoder = FastDecoder(
+            model, args.batch_size, args.input_len, args.output_len, compile_step=compile_step, **options
+        )
         decoder.warm(prompts[0])
-        detail = f"{'compiled' if decoder.step_fn is not decoder._step else 'eager'} step, " \
-                 f"{'CUDA graph' if decoder.graph is not None else 'no graph'}"
+
+        def run(prompt: torch.Tensor) -> tuple[Timing, torch.Tensor]:
+            return decoder.generate(prompt), decoder.tokens.clone()
     else:
-        run, detail = generate_runner(model, mode, args.output_len, device), "transformers generate"
+        run = generate_runner(model, mode, args.output_len, device)
         run(prompts[0])  # static: compiles here
     compile_s = time.perf_counter() - start
     for prompt in prompts[1 : 1 + args.warmup]:
@@ -121,26 +175,171 @@ def measure_mode(model, mode: str, args, device: torch.device, prompts: list[tor
             timing, out = run(prompt)
             timings.append(timing)
             tokens = out if tokens is None else tokens
-    result = summarize(timings, args.input_len, args.output_len) | {"compile_s": compile_s, "detail": detail}
+    result = summarize(timings, args.input_len, args.output_len) | {"compile_s": compile_s}
+    result["detail"] = decoder.describe() if decoder is not None else "transformers generate"
     result |= monitor.metrics() | {"tags": monitor.tags()}
     if device.type == "cuda":
         result["mem_torch_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["first_request_tokens"] = tokens[0, :16].tolist()
-    del run
+    if decoder is not None and args.profile and device.type == "cuda" and decoder.compiled:
+        try:
+            result["profile"] = profile_step(decoder, prompts[0])
+        except Exception as exc:  # a diagnosis, never worth the figures
+            print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
+    if decoder is not None:
+        decoder.close()  # the model's weights get their own storage back before the next mode
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def table(results: dict, bound_peak: float | None, bound_measured: float) -> str:
-    head = f"{'mode':<13}{'TTFT ms':>9}{'tok/s':>9}{'TPOT ms':>9}{'p90 ITL':>9}{'% peak':>8}{'% copy':>8}{'compile s':>11}"
+@torch.no_grad()
+def profile_step(decoder: FastDecoder, prompt: torch.Tensor, steps: int = 8) -> dict:
+    """Kernels of one decode step (the compiled step launched without its graph: the same kernels),
+    their count and summed time against the step's time in the graph: what the gaps cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder._prefill(prompt)
+    decoder.step_fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step_fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels) / steps
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    lines = [f"  {sum(t) / steps:9.1f} us/step  {len(t) / steps:5.1f}x  {name[:90]}" for name, t in top]
+    print(
+        f"profile: {len(kernels) / steps:.0f} kernels per step, {busy_us:.0f} us of kernel time per step",
+        flush=True,
+    )
+    print("\n".join(lines), flush=True)
+    return {
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_us_per_step": busy_us,
+        "top": [{"name": n[:200], "us_per_step": sum(t) / steps, "per_step": len(t) / steps} for n, t in top],
+    }
+
+
+def gpu_short_name(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; 'cpu' stays."""
+    found = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return found.group(1).lower() if found else re.sub(r"\W+", "_", name).strip("_").lower()
+
+
+def commit() -> str:
+    """The commit measured: GB10EXP_COMMIT when given (a copied tree has no .git), else git's, + dirty."""
+    if os.environ.get("GB10EXP_COMMIT"):
+        return os.environ["GB10EXP_COMMIT"]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gb10exp", "benchmarks/hf_decode.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git; set GB10EXP_COMMIT)"
+
+
+def measure(args) -> dict:
+    """One process: build the model, measure every mode, return the report of this run."""
+    device = torch.device(args.device)
+    model = build_model(args.shape, device, getattr(torch, args.dtype))
+    weights = torch_decode_bytes(model)
+    name = device_name(str(device))
+    peak, measured = peak_bandwidth_gbps(name), measured_bandwidth_gbps(str(device))
+    bound_peak = decode_bound(peak, weights, args.batch_size) if peak else None
+    bound_measured = decode_bound(measured, weights, args.batch_size)
+    generator = torch.Generator().manual_seed(1)
+    count = 1 + args.warmup + args.repeats
+    prompts = [
+        torch.randint(0, model.config.vocab_size, (args.batch_size, args.input_len), generator=generator).to(
+            device
+        )
+        for _ in range(count)
+    ]  # a fresh prompt per request
+
+    results, failed = {}, {}
+    for mode in args.modes:
+        print(f"measuring {mode} ...", flush=True)
+        try:
+            r = results[mode] = measure_mode(model, mode, args, device, prompts)
+        except Exception as exc:  # one broken mode must not cost the others' figures
+            traceback.print_exc()
+            failed[mode] = f"{type(exc).__name__}: {exc}"[:500]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        r["roofline_fraction"] = r["decode_tokens_per_s"] / bound_peak if bound_peak else None
+        r["roofline_fraction_measured_bw"] = r["decode_tokens_per_s"] / bound_measured
+        print(
+            f"  {mode}: {r['decode_tokens_per_s']:.1f} tok/s ({100 * r['roofline_fraction_measured_bw']:.1f}% "
+            f"of the copy bound), compile {r['compile_s']:.1f} s; {r['detail']}",
+            flush=True,
+        )
+    first = [r["first_request_tokens"] for r in results.values()]
+    return {
+        "device": name,
+        "bandwidth_peak_gbps": peak,
+        "bandwidth_measured_gbps": measured,
+        "decode_bytes_per_token": weights,
+        "decode_bound_tokens_per_s": bound_peak,
+        "decode_bound_measured_bw_tokens_per_s": bound_measured,
+        # Compiled kernels round differently from eager ones, so with random bf16 weights greedy paths may
+        # part after a few tokens; a mismatch from the first token on would mean a broken path.
+        "greedy_tokens_agree": all(f == first[0] for f in first),
+        "leading_tokens_agree": min(
+            next((i for i, (a, b) in enumerate(zip(f, first[0], strict=True)) if a != b), len(f))
+            for f in first
+        )
+        if first
+        else 0,
+        "modes": results,
+        "failed": failed,
+    }
+
+
+def spread(values: list[float]) -> dict[str, float | list[float]]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def aggregate(runs: list[dict], modes: list[str]) -> dict:
+    """Per mode: every KEYS figure as the median over runs (the headline) and its range."""
+    out = {}
+    for mode in modes:
+        per_run = [r["modes"][mode] for r in runs if mode in r["modes"]]
+        if not per_run:
+            continue
+        m = {k: statistics.median([p[k] for p in per_run]) for k in KEYS if per_run[0].get(k) is not None}
+        m["over_runs"] = {k: spread([p[k] for p in per_run]) for k in KEYS if k in m}
+        m["detail"] = per_run[0]["detail"]
+        out[mode] = m
+    return out
+
+
+def table(modes: dict) -> str:
+    head = (
+        f"{'mode':<13}{'tok/s':>9}{'range':>16}{'% copy':>8}{'range':>14}{'TTFT ms':>9}{'TPOT ms':>9}"
+        f"{'compile s':>11}"
+    )
     lines = [head, "-" * len(head)]
-    for mode, r in results.items():
-        tps = r.get("decode_tokens_per_s", float("nan"))
-        peak = f"{100 * tps / bound_peak:.1f}" if bound_peak else "-"
-        lines.append(f"{mode:<13}{1e3 * r['ttft_s']:>9.1f}{tps:>9.1f}{1e3 * r.get('tpot_s', float('nan')):>9.2f}"
-                     f"{1e3 * r.get('itl_p90_s', float('nan')):>9.2f}{peak:>8}"
-                     f"{100 * tps / bound_measured:>8.1f}{r['compile_s']:>11.1f}")
+    for mode, r in modes.items():
+        t, f = r["over_runs"]["decode_tokens_per_s"], r["over_runs"]["roofline_fraction_measured_bw"]
+        t_range, f_range = f"{t['min']:.1f}-{t['max']:.1f}", f"{100 * f['min']:.1f}-{100 * f['max']:.1f}"
+        lines.append(
+            f"{mode:<13}{t['median']:>9.1f}{t_range:>16}{100 * f['median']:>8.1f}{f_range:>14}"
+            f"{1e3 * r['ttft_s']:>9.1f}{1e3 * r['tpot_s']:>9.2f}{r['compile_s']:>11.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -152,58 +351,151 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--runs", type=int, default=1, help="separate processes; figures are medians over them"
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="start no run that would end after this many seconds, judged by the last run's length",
+    )
     parser.add_argument("--modes", default="generate,static,fast", help=f"comma-separated, of {list(MODES)}")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="compile the fast path's decode step (auto: on CUDA only)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="compile the fast path's decode step (auto: on CUDA only)",
+    )
+    parser.add_argument("--out", required=True, help="JSON file to write; {gpu} becomes the GPU's short name")
+    parser.add_argument(
+        "--profile", action="store_true", help="list the kernels of a compiled fast step (CUDA)"
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one run of --runs
     args = parser.parse_args(argv)
-    modes = args.modes.split(",")
-    if bad := [m for m in modes if m not in MODES]:
+    args.modes = args.modes.split(",")
+    if bad := [m for m in args.modes if m not in MODES]:
         parser.error(f"--modes {bad} not allowed: of {list(MODES)}")
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs} not allowed: 1 or more")
+    if args.child:
+        report = measure(args)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        return report
 
-    device = torch.device(args.device)
-    model = build_model(args.shape, device, getattr(torch, args.dtype))
-    weights = torch_decode_bytes(model)
-    name = device_name(str(device))
-    peak, measured = peak_bandwidth_gbps(name), measured_bandwidth_gbps(str(device))
-    bound_peak = decode_bound(peak, weights, args.batch_size) if peak else None
-    bound_measured = decode_bound(measured, weights, args.batch_size)
-    generator = torch.Generator().manual_seed(1)
-    count = 1 + args.warmup + args.repeats
-    prompts = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.input_len), generator=generator)
-               .to(device) for _ in range(count)]  # a fresh prompt per request
+    started, log = time.perf_counter(), []
 
-    results = {}
-    for mode in modes:
-        print(f"measuring {mode} ...", flush=True)
-        results[mode] = measure_mode(model, mode, args, device, prompts)
-    print(f"\n{name}: {weights / 1e9:.2f} GB read per decode step; bound {bound_peak or float('nan'):.1f} tok/s at "
-          f"peak {peak} GB/s (table), {bound_measured:.1f} tok/s at measured copy {measured:.0f} GB/s")
-    print(table(results, bound_peak, bound_measured))
+    def say(text: str) -> None:
+        print(text, flush=True)
+        log.append(text)
+
+    command = shlex.join(
+        [Path(sys.argv[0]).name if argv is None else "hf_decode.py", *(argv or sys.argv[1:])]
+    )
+    runs: list[dict] = []
+    if args.runs == 1:
+        runs.append(measure(args))
+    else:
+        forward = [a for a in (argv if argv is not None else sys.argv[1:])]
+        last_s = 0.0
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(args.runs):
+                # Start a run only when one more, as long as the last, still ends before the deadline.
+                elapsed = time.perf_counter() - started
+                if args.deadline_s is not None and runs and elapsed + last_s > args.deadline_s:
+                    say(f"deadline: {len(runs)} of {args.runs} runs done, no further run started")
+                    break
+                part = Path(tmp) / f"run{i}.json"
+                child = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    *[a for a in forward if a != "--profile" or i == args.runs - 1],  # profiled: the last run
+                    "--child",
+                    "--out",
+                    str(part),
+                ]
+                say(f"run {i + 1}/{args.runs} (separate process), {elapsed:.0f} s in")
+                run_start = time.perf_counter()
+                # Streamed line by line, so a run cut short by a time limit still shows how far it got.
+                with subprocess.Popen(
+                    child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                ) as got:
+                    for line in got.stdout:
+                        say("  | " + line.rstrip())
+                if got.returncode != 0:
+                    say(f"run {i + 1} failed with exit status {got.returncode}")
+                    continue
+                runs.append(json.loads(part.read_text()))
+                last_s = time.perf_counter() - run_start
+                if i + 1 < args.runs:  # a partial file now; the full one at the end
+                    write_report(args, runs, command, log[:], started, lambda text: None)
+    if not runs:
+        raise SystemExit("no run finished")
+    return write_report(args, runs, command, log, started, say)
+
+
+def write_report(args, runs: list[dict], command: str, log: list[str], started: float, say) -> dict:
+    """Summarise the runs done so far into the JSON and its .log (after every run, so a run cut short
+    by a time limit still leaves the runs before it)."""
+    first = runs[0]
+    modes = aggregate(runs, args.modes)
+    bound = statistics.median([r["decode_bound_measured_bw_tokens_per_s"] for r in runs])
+    bandwidth = spread([r["bandwidth_measured_gbps"] for r in runs])
+    say(
+        f"\n{first['device']}: {first['decode_bytes_per_token'] / 1e9:.2f} GB read per decode step; copy bandwidth "
+        f"{bandwidth['median']:.0f} GB/s (median of {len(runs)} runs, {bandwidth['min']:.0f}-{bandwidth['max']:.0f}) "
+        f"-> bound {bound:.1f} tok/s; batch {args.batch_size}, {args.input_len} + {args.output_len} tokens, {args.dtype}"
+    )
+    for i, r in enumerate(runs):
+        for mode, error in r.get("failed", {}).items():
+            say(f"run {i + 1}: {mode} failed: {error}")
+    say(f"median over {len(runs)} run(s) in separate processes, range min-max:")
+    say(table(modes))
     report = {
-        "device": name, "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size,
-        "input_len": args.input_len, "output_len": args.output_len, "warmup": args.warmup, "repeats": args.repeats,
-        "decode_bytes_per_token": weights, "bandwidth_peak_gbps": peak, "bandwidth_measured_gbps": measured,
-        "decode_bound_tokens_per_s": bound_peak, "decode_bound_measured_bw_tokens_per_s": bound_measured,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "cuda": torch.version.cuda, "python": platform.python_version()},
-        "modes": results,
+        "command": command,
+        "commit": commit(),
+        "machine": {"device": first["device"], "host": platform.node(), "cpu_count": os.cpu_count()},
+        "device": first["device"],
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "runs_requested": args.runs,
+        "runs_done": len(runs),
+        "decode_bytes_per_token": first["decode_bytes_per_token"],
+        "bandwidth_peak_gbps": first["bandwidth_peak_gbps"],
+        "bandwidth_measured_gbps": bandwidth,
+        "decode_bound_tokens_per_s": first["decode_bound_tokens_per_s"],
+        "decode_bound_measured_bw_tokens_per_s": bound,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+        },
+        "greedy_tokens_agree": all(r["greedy_tokens_agree"] for r in runs),
+        "leading_tokens_agree": min(r["leading_tokens_agree"] for r in runs),
+        "modes": modes,
+        "per_run": runs,
     }
-    for r in results.values():
-        if "decode_tokens_per_s" in r:
-            r["roofline_fraction"] = r["decode_tokens_per_s"] / bound_peak if bound_peak else None
-            r["roofline_fraction_measured_bw"] = r["decode_tokens_per_s"] / bound_measured
-    if "fast" in results and "generate" in results:
-        report["fast_over_generate"] = results["fast"]["decode_tokens_per_s"] / results["generate"]["decode_tokens_per_s"]
-    first = [r["first_request_tokens"] for r in results.values()]
-    # Compiled kernels round differently from eager ones, so with random weights greedy paths may part
-    # after a few tokens; a mismatch from the first token on would mean a broken path.
-    report["greedy_tokens_agree"] = all(f == first[0] for f in first)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    if "fast" in modes and "fast_tuned" in modes:
+        report["tuned_over_default"] = (
+            modes["fast_tuned"]["decode_tokens_per_s"] / modes["fast"]["decode_tokens_per_s"]
+        )
+    if "fast" in modes and "generate" in modes:
+        report["fast_over_generate"] = (
+            modes["fast"]["decode_tokens_per_s"] / modes["generate"]["decode_tokens_per_s"]
+        )
+    out = Path(args.out.replace("{gpu}", gpu_short_name(first["device"])))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    say(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
+    out.with_suffix(".log").write_text(f"$ {command}\ncommit {report['commit']}\n" + "\n".join(log) + "\n")
     return report
 
 

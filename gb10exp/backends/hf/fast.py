@@ -1,15 +1,29 @@
-"""The fast decode path for in-process PyTorch (the gpt-fast technique).
+"""The fast decode path for in-process PyTorch (the technique of gpt-fast, written for HF models).
 
-Plain ``generate`` spends most of a decode step in Python on a GPU: it re-plans the cache, checks
-stopping criteria (one host sync per token) and launches hundreds of small kernels one by one. Here:
+Plain ``generate`` spends most of a decode step in Python on a GPU: it re-plans the cache, builds
+position ids and a causal mask, checks stopping criteria (one host sync per token) and launches
+hundreds of small kernels one by one. Here, for greedy decoding of exactly ``output_len`` tokens:
 
-- a ``StaticCache`` sized to exactly ``input_len + output_len`` (attention never reads empty slots
-  beyond it, which a cache sized to the model's 128k context would do at every step);
-- an eager prefill, then a decode step that feeds its own argmax back: the step writes the next token
-  into its input buffer, advances its position tensor and appends to the output, all on the device;
-- on CUDA that step is compiled (``torch.compile``, fused kernels) and captured once in a CUDA graph,
-  so each token costs one ``graph.replay()`` and no host work at all; the greedy tokens never come back
-  to the host until the request ends.
+- **A native step for Llama-like models** (Llama, Mistral, Qwen2 layouts of plain ``nn.Linear``
+  layers): the decode step is written directly over the model's own weights, with no HF forward in
+  it: no mask or position-id building, no cache object. Q/K/V and gate/up are fused into one matrix
+  each, so a layer reads its weights in four matrix-vector products instead of seven; the HF modules'
+  weights become views into the fused matrices (no second copy of the model) until ``close`` gives
+  them their own storage back. RoPE's cos/sin come from the model's own rotary module, once, for
+  every position. Attention at one query token is written as a multiply-and-reduce over the static
+  cache, which Inductor fuses into a couple of kernels; K/V heads are shared by their query group in
+  place, never repeated in memory.
+- Any other model (or one carrying modelopt quantizers, hooks, sliding windows) decodes through the
+  model's own forward over a ``StaticCache``: slower, always correct.
+- A static KV cache sized to exactly ``input_len + output_len`` (rounded up to 16): attention never
+  reads empty slots beyond it.
+- An eager prefill, then a decode step that feeds its own argmax back: it writes the next token into
+  its input buffer, advances its position tensor and appends to the output, all on the device.
+- On CUDA that step is compiled (``torch.compile``, fullgraph) with Inductor's max-autotune and
+  coordinate-descent tuning, which turn every batch-1 matrix-vector product into a Triton reduction
+  tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
+  host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
+  global flags are set only inside ``inductor_flags`` while compiling, then restored.
 
 Timing stays honest without a sync per token: the first token is stamped after a device sync (a server
 must have it on the host to send it), later tokens by CUDA events recorded after each replay and read
@@ -18,12 +32,51 @@ when the request is over. Compilation and capture happen in ``warm`` and are rep
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gb10exp.bench import Timing, now
+
+# Inductor settings of each compile preset, passed to ``torch.compile`` (Inductor scopes them to this
+# compile) and set globally only inside ``inductor_flags`` while compiling. Coordinate descent makes
+# Inductor decompose every batch-1 matrix-vector product into a Triton reduction and search its block
+# sizes; max_autotune widens the set of configurations benchmarked for each reduction before that
+# search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound, with
+# max_autotune 77% ("fast" and "fast_tuned" in benchmarks/results/hf_decode_h200.json); on an H100 the
+# latter gives 86% (hf_decode_h100.json). That tuning is now the default and the old ``tuned`` switch has
+# nothing left to add: a wider search (all directions, radius 2) did not finish compiling in 8 minutes
+# on an H100. "plain": Inductor's defaults (cuBLAS for every matrix product), for comparison.
+PRESETS: dict[str, dict[str, object]] = {
+    "plain": {},
+    "default": {"max_autotune": True, "coordinate_descent_tuning": True},
+}
+PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
+
+
+@contextlib.contextmanager
+def inductor_flags(flags: dict[str, object]) -> Iterator[None]:
+    """Set Inductor's global config ``flags`` for the block and restore every one of them after it,
+    also on error: a tuned compile must not change how later jobs in the same process compile."""
+    if not flags:
+        yield
+        return
+    import torch._inductor.config as inductor
+
+    saved = {name: getattr(inductor, name) for name in flags}
+    try:
+        for name, value in flags.items():
+            setattr(inductor, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(inductor, name, value)
 
 
 class TokenStamper:
@@ -49,49 +102,282 @@ def _round_up(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
 
+def native_unsupported(model: torch.nn.Module, max_len: int) -> str | None:
+    """Why the native Llama-like step cannot run this model (None when it can)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in LLAMA_LIKE:
+        return f"model_type {kind!r} is not one of {list(LLAMA_LIKE)}"
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or any(not hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        return "not the <Model>.model.{embed_tokens,layers,norm,rotary_emb} + lm_head layout"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and max_len > window:
+        return f"sliding window {window} < {max_len} positions"
+    linears = [model.lm_head]
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or mlp is None or any(not hasattr(attn, n) for n in names):
+            return "a layer without self_attn.{q,k,v,o}_proj / mlp"
+        if any(not hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return "an MLP without gate_proj/up_proj/down_proj/act_fn"
+        # Extra normalisations (Qwen3's q_norm/k_norm, Gemma's sandwich norms) change the block.
+        extra = {n for n, _ in attn.named_children()} - set(names)
+        extra |= {n for n, _ in layer.named_children()} - {
+            "self_attn",
+            "mlp",
+            "input_layernorm",
+            "post_attention_layernorm",
+        }
+        if extra:
+            return f"layer has extra modules {sorted(extra)}"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not hasattr(norm, "variance_epsilon") or not type(norm).__name__.endswith("RMSNorm"):
+                return f"{type(norm).__name__} is not a Llama RMSNorm"
+        linears += [getattr(attn, n) for n in names] + [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    for module in linears:
+        # modelopt's QuantLinear and friends subclass nn.Linear: their forward must run, not a bare matmul.
+        if type(module) is not torch.nn.Linear:
+            return f"{type(module).__name__} layers (quantized or wrapped) need their own forward"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "forward hooks on linear layers"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        return f"parameters on {sorted(map(str, devices))}: one real device needed"
+    return None
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    eps1: float
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    ln2: torch.Tensor
+    eps2: float
+    wgu: torch.Tensor
+    bgu: torch.Tensor | None
+    wdown: torch.Tensor
+    bdown: torch.Tensor | None
+    act: torch.nn.Module
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Exactly the HF Llama RMSNorm: statistics in float32, scale applied in the model's dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _NativeLlama:
+    """The decode-time computation of a Llama-like HF model over its own (fused) weights and a static
+    cache it owns. ``forward(ids, positions)`` writes K/V at ``positions`` and returns the greedy next
+    token of every sequence."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int):
+        config, inner = model.config, model.model
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        attn0 = inner.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = attn0.q_proj.out_features // self.heads
+        self.scale = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self.dtype = dtype
+        self._views: list[torch.nn.Parameter] = []  # HF parameters that now view a fused matrix
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            wqkv, bqkv = self._fuse([a.q_proj, a.k_proj, a.v_proj])
+            wgu, bgu = self._fuse([m.gate_proj, m.up_proj])
+            self.layers.append(
+                _Layer(
+                    layer.input_layernorm.weight,
+                    float(layer.input_layernorm.variance_epsilon),
+                    wqkv,
+                    bqkv,
+                    a.o_proj.weight,
+                    a.o_proj.bias,
+                    layer.post_attention_layernorm.weight,
+                    float(layer.post_attention_layernorm.variance_epsilon),
+                    wgu,
+                    bgu,
+                    m.down_proj.weight,
+                    m.down_proj.bias,
+                    m.act_fn,
+                )
+            )
+        self.split_qkv = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+        self.intermediate = inner.layers[0].mlp.gate_proj.out_features
+        self.embed = inner.embed_tokens.weight
+        self.norm, self.norm_eps = inner.norm.weight, float(inner.norm.variance_epsilon)
+        self.head, self.head_bias = model.lm_head.weight, model.lm_head.bias
+        # RoPE tables from the model's own rotary module (so its scaling variant, e.g. Llama 3's, holds),
+        # in the model's dtype as HF applies them.
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
+        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+        self.key_pos = torch.arange(max_len, device=device)
+        # K and V of a layer in one tensor, written by one indexed copy (one kernel, not two, per layer);
+        # one tensor per layer, not one for all: an in-place write into a slice of a bigger input can
+        # make the compiled graph copy the whole buffer back; into a whole tensor it stays in place.
+        shape = (2, batch_size, self.kv_heads, max_len, self.head_dim)
+        self.kv_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+
+    def _fuse(self, linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One matrix for several projections of the same input; each HF weight becomes a view of it,
+        so the model keeps working and no weight is stored twice."""
+        fused = torch.cat([lin.weight.data for lin in linears])
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat(
+                [
+                    lin.bias.data
+                    if lin.bias is not None
+                    else torch.zeros(lin.out_features, dtype=fused.dtype, device=fused.device)
+                    for lin in linears
+                ]
+            )
+        offset = 0
+        for lin in linears:
+            n = lin.out_features
+            lin.weight.data = fused[offset : offset + n]
+            self._views.append(lin.weight)
+            if bias is not None and lin.bias is not None:
+                lin.bias.data = bias[offset : offset + n]
+                self._views.append(lin.bias)
+            offset += n
+        return fused, bias
+
+    def release(self) -> None:
+        """Give every HF weight its own storage again (a view-sharing model would confuse savers that
+        look for tied tensors), then drop the fused matrices and the cache."""
+        for param in self._views:
+            param.data = param.data.clone()
+        self._views.clear()
+        self.layers.clear()
+        self.kv_cache = []
+
+    def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D) against the cache of layer i; mask (T, L) says which keys each query sees."""
+        k, v = self.kv_cache[i]
+        b, _, t, d = q.shape
+        if t > 1:  # prefill: the library kernel, query groups sharing K/V heads without a copy
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask[None, None], scale=self.scale, enable_gqa=self.kv_heads != self.heads
+            )
+            return out.transpose(1, 2).reshape(b, t, self.heads * d)
+        # One query token: scores and the weighted sum as multiply-and-reduce in float32, which Inductor
+        # fuses (a cuBLAS batched GEMM with 4 query rows per K/V head would be two launches per layer).
+        group = self.heads // self.kv_heads
+        qg = q.reshape(b, self.kv_heads, group, 1, d).float()
+        scores = (qg * k[:, :, None].float()).sum(-1) * self.scale  # (B, Hkv, G, L)
+        scores = scores.masked_fill(~mask[0], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
+        return out.to(q.dtype).reshape(b, 1, self.heads * d)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, D), broadcast over batch and heads
+        mask = self.key_pos[None, :] <= positions[:, None]  # (T, L): causal over the static cache
+        nq, nk, nv = self.split_qkv
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, layer.eps1)
+            q, k, v = F.linear(h, layer.wqkv, layer.bqkv).split([nq, nk, nv], dim=-1)
+            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.kv_cache[i].index_copy_(3, positions, torch.stack((k, v)))
+            x = x + F.linear(self._attend(q, i, mask), layer.wo, layer.bo)
+            h = _rms_norm(x, layer.ln2, layer.eps2)
+            gate, up = F.linear(h, layer.wgu, layer.bgu).split(self.intermediate, dim=-1)
+            x = x + F.linear(layer.act(gate) * up, layer.wdown, layer.bdown)
+        x = _rms_norm(x[:, -1:], self.norm, self.norm_eps)
+        return F.linear(x, self.head, self.head_bias)[:, -1].argmax(-1, keepdim=True)
+
+
 class FastDecoder:
-    """Greedy decoding of exactly ``output_len`` tokens for prompts of ``input_len`` tokens."""
+    """Greedy decoding of exactly ``output_len`` tokens for prompts of ``input_len`` tokens.
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, input_len: int, output_len: int,
-                 compile_step: bool, cuda_graph: bool, tuned: bool = False):
-        from transformers import StaticCache
+    ``preset`` names a compile preset (``PRESETS``); ``tuned`` is kept for old configs and compiles
+    exactly as the default does. ``native=False`` forces the HF-forward step (for comparison). Use as a context manager, or
+    call ``close`` when done: the native step shares the model's weights until then."""
 
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        input_len: int,
+        output_len: int,
+        compile_step: bool,
+        cuda_graph: bool,
+        tuned: bool = False,
+        preset: str | None = None,
+        native: bool = True,
+    ):
         self.model, self.input_len, self.output_len = model, input_len, output_len
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.use_graph = cuda_graph and self.cuda
+        self.preset = preset or ("tuned" if tuned else "default")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        self.flags = PRESETS[self.preset]
         max_len = _round_up(input_len + output_len)
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        why = native_unsupported(model, max_len) if native else "native step switched off"
+        self.method = "native Llama step" if why is None else f"HF forward ({why})"
+        self.native = _NativeLlama(model, batch_size, max_len) if why is None else None
+        if self.native is None:
+            from transformers import StaticCache
+
+            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+            # The forward's keywords moved between transformers 5.x releases: cache_position went away
+            # (the cache tracks positions itself) and past_key_values became cache.
+            params = inspect.signature(model.forward).parameters
+            self.takes_cache_position = "cache_position" in params
+            self.cache_kw = "past_key_values" if "past_key_values" in params else "cache"
         # Device-side state of the decode loop; fixed addresses, so a CUDA graph can own them.
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.seq = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.prefill_positions = torch.arange(input_len, device=self.device)
-        # The forward's keywords moved between transformers 5.x releases: cache_position went away (the
-        # cache tracks positions itself) and past_key_values became cache.
-        params = inspect.signature(model.forward).parameters
-        self.takes_cache_position = "cache_position" in params
-        self.cache_kw = "past_key_values" if "past_key_values" in params else "cache"
-        self.step_fn = self._compile(tuned) if compile_step else self._step
+        self.compiled = compile_step
+        self.step_fn = (
+            torch.compile(self._step, fullgraph=True, options=dict(self.flags))
+            if compile_step
+            else self._step
+        )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_s = 0.0
 
-    def _compile(self, tuned: bool):
-        """tuned: Inductor autotunes the matrix-vector kernels and searches block sizes (as gpt-fast
-        does); decode at batch 1 is bandwidth-bound GEMVs, where that buys the last 10-15%. Slower to
-        compile (reported in compile_s)."""
-        if not tuned:
-            return torch.compile(self._step, fullgraph=True)
-        import torch._inductor.config as inductor
-
-        inductor.coordinate_descent_tuning = True
-        return torch.compile(self._step, fullgraph=True, mode="max-autotune-no-cudagraphs")
+    def describe(self) -> str:
+        compiled = f"compiled step ({self.preset})" if self.compiled else "eager step"
+        return f"{self.method}, static cache, {compiled}, {'CUDA graph' if self.graph is not None else 'no graph'}"
 
     def _next_token(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.forward(ids, positions)
         extra = {"cache_position": positions} if self.takes_cache_position else {}
         extra[self.cache_kw] = self.cache
-        logits = self.model(input_ids=ids, position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1),
-                            use_cache=True, logits_to_keep=1, **extra).logits
+        logits = self.model(
+            input_ids=ids,
+            position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1),
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        ).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
     def _step(self) -> None:
@@ -101,7 +387,10 @@ class FastDecoder:
         self.tok.copy_(nxt)
 
     def _prefill(self, prompt: torch.Tensor) -> None:
-        self.cache.reset()
+        if self.native is None:
+            self.cache.reset()
+        # The native cache needs no reset: the causal mask hides every slot past the current position,
+        # and each earlier slot is rewritten by this request before it is read.
         first = self._next_token(prompt, self.prefill_positions)
         self.tok.copy_(first)
         self.pos.fill_(self.input_len)
@@ -117,21 +406,22 @@ class FastDecoder:
     def warm(self, prompt: torch.Tensor) -> float:
         """Compile and capture (once); returns the seconds it took, never counted as decode time."""
         start = time.perf_counter()
-        self._prefill(prompt)  # allocates the cache before anything is compiled or captured
-        if self.use_graph:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # compile and autotune outside the capture, as CUDA graphs require
-                for _ in range(3):
+        with inductor_flags(self.flags):  # compilation happens lazily, in the first calls below
+            self._prefill(prompt)  # allocates the cache before anything is compiled or captured
+            if self.use_graph:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # compile and autotune outside the capture, as graphs require
+                    for _ in range(3):
+                        self.step_fn()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self._prefill(prompt)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
                     self.step_fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._prefill(prompt)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.step_fn()
-        else:
-            for _ in range(2):
-                self.step_fn()
+            else:
+                for _ in range(2):
+                    self.step_fn()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - start
@@ -143,22 +433,28 @@ class FastDecoder:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # nothing queued from before counts against this request
         timing = Timing(start=now(), batch_size=prompt.shape[0])
-        self._prefill(prompt)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        timing.token_times.append(now())
-        if not self.cuda:  # CPU work is synchronous: a host stamp per token is exact
+        # Without a graph the compiled step still passes Dynamo's guards each call; a recompile there must
+        # see the same flags as the first compile.
+        flags = (
+            inductor_flags(self.flags) if self.graph is None and self.compiled else contextlib.nullcontext()
+        )
+        with flags:
+            self._prefill(prompt)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            timing.token_times.append(now())
+            if not self.cuda:  # CPU work is synchronous: a host stamp per token is exact
+                for _ in range(self.output_len - 1):
+                    self._run_step()
+                    timing.token_times.append(now())
+                return timing
+            first = torch.cuda.Event(enable_timing=True)
+            first.record()
+            events = []
             for _ in range(self.output_len - 1):
                 self._run_step()
-                timing.token_times.append(now())
-            return timing
-        first = torch.cuda.Event(enable_timing=True)
-        first.record()
-        events = []
-        for _ in range(self.output_len - 1):
-            self._run_step()
-            events.append(torch.cuda.Event(enable_timing=True))
-            events[-1].record()
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
         torch.cuda.synchronize(self.device)
         base = timing.token_times[0]
         timing.token_times += [base + first.elapsed_time(e) / 1e3 for e in events]
@@ -168,3 +464,16 @@ class FastDecoder:
     def tokens(self) -> torch.Tensor:
         """The last request's generated tokens, (B, output_len)."""
         return self.seq[:, self.input_len : self.input_len + self.output_len]
+
+    def close(self) -> None:
+        """Free the graph and the cache, and give the model's weights their own storage back."""
+        self.graph = None
+        if self.native is not None:
+            self.native.release()
+            self.native = None
+
+    def __enter__(self) -> FastDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

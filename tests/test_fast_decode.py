@@ -1,0 +1,190 @@
+"""The hf fast decode path (gb10exp/backends/hf/fast.py) on the CPU: the native Llama-like step decodes
+exactly what ``generate`` decodes, shares the model's weights instead of copying them and gives them
+back, falls back to the HF forward where it must, and leaves Inductor's global flags as it found them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch._inductor.config as inductor
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from gb10exp.backends.hf.fast import PRESETS, FastDecoder, inductor_flags, native_unsupported
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=512,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+
+def model_of(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "qwen2":  # biases on Q/K/V: the fused bias must line up with the fused weight
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=False))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=kind == "tied"))
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def reference(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )[:, prompt.shape[1] :]
+
+
+PROMPT = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+def test_native_step_decodes_what_generate_decodes(kind):
+    model = model_of(kind)
+    expected = reference(model, PROMPT, 12)
+    with FastDecoder(
+        model, batch_size=2, input_len=20, output_len=12, compile_step=False, cuda_graph=True
+    ) as d:
+        assert d.method == "native Llama step"
+        d.warm(PROMPT)
+        timing = d.generate(PROMPT)
+        assert torch.equal(d.tokens, expected)
+        assert len(timing.token_times) == 12 and timing.ttft > 0
+        other = PROMPT.flip(1)  # a second request reuses the cache: nothing of the first may leak in
+        d.generate(other)
+        assert torch.equal(d.tokens, reference(model, other, 12))
+
+
+def test_fused_weights_are_shared_then_given_back():
+    model = model_of("llama")
+    attn = model.model.layers[0].self_attn
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    d = FastDecoder(model, batch_size=1, input_len=8, output_len=4, compile_step=False, cuda_graph=False)
+    # Q, K and V now view one fused matrix: the model's own modules still compute the same thing.
+    storage = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == storage
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == storage
+    d.close()
+    ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(ptrs)) == len(ptrs)  # every weight its own storage again (none tied in this model)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_models_it_cannot_run_natively_fall_back_to_the_hf_forward():
+    class WrappedLinear(torch.nn.Linear):  # as modelopt's quantized linears are: an nn.Linear subclass
+        pass
+
+    model = model_of("llama")
+    old = model.model.layers[1].mlp.down_proj
+    new = WrappedLinear(old.in_features, old.out_features, bias=False)
+    new.weight = old.weight
+    model.model.layers[1].mlp.down_proj = new
+    assert "WrappedLinear" in native_unsupported(model, 32)
+    expected = reference(model, PROMPT, 6)
+    with FastDecoder(
+        model, batch_size=2, input_len=20, output_len=6, compile_step=False, cuda_graph=True
+    ) as d:
+        assert d.method.startswith("HF forward") and "WrappedLinear" in d.method
+        d.warm(PROMPT)
+        d.generate(PROMPT)
+        assert torch.equal(d.tokens, expected)
+    config = LlamaConfig(**SHAPE)
+    config.model_type = "gemma"
+    assert "gemma" in native_unsupported(LlamaForCausalLM(config), 32)
+
+
+def test_inductor_flags_are_restored_after_the_block_and_after_an_error():
+    original = inductor.coordinate_descent_tuning, inductor.max_autotune
+    with inductor_flags({"coordinate_descent_tuning": not original[0], "max_autotune": not original[1]}):
+        assert (inductor.coordinate_descent_tuning, inductor.max_autotune) == (
+            not original[0],
+            not original[1],
+        )
+    assert (inductor.coordinate_descent_tuning, inductor.max_autotune) == original
+    with pytest.raises(RuntimeError), inductor_flags({"coordinate_descent_tuning": not original[0]}):
+        raise RuntimeError("a compile that fails")
+    assert (inductor.coordinate_descent_tuning, inductor.max_autotune) == original
+
+
+def test_a_tuned_decoder_leaves_the_global_flags_as_they_were():
+    """A tuned compile on the CPU takes minutes here (max-autotune benchmarks C++ GEMM templates), so the
+    compiled step is created (torch.compile passes the flags as per-compile options) but run eagerly;
+    warm() enters the same flag scope a CUDA compile runs in."""
+    assert PRESETS["tuned"]["coordinate_descent_tuning"] is True
+    original = inductor.coordinate_descent_tuning, inductor.max_autotune
+    model = model_of("llama")
+    compiled = FastDecoder(
+        model, batch_size=1, input_len=8, output_len=4, compile_step=True, cuda_graph=True, tuned=True
+    )
+    compiled.close()
+    with FastDecoder(
+        model, batch_size=1, input_len=8, output_len=4, compile_step=False, cuda_graph=True, tuned=True
+    ) as d:
+        d.warm(PROMPT[:1, :8])
+        d.generate(PROMPT[:1, :8])
+    assert (inductor.coordinate_descent_tuning, inductor.max_autotune) == original
+
+
+@pytest.mark.slow  # three Python processes that each import torch and transformers: minutes on 2 busy cores
+def test_hf_decode_reports_medians_and_ranges_over_separate_processes(tmp_path):
+    out = tmp_path / "hf_decode_{gpu}.json"
+    command = [
+        sys.executable,
+        "benchmarks/hf_decode.py",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--input-len",
+        "8",
+        "--output-len",
+        "3",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--runs",
+        "2",
+        "--modes",
+        "fast",
+        "--out",
+        str(out),
+    ]
+    got = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "GB10EXP_COMMIT": "abc123"},
+    )
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+    report = json.loads((tmp_path / "hf_decode_cpu.json").read_text())
+    assert report["runs_done"] == 2 and len(report["per_run"]) == 2 and report["commit"] == "abc123"
+    assert "--runs 2" in report["command"] and report["machine"]["device"] == "cpu"
+    fast = report["modes"]["fast"]
+    tps = fast["over_runs"]["decode_tokens_per_s"]
+    assert tps["min"] <= fast["decode_tokens_per_s"] == tps["median"] <= tps["max"] and len(tps["runs"]) == 2
+    assert sorted(tps["runs"]) == sorted(r["modes"]["fast"]["decode_tokens_per_s"] for r in report["per_run"])
+    assert fast["detail"].startswith("native Llama step")
+    log = (tmp_path / "hf_decode_cpu.log").read_text()
+    assert "run 2/2 (separate process)" in log and "median over 2 run(s)" in log
