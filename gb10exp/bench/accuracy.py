@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from gb10exp.config import Config
+from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
 
 
@@ -33,13 +32,13 @@ def _ppl(nll: list[float], tokens: list[int]) -> float:
     return math.exp(sum(nll) / sum(tokens))
 
 
-def engine_accuracy(backend, windows: torch.Tensor, offline: AccuracyResult, cfg: Config) -> EngineAccuracy:
-    """Score windows through ``backend.perplexity`` and compare with ``offline`` on the same windows."""
+def engine_accuracy(backend, windows: EvalWindows, offline: AccuracyResult, cfg: Config) -> EngineAccuracy:
+    """Score windows through ``backend.perplexity`` and compare with ``offline`` on the same scored tokens."""
     engine_quantized = cfg.qformat.gguf_type is not None
-    count = windows.shape[0] if engine_quantized else min(cfg.bench.engine_ppl_windows, windows.shape[0])
+    count = len(windows) if engine_quantized else min(cfg.bench.engine_ppl_windows, len(windows))
     if count == 0:
         return EngineAccuracy(tags={"engine_ppl_check": "off (bench.engine_ppl_windows=0)"})
-    scored = backend.perplexity(windows[:count])
+    scored = backend.perplexity(windows.tokens[:count], windows.score_from[:count].tolist())
     if scored is None:
         if engine_quantized:
             raise RuntimeError(f"backend={cfg.backend.name!r} returned no log-probabilities, and "
