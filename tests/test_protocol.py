@@ -210,3 +210,64 @@ def test_a_rate_above_the_bound_is_flagged_not_recorded_as_plausible():
     assert metrics["roofline_fraction"] > 1 and tags["roofline"] == "implausible"
     assert "caches" in tags["roofline.reason"] and math.isfinite(metrics["roofline_fraction"])
     assert "gb10_projected_decode_tokens_per_s" not in metrics
+
+
+# -- llama.cpp itself ------------------------------------------------------------------------------------
+def _llama_cpp_perplexity(llm, bos: int | None, stream: list[int], n_ctx: int, n_chunk: int) -> float:
+    """llama.cpp's perplexity() (tools/perplexity/perplexity.cpp) over ``stream`` (the text tokenized with
+    special tokens): chunks of n_ctx, each chunk's first token set to BOS when the vocabulary adds one,
+    logits of positions first = n_ctx / 2 .. n_ctx - 2 scored against the next token."""
+    import numpy as np
+
+    first, nll, count = n_ctx // 2, 0.0, 0
+    for i in range(n_chunk):
+        chunk = stream[i * n_ctx : (i + 1) * n_ctx]
+        if bos is not None:
+            chunk[0] = bos
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[first : n_ctx - 1], dtype=np.float64)
+        peak = logits.max(axis=1)
+        log_z = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+        nll += float((log_z - logits[np.arange(len(logits)), chunk[first + 1 :]]).sum())
+        count += n_ctx - first - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("force_bos", [False, True], ids=["gguf-bos-setting", "bos-forced"])
+def test_llamacpp_protocol_agrees_with_llama_cpp(force_bos, tokenizer, bos_tokenizer, monkeypatch):
+    import llama_cpp
+    import llama_cpp.llama_cpp as raw
+
+    from gb10exp.models import EMBEDDED, embedded_file, load_model
+
+    original = raw.llama_model_default_params
+
+    def params():  # llama.cpp's AMX buffers segfault on some Intel CPUs (FACTS); off, as the backend does
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(raw, "llama_model_default_params", params)
+    n_ctx, n_chunk = 512, 4
+    gguf = embedded_file(EMBEDDED)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
+    vocab = raw.llama_model_get_vocab(llm._model.model)
+    gguf_adds_bos = bool(raw.llama_vocab_get_add_bos(vocab))
+    tok = bos_tokenizer if force_bos else tokenizer
+    assert (data.bos_to_add(tokenizer) is not None) == gguf_adds_bos  # both sides read the same setting
+    bos = raw.llama_vocab_bos(vocab) if (force_bos or gguf_adds_bos) else None
+
+    text = data.tokenize(data.load_text("eval", EvalConfig(dataset="pydoc_topics")), tokenizer)
+    windows = data.eval_windows(text, n_ctx, n_chunk, "llamacpp", tok)
+    stream = ([bos] if bos is not None else []) + text.tolist()  # llama.cpp's tokens, fed as the same ids
+    try:
+        reference = _llama_cpp_perplexity(llm, bos, stream, n_ctx, n_chunk)
+    finally:
+        llm.close()
+    model = load_model(EMBEDDED, CPU, torch.float32)
+    ours = evaluate_accuracy(model, windows, 2, CPU)
+    assert ours.eval_tokens == n_chunk * (n_ctx - n_ctx // 2 - 1)
+    assert ours.perplexity == pytest.approx(reference, rel=0.005), (ours.perplexity, reference)

@@ -8,7 +8,8 @@ ratio to the offline perplexity on those windows beyond ``bench.ppl_tolerance`` 
 
 For a format the engine quantizes itself (``qformat.gguf_type``), PyTorch holds only the unquantized
 source model, so the engine scores every window and its perplexity is the run's perplexity; the
-source's becomes ``source_perplexity``.
+source's becomes ``source_perplexity`` and, on the same scored tokens, the run's in-run reference
+(``reference_perplexity``, ``windows.ref_nll``).
 """
 
 from __future__ import annotations
@@ -63,4 +64,8 @@ def engine_accuracy(backend, windows: EvalWindows, offline: AccuracyResult, cfg:
                            "eval_tokens": float(sum(tokens)), "source_perplexity": offline.perplexity}
         result.tags["accuracy_source"] = f"engine ({cfg.backend.name}): qformat {cfg.qformat.name} is not in PyTorch"
         result.windows = asdict(WindowStats(nll=list(nll), tokens=tokens))
+        del result.windows["ref_nll"]
+        if tokens == offline.windows.tokens:  # the source is this run's unquantized reference, same tokens
+            result.windows["ref_nll"] = list(offline.windows.nll)
+            result.metrics |= {"reference_perplexity": offline.perplexity, "reference_nll_mean": offline.nll_mean}
     return result
