@@ -105,6 +105,24 @@ def test_rolling_is_lm_evals_rolling_loglikelihood(length):
     assert scored == tokens  # every token scored exactly once, in order
 
 
+def test_rolling_gives_lm_evals_own_loglikelihood(tokenizer):
+    """lm-eval's HFLM.loglikelihood_rolling with max_length = seq_len - 1, on a real tiny model: the same sum."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model = tiny_llama(vocab=len(tokenizer))
+    text = (
+        "The quick brown fox jumps over the lazy dog. " * 12
+    )  # 121 tokens: 3 full windows and a partial one
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=31, batch_size=4, device="cpu")
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    [expected] = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    windows = data.rolling_windows(data.tokenize(text, tokenizer).tolist(), data.prefix_token(tokenizer), 32)
+    result = evaluate_accuracy(model, windows, 4, CPU)
+    assert result.windows.tokens == [31, 31, 31, 28]
+    assert -sum(result.windows.nll) == pytest.approx(expected, rel=1e-5)
+
+
 def test_rolling_prefixes_bos_and_keeps_the_tokenizers_own(tokenizer, bos_tokenizer):
     text = torch.arange(100, 140)
     plain = data.eval_windows(text, 8, 3, "rolling", tokenizer)
