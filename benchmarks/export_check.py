@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gb10exp.config import QFormatConfig  # noqa: E402
 from gb10exp.quant import calibration_loop, quantize  # noqa: E402
+from gb10exp.quant.bytes import deployed_weight_bytes  # noqa: E402
 from gb10exp.quant.export import safetensors_header, write_checkpoint  # noqa: E402
 
 FORMATS = {
@@ -65,17 +66,6 @@ LAYER = "model.layers.0.mlp.down_proj"
 log = logging.getLogger("export_check")
 
 
-def weight_bytes(model: torch.nn.Module, qformat: QFormatConfig) -> float:
-    """gb10exp's weight_gib count (deployed_weight_bytes where that module exists, else the runner's)."""
-    try:
-        from gb10exp.quant.bytes import deployed_weight_bytes
-    except ImportError:
-        from gb10exp.runner import weight_bytes as runner_bytes
-
-        return runner_bytes(model, qformat.weight_bits)
-    return deployed_weight_bytes(model, qformat)
-
-
 def expected_tensors(algo: str, out_f: int, in_f: int) -> dict[str, tuple[str, list[int] | None]]:
     """(dtype, shape or None for any) of the test layer's tensors."""
     if algo == "NVFP4":
@@ -101,7 +91,7 @@ def check_one(name: str, arch: dict, device: torch.device, out: Path) -> dict:
     t0 = time.perf_counter()
     model = quantize(model, qformat, calibration_loop(calib, 4, device))
     quantize_s = time.perf_counter() - t0
-    expected_bytes = weight_bytes(model, qformat)
+    expected_bytes = deployed_weight_bytes(model, qformat)
     layer = dict(model.named_modules())[LAYER]
     with torch.no_grad():
         simulated = layer.weight_quantizer(layer.weight).float().cpu()

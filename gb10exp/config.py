@@ -26,6 +26,8 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 MODEL_SOURCES = ("embedded", "hub", "local", "random")
 DATASETS = ("pydoc_topics", "wikitext2", "cnn_dailymail", "text_file")
+# How text becomes scored tokens (gb10exp.data.eval_windows; docs/notes/evalproto.md says why the default).
+EVAL_PROTOCOLS = ("windows", "llamacpp", "rolling")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_CACHE_QFORMATS = ("none", "fp8", "nvfp4")
 # llama.cpp's quantizer output types (LLAMA_FTYPE_MOSTLY_<name>) a qformat may name as gguf_type.
@@ -111,10 +113,15 @@ class EvalConfig(DataConfig):
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (downstream accuracy)
     task_include_path: str | None = None  # folder of local lm-eval task YAMLs
     task_limit: int | None = None  # lm-eval `limit`: examples per task (None = all)
+    # llamacpp: llama.cpp's perplexity tool (BOS per window, second half scored); rolling: lm-eval's rolling
+    # log-likelihood (every token once); windows: every position of plain windows (before 2026-11-26).
+    protocol: str = "llamacpp"
     _key = "eval"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(self.protocol in EVAL_PROTOCOLS, "eval.protocol", self.protocol,
+                 f"one of {list(EVAL_PROTOCOLS)} (e.g. eval.protocol=llamacpp)")
         _require(self.num_windows > 0, "eval.num_windows", self.num_windows, "a positive number of windows")
         _require(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive batch size")
 

@@ -26,6 +26,7 @@ from gb10exp.evaluate import evaluate_accuracy
 from gb10exp.evaluate.tasks import check_tasks, run_tasks
 from gb10exp.models import check_model, load_model, load_tokenizer, resolve_device, resolve_dtype
 from gb10exp.quant import cache, export
+from gb10exp.quant.bytes import deployed_decode_bytes, deployed_weight_bytes
 from gb10exp.tracking import Recorder, check_store, config_hash
 from gb10exp.tracking.environment import environment
 
@@ -43,7 +44,8 @@ class Prepared:
     dtype: torch.dtype
     tokenizer: Any
     calib: torch.Tensor  # (calib_size, seq_len)
-    windows: torch.Tensor  # (num_windows, seq_len)
+    windows: data.EvalWindows  # (num_windows, seq_len) tokens and the positions eval.protocol scores
+    eval_tokens: torch.Tensor  # the evaluation text's tokens (no special tokens): benchmark prompts are cut from it
     backend: Backend
     recorder: Recorder
 
@@ -62,11 +64,10 @@ def prepare(cfg: Config) -> Prepared:
     calib = data.calib_samples(
         data.tokenize(data.load_text("calib", cfg.calib), tokenizer), cfg.calib.seq_len, cfg.calib_size, cfg.seed
     )
-    windows = data.eval_windows(
-        data.tokenize(data.load_text("eval", cfg.eval), tokenizer), cfg.eval.seq_len, cfg.eval.num_windows
-    )
-    return Prepared(device, resolve_dtype(cfg.model.dtype, device), tokenizer, calib, windows, backend,
-                    Recorder(cfg.tracking))
+    eval_tokens = data.tokenize(data.load_text("eval", cfg.eval), tokenizer)
+    windows = data.eval_windows(eval_tokens, cfg.eval.seq_len, cfg.eval.num_windows, cfg.eval.protocol, tokenizer)
+    return Prepared(device, resolve_dtype(cfg.model.dtype, device), tokenizer, calib, windows,
+                    eval_tokens[: windows.tokens.numel()], backend, Recorder(cfg.tracking))
 
 
 def run_name(cfg: Config) -> str:
@@ -143,7 +144,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         metrics = accuracy.metrics()
         if not quantizing and not cfg.qformat.gguf_type:  # the baseline compared with itself, by definition
             metrics |= {"kl_mean": 0.0, "top1_agreement": 1.0}
-        metrics["weight_gib"] = weight_bytes(model, cfg.qformat.weight_bits) / 2**30
+        metrics["weight_gib"] = deployed_weight_bytes(model, cfg.qformat) / 2**30
         _finite(metrics)
 
         if cfg.eval.tasks:
@@ -154,8 +155,8 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         # The engine: its start-up (GGUF build, export, engine build) is timed apart from every speed figure,
         # then it scores evaluation windows itself (speed and accuracy from the same kernels), then the speed.
         t = time.perf_counter()
-        inputs = BenchInputs(model, p.tokenizer, p.windows.flatten(), p.device, quantizing, cfg.model, cfg.qformat,
-                             metrics["weight_gib"] * 2**30)
+        inputs = BenchInputs(model, p.tokenizer, p.eval_tokens, p.device, quantizing, cfg.model, cfg.qformat,
+                             metrics["weight_gib"] * 2**30, deployed_decode_bytes(model, cfg.qformat))
         try:
             rec.set_tags(p.backend.prepare(inputs))
             timers["startup_s"] = time.perf_counter() - t
@@ -182,18 +183,3 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         rec.log_dict(results, "results.json")
     return results
 
-
-def weight_bytes(model: torch.nn.Module, bits_per_weight: float) -> float:
-    """Bytes of the deployed weights: quantized linear layers at the format's bits per weight (scales
-    included), everything else (embeddings, norms, lm_head) at 16 bits."""
-    quantized = 0
-    for module in model.modules():
-        quantizer = getattr(module, "weight_quantizer", None)
-        if isinstance(module, torch.nn.Linear) and quantizer is not None and quantizer.is_enabled:
-            quantized += module.weight.numel()
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:  # tied embeddings count once
-            seen.add(param.data_ptr())
-            total += param.numel()
-    return quantized * bits_per_weight / 8 + (total - quantized) * 2

@@ -77,12 +77,13 @@ def test_llama3_8b_bound_on_h100_matches_the_issue():
     assert decode_bound(3350.0, decode_bytes, 4) == pytest.approx(4 * decode_bound(3350.0, decode_bytes, 1))
 
 
-def test_roofline_on_cpu_measures_bandwidth_and_projects_gb10():
-    metrics, tags = roofline_metrics(decode_tps=50.0, decode_bytes=1e8, batch_size=1, device="cpu")
+def test_roofline_on_cpu_measures_bandwidth_and_makes_no_gb10_projection():
+    # 0.5 tokens/s x 100 MB = 0.05 GB/s: below any copy bandwidth, even on two busy cores
+    metrics, tags = roofline_metrics(decode_tps=0.5, decode_bytes=1e8, batch_size=1, device="cpu")
     assert tags["roofline.bandwidth_source"] == "measured copy" and metrics["bandwidth_measured_gbps"] > 0.1
-    assert 0 < metrics["roofline_fraction"] <= 1
-    assert metrics["gb10_decode_bound_tokens_per_s"] == pytest.approx(2730.0)
-    assert "projection, not a measurement" in tags["roofline.gb10"]
+    assert 0 < metrics["roofline_fraction"] <= 1 and tags["roofline"] == "plausible"
+    # A GB10 projection scales a GPU's fraction of its bound; a CPU run has none to give.
+    assert "gb10_projected_decode_tokens_per_s" not in metrics and tags["roofline.gb10"].startswith("no projection")
 
 
 def test_torch_decode_bytes_skips_only_an_untied_embedding_table():

@@ -31,7 +31,8 @@ def test_calibration_samples_are_seeded_and_distinct():
 
 def test_eval_windows_are_the_first_n():
     windows = data.eval_windows(torch.arange(1000), 100, 3)
-    assert windows.tolist()[2][:2] == [200, 201] and windows.shape == (3, 100)
+    assert windows.tokens.tolist()[2][:2] == [200, 201] and windows.tokens.shape == (3, 100)
+    assert windows.scored == [99, 99, 99] and windows.protocol == "windows"  # every target, no BOS
 
 
 def test_asking_for_more_than_the_text_holds_fails_clearly():

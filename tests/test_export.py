@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gb10exp.config import Config, ConfigError, ModelConfig, QFormatConfig
 from gb10exp.quant import calibration_loop, quantize
+from gb10exp.quant.bytes import deployed_weight_bytes
 from gb10exp.quant.export import (
     check_model,
     preflight_check,
@@ -22,7 +23,6 @@ from gb10exp.quant.export import (
     summarize,
     write_checkpoint,
 )
-from gb10exp.runner import weight_bytes
 
 QFORMATS = {
     p.stem: QFormatConfig(**OmegaConf.to_container(OmegaConf.load(p)))
@@ -58,7 +58,7 @@ def test_modelopt_formats_cover_the_conf_folder():
 def test_every_modelopt_format_exports_on_the_cpu(tmp_path, name):
     qformat = QFORMATS[name]
     model = quantized_tiny(qformat)
-    expected = weight_bytes(model, qformat.weight_bits)
+    expected = deployed_weight_bytes(model, qformat)
     ckpt = write_checkpoint(model, None, tmp_path, quantized=True)
 
     assert ckpt.quant_algo == qformat.quant_algo  # the support matrix is keyed by the YAML's quant_algo

@@ -29,7 +29,8 @@ class BenchInputs:
     quantized: bool  # modelopt fake quantization: in-process speed is not the format's speed
     model_cfg: ModelConfig | None = None
     qformat: QFormatConfig | None = None
-    weight_bytes: float = 0.0  # the deployed weights' bytes, estimated from the format's bits per weight
+    weight_bytes: float = 0.0  # the deployed weights' bytes (gb10exp.quant.bytes.deployed_weight_bytes)
+    decode_bytes: float = 0.0  # the deployed format's bytes per decoded token (..bytes.deployed_decode_bytes)
 
 
 class Backend(Protocol):
@@ -41,10 +42,11 @@ class Backend(Protocol):
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         """One-time work before any request (artifacts, engine, server); returns tags describing it."""
 
-    def perplexity(self, windows: torch.Tensor) -> list[tuple[float, int]] | None:
+    def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         """Per window of ``windows`` (N, T): (summed negative log-likelihood in nats, tokens scored), computed
-        by the engine itself, normally over tokens 1..T-1 (T-1 tokens; an engine that re-tokenizes text may
-        score a few more or fewer); None when the engine cannot return prompt log-probabilities."""
+        by the engine itself over the targets ``score_from[i]`` .. T-1 of window i (T - score_from[i] tokens,
+        as ``eval.protocol`` scores them; None: every target 1..T-1); an engine that re-tokenizes text may
+        score a few more or fewer; None when the engine cannot return prompt log-probabilities."""
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         """(metrics, tags) of one throughput measurement, following gb10exp.bench's rules."""

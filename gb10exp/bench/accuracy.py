@@ -8,7 +8,8 @@ ratio to the offline perplexity on those windows beyond ``bench.ppl_tolerance`` 
 
 For a format the engine quantizes itself (``qformat.gguf_type``), PyTorch holds only the unquantized
 source model, so the engine scores every window and its perplexity is the run's perplexity; the
-source's becomes ``source_perplexity``.
+source's becomes ``source_perplexity`` and, on the same scored tokens, the run's in-run reference
+(``reference_perplexity``, ``windows.ref_nll``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from gb10exp.config import Config
+from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
 
 
@@ -33,13 +33,13 @@ def _ppl(nll: list[float], tokens: list[int]) -> float:
     return math.exp(sum(nll) / sum(tokens))
 
 
-def engine_accuracy(backend, windows: torch.Tensor, offline: AccuracyResult, cfg: Config) -> EngineAccuracy:
-    """Score windows through ``backend.perplexity`` and compare with ``offline`` on the same windows."""
+def engine_accuracy(backend, windows: EvalWindows, offline: AccuracyResult, cfg: Config) -> EngineAccuracy:
+    """Score windows through ``backend.perplexity`` and compare with ``offline`` on the same scored tokens."""
     engine_quantized = cfg.qformat.gguf_type is not None
-    count = windows.shape[0] if engine_quantized else min(cfg.bench.engine_ppl_windows, windows.shape[0])
+    count = len(windows) if engine_quantized else min(cfg.bench.engine_ppl_windows, len(windows))
     if count == 0:
         return EngineAccuracy(tags={"engine_ppl_check": "off (bench.engine_ppl_windows=0)"})
-    scored = backend.perplexity(windows[:count])
+    scored = backend.perplexity(windows.tokens[:count], windows.score_from[:count].tolist())
     if scored is None:
         if engine_quantized:
             raise RuntimeError(f"backend={cfg.backend.name!r} returned no log-probabilities, and "
@@ -64,4 +64,8 @@ def engine_accuracy(backend, windows: torch.Tensor, offline: AccuracyResult, cfg
                            "eval_tokens": float(sum(tokens)), "source_perplexity": offline.perplexity}
         result.tags["accuracy_source"] = f"engine ({cfg.backend.name}): qformat {cfg.qformat.name} is not in PyTorch"
         result.windows = asdict(WindowStats(nll=list(nll), tokens=tokens))
+        del result.windows["ref_nll"]
+        if tokens == offline.windows.tokens:  # the source is this run's unquantized reference, same tokens
+            result.windows["ref_nll"] = list(offline.windows.nll)
+            result.metrics |= {"reference_perplexity": offline.perplexity, "reference_nll_mean": offline.nll_mean}
     return result

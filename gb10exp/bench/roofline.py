@@ -5,8 +5,9 @@ at batch ``B`` decode can never exceed ``B * bandwidth / bytes_per_step`` tokens
 throughput run logs that bound and the fraction of it achieved. The bandwidth comes from the table of
 published peaks below where the device is in it, otherwise from a copy measured on the spot (CPUs, GPUs
 missing from the table); the measured copy bandwidth is logged on GPUs too, as a realistic ceiling.
-A run on any other device also sees what the same bytes would give on GB10: a projection, not a
-measurement, and labelled so.
+A run on any other GPU also sees what the same bytes would give on GB10: a projection, not a
+measurement, and labelled so; a CPU run makes none. A decode rate above the bound is tagged
+``roofline=implausible`` with the reason (``roofline.reason``: e.g. CPU caches), never recorded as plausible.
 """
 
 from __future__ import annotations
@@ -78,18 +79,25 @@ def measured_bandwidth_gbps(device: str, repeats: int = 5) -> float:
     return best / 1e9
 
 
-def torch_decode_bytes(model: torch.nn.Module) -> float:
-    """Bytes one decode step reads: every parameter once, except an input embedding table that is not
-    also the output head (a token's embedding is one row of it)."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:
-            seen.add(param.data_ptr())
-            total += param.numel() * param.element_size()
+def decode_step_bytes(model: torch.nn.Module, sizes: dict[int, float] | None = None) -> float:
+    """Bytes one decode step reads: every distinct parameter once, except an input embedding table that is
+    not also the output head (a token's embedding is one row of it, a few KB: ignored). ``sizes`` gives
+    each parameter's bytes by ``data_ptr`` (``gb10exp.quant.bytes.tensor_bytes``: a deployed format's);
+    by default, as stored in memory."""
+    if sizes is None:
+        sizes = {}
+        for param in model.parameters():
+            sizes.setdefault(param.data_ptr(), float(param.numel() * param.element_size()))
+    total = sum(sizes.values())
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embed is not None and (head is None or head.weight.data_ptr() != embed.weight.data_ptr()):
-        total -= embed.weight.numel() * embed.weight.element_size()
+        total -= sizes.get(embed.weight.data_ptr(), 0.0)
     return float(total)
+
+
+def torch_decode_bytes(model: torch.nn.Module) -> float:
+    """Bytes one decode step of the in-memory PyTorch model reads (its weights as stored)."""
+    return decode_step_bytes(model)
 
 
 def decode_bound(bandwidth_gbps: float, decode_bytes: float, batch_size: int) -> float:
@@ -113,10 +121,28 @@ def roofline_metrics(
         fraction = decode_tps / bound
         metrics["roofline_fraction"] = fraction
         metrics["roofline_fraction_measured_bw"] = decode_tps / decode_bound(measured, decode_bytes, batch_size)
-        if "GB10" not in name:
+        if fraction > 1:
+            tags |= {"roofline": "implausible", "roofline.reason": _implausible_reason(fraction, decode_bytes, name)}
+        else:
+            tags["roofline"] = "plausible"
+        if fraction <= 1 and name != "cpu" and "GB10" not in name:
             gb10_bound = decode_bound(GB10_GBPS, decode_bytes, batch_size)
             metrics["gb10_decode_bound_tokens_per_s"] = gb10_bound
             metrics["gb10_projected_decode_tokens_per_s"] = gb10_bound * min(fraction, 1.0)
             tags["roofline.gb10"] = (f"projection, not a measurement: {GB10_GBPS:.0f} GB/s x the same bytes per "
                                      f"step x the fraction of the bound achieved on {name}")
+        elif "GB10" not in name:
+            tags["roofline.gb10"] = ("no projection: " + ("a CPU run says nothing about a GPU's fraction of its bound"
+                                     if name == "cpu" else "the fraction of the bound is implausible"))
     return metrics, tags
+
+
+def _implausible_reason(fraction: float, decode_bytes: float, name: str) -> str:
+    """Why a decode rate above the memory-bandwidth bound cannot be taken at face value."""
+    mib = decode_bytes / 2**20
+    if name == "cpu":
+        return (f"{fraction:.2f}x the bound: on a CPU, {mib:.0f} MiB of weights per step are partly served from "
+                "caches, faster than the DRAM copy bandwidth the bound assumes")
+    return (f"{fraction:.2f}x the bound at {name}'s bandwidth: the engine reads fewer bytes per step than the "
+            f"{mib:.0f} MiB counted (smaller weights than its format's count, or weights kept in cache), or the "
+            "bandwidth in the table is wrong")

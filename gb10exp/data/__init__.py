@@ -2,13 +2,16 @@
 
 Each dataset is a function ``(split, cfg) -> str`` in ``DATASETS``; ``split`` is "calib" or "eval" and
 the two parts of one dataset never overlap. Text is tokenized once, then cut into fixed windows:
-evaluation takes the first ``num_windows`` windows (identical for every format of a model), calibration
-draws ``calib_size`` windows with a seeded generator (identical for every format too).
+evaluation takes the first ``num_windows`` windows (identical for every format of a model), cut and
+scored as ``eval.protocol`` says (``eval_windows``); calibration draws ``calib_size`` windows with a
+seeded generator (identical for every format too).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,15 +79,135 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int, num_windows: int) -> torch.Tensor:
-    """The first ``num_windows`` non-overlapping windows, shape (num_windows, seq_len)."""
-    available = tokens.numel() // seq_len
-    if available < num_windows:
-        raise ConfigError(
-            f"eval.num_windows={num_windows} is not allowed: the evaluation text holds only {available} "
-            f"windows of {seq_len} tokens; lower eval.num_windows or eval.seq_len"
-        )
-    return tokens[: num_windows * seq_len].view(num_windows, seq_len)
+def bos_to_add(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one before text it encodes (add_special_tokens), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    return bos if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+
+
+def prefix_token(tokenizer) -> int:
+    """lm-eval's ``prefix_token_id`` for rolling log-likelihood: BOS when the tokenizer has one (added or
+    not), else EOS; the first token of the text is predicted from it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
+@dataclass(frozen=True)
+class EvalWindows:
+    """Evaluation windows and which of their tokens are scored.
+
+    ``tokens`` (N, T) are the model's inputs; the logits at position p predict ``tokens[:, p + 1]``, and
+    the targets of window i from index ``score_from[i]`` on (1 <= score_from[i] <= T - 1) are scored:
+    T - score_from[i] tokens. Perplexity, KL, top-1 agreement, the reference's NLL and every engine's
+    perplexity are computed over exactly these targets.
+    """
+
+    tokens: torch.Tensor  # (N, T) long
+    score_from: torch.Tensor  # (N,) long
+    protocol: str = "windows"
+
+    def __post_init__(self) -> None:
+        n, t = self.tokens.shape
+        if self.score_from.shape != (n,) or not bool(((self.score_from >= 1) & (self.score_from < t)).all()):
+            raise ValueError(f"score_from must hold one index in [1, {t - 1}] per window, got {self.score_from}")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: slice) -> EvalWindows:
+        """The windows ``index`` (a slice), with their scoring starts."""
+        return EvalWindows(self.tokens[index], self.score_from[index], self.protocol)
+
+    @property
+    def scored(self) -> list[int]:
+        """Scored tokens per window."""
+        return (self.tokens.shape[1] - self.score_from).tolist()
+
+    def digest(self) -> str:
+        """sha256 of the tokens, the scoring starts and the protocol: equal digests, equal scored data."""
+        h = hashlib.sha256(self.protocol.encode())
+        for t in (self.tokens, self.score_from):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.to(torch.long).contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def _too_few(num_windows: int, available: int, seq_len: int, protocol: str) -> ConfigError:
+    return ConfigError(
+        f"eval.num_windows={num_windows} is not allowed: the evaluation text holds only {available} "
+        f"windows of {seq_len} tokens (eval.protocol={protocol}); lower eval.num_windows or eval.seq_len"
+    )
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, num_windows: int, protocol: str = "windows",
+                 tokenizer=None) -> EvalWindows:
+    """``num_windows`` windows of ``seq_len`` tokens from the start of the text, cut as ``protocol`` says.
+
+    ``tokens`` is the text without special tokens (``tokenize``); ``tokenizer`` gives the BOS/prefix token
+    (needed for llamacpp and rolling).
+
+    - ``windows``: non-overlapping windows of the text, every target scored (T - 1 per window), no BOS.
+    - ``llamacpp``: llama.cpp's perplexity tool (tools/perplexity/perplexity.cpp, ``perplexity()``): the
+      text tokenized with special tokens (BOS first when the tokenizer adds one) is cut into
+      non-overlapping chunks of n_ctx = T; each chunk's first token is replaced by BOS when the tokenizer
+      adds one; only the targets after the first half are scored (first = T // 2: T - T // 2 - 1 tokens).
+    - ``rolling``: lm-eval's ``loglikelihood_rolling`` (``get_rolling_token_windows`` with context_len=1,
+      then ``make_disjoint_window``) with max_length = T - 1: the text tokenized with special tokens,
+      prefixed by ``prefix_token``, every token predicted exactly once; window k > 0 starts one token
+      before the first token it predicts, so each window holds T - 1 predictions and T tokens.
+    """
+    if protocol == "windows":
+        available = tokens.numel() // seq_len
+        if available < num_windows:
+            raise _too_few(num_windows, available, seq_len, protocol)
+        windows = tokens[: num_windows * seq_len].view(num_windows, seq_len)
+        return EvalWindows(windows, torch.ones(num_windows, dtype=torch.long), protocol)
+    if tokenizer is None:
+        raise ValueError(f"eval.protocol={protocol} needs the tokenizer (its BOS / prefix token)")
+    bos = bos_to_add(tokenizer)
+    stream = tokens if bos is None else torch.cat([torch.tensor([bos]), tokens])
+    if protocol == "llamacpp":
+        if seq_len < 4:
+            raise ConfigError(f"eval.seq_len={seq_len} is not allowed with eval.protocol=llamacpp: at least 4 "
+                              "tokens (the second half of each window is scored)")
+        available = stream.numel() // seq_len
+        if available < num_windows:
+            raise _too_few(num_windows, available, seq_len, protocol)
+        windows = stream[: num_windows * seq_len].view(num_windows, seq_len).clone()
+        if bos is not None:
+            windows[:, 0] = bos
+        first = seq_len // 2
+        return EvalWindows(windows, torch.full((num_windows,), first + 1, dtype=torch.long), protocol)
+    if protocol == "rolling":
+        if seq_len < 2:
+            raise ConfigError(f"eval.seq_len={seq_len} is not allowed with eval.protocol=rolling: at least 2 tokens")
+        per_window = seq_len - 1
+        available = stream.numel() // per_window
+        if available < num_windows:
+            raise _too_few(num_windows, available, seq_len, protocol)
+        return rolling_windows(stream[: num_windows * per_window].tolist(), prefix_token(tokenizer), seq_len)
+    raise ConfigError(f"eval.protocol={protocol!r} is not allowed: one of ['windows', 'llamacpp', 'rolling']")
+
+
+def rolling_windows(token_list: list[int], prefix: int, seq_len: int) -> EvalWindows:
+    """Every token of ``token_list`` predicted exactly once, as lm-eval's rolling log-likelihood does with
+    max_length = seq_len - 1: the first window is ``[prefix] + tokens[:seq_len - 1]``; window k predicts
+    the next seq_len - 1 tokens from the one token before them on; a last, shorter prediction span takes
+    its window's remaining tokens from the context before it (only its predictions are scored)."""
+    per_window = seq_len - 1
+    if len(token_list) < per_window:
+        raise ConfigError(f"eval.seq_len={seq_len} is not allowed with eval.protocol=rolling: the text holds "
+                          f"only {len(token_list)} tokens; lower eval.seq_len")
+    rows, starts = [[prefix, *token_list[:per_window]]], [1]
+    predicted = per_window
+    while predicted < len(token_list):
+        end = min(predicted + per_window, len(token_list))
+        rows.append(token_list[end - seq_len : end])
+        starts.append(seq_len - (end - predicted))
+        predicted = end
+    return EvalWindows(torch.tensor(rows, dtype=torch.long), torch.tensor(starts, dtype=torch.long), "rolling")
 
 
 def calib_samples(tokens: torch.Tensor, seq_len: int, calib_size: int, seed: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from gb10exp.config import Config, ModelConfig
+from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
 from gb10exp.quant import calibration_loop, modelopt_config, quantize
 from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
@@ -147,14 +148,14 @@ def _save(model: torch.nn.Module, entry: Path, cfg: Config) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))  # for people browsing the cache
 
 
-def eval_entry(cfg: Config, calib: torch.Tensor, windows: torch.Tensor, device: torch.device,
+def eval_entry(cfg: Config, calib: torch.Tensor, windows: EvalWindows, device: torch.device,
                dtype: torch.dtype) -> Path | None:
     """The eval-cache folder of this job (None with cache=false)."""
     if not cfg.cache:
         return None
     return cache_dir("eval") / _digest({
         "model": quant_key(cfg, calib, device, dtype),
-        "windows": _tensor_digest(windows),
+        "windows": windows.digest(),  # tokens, scored positions and protocol
         "batch_size": cfg.eval.batch_size,
         "compare_baseline": cfg.eval.compare_baseline,
         "code": _source_digest("evaluate"),
@@ -174,7 +175,7 @@ def state(entry: Path | None, cached: AccuracyResult | None) -> str:
 
 def save_accuracy(entry: Path | None, result: AccuracyResult) -> None:
     """Publish a result once; a NaN or infinite one is never cached (the run fails on it anyway)."""
-    values = [result.perplexity, result.nll_mean, result.kl_mean, result.top1_agreement]
+    values = [result.perplexity, result.nll_mean, result.kl_mean, result.top1_agreement, result.reference_perplexity]
     if entry is None or (entry / EVAL_FILE).is_file() or not all(v is None or math.isfinite(v) for v in values):
         return
     with publish_dir(entry) as tmp:

@@ -19,8 +19,8 @@ import torch
 from gb10exp.backends.base import BenchInputs
 from gb10exp.backends.hf.fast import FastDecoder, TokenStamper
 from gb10exp.bench import Target, Timing, measure, now
-from gb10exp.bench.roofline import torch_decode_bytes
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
+from gb10exp.quant.bytes import in_memory_decode_bytes, tensor_bytes
 
 MODES = ("fast", "static", "generate")
 
@@ -46,7 +46,7 @@ class HFBackend:
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         return {}
 
-    def perplexity(self, windows: torch.Tensor) -> list[tuple[float, int]] | None:
+    def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         return None  # the offline evaluation already ran through this very model
 
     def close(self) -> None:
@@ -57,12 +57,15 @@ class HFBackend:
             return {}, {"speed_valid": "false", "speed_measured": "no: fake quantization (modelopt simulated) runs "
                         "at the simulation's speed, not the format's; bench.measure_fake_quant=true times it anyway"}
         device = inputs.device
-        target = Target(str(device), torch_decode_bytes(inputs.model))
+        # What this engine really reads: the weights as PyTorch holds them (fake quantization keeps them whole),
+        # by the same rule as every engine's count (gb10exp/quant/bytes.py).
+        target = Target(str(device), in_memory_decode_bytes(inputs.model))
         if device.type == "cuda":
             target.reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)
             target.peak_bytes = lambda: float(torch.cuda.max_memory_allocated(device))
-        metrics: dict[str, float] = {}
-        tags = {"speed_valid": str(not inputs.quantized).lower(), "bench.method": self.modes[0]}
+        metrics = {"engine_weight_gib": sum(tensor_bytes(inputs.model, dense_bits=None).values()) / 2**30}
+        tags = {"speed_valid": str(not inputs.quantized).lower(), "bench.method": self.modes[0],
+                "roofline.bytes_source": "the in-memory PyTorch weights as stored"}
         if inputs.quantized:
             tags["speed_note"] = "fake quantization: timed on request, not the format's speed"
         for i, mode in enumerate(self.modes):

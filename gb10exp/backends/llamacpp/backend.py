@@ -91,14 +91,14 @@ class LlamaCppBackend:
         offloaded = layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, layers)
         return f"{'all ' if offloaded == layers else ''}{offloaded}/{layers} layers on the GPU (+ output layer)"
 
-    def perplexity(self, windows: torch.Tensor) -> list[tuple[float, int]] | None:
+    def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         llm = self._load(windows.shape[1], logits_all=True)
         try:
             out = []
-            for window in windows.tolist():
+            for window, s in zip(windows.tolist(), score_from or [1] * len(windows), strict=True):
                 llm.reset()  # position 0, empty KV cache: each window scored on its own, as PyTorch did
                 llm.eval(window)
-                out.append((_log_softmax_nll(llm.scores[: len(window) - 1], np.asarray(window[1:])), len(window) - 1))
+                out.append((_log_softmax_nll(llm.scores[s - 1 : len(window) - 1], np.asarray(window[s:])), len(window) - s))
             return out
         finally:
             llm.close()

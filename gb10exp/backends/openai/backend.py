@@ -114,9 +114,9 @@ class OpenAIBackend:
         return self.tokenizer.decode(tokens) if self.prompt_format == "text" else tokens
 
     # -- accuracy -----------------------------------------------------------------------------------
-    def perplexity(self, windows: torch.Tensor) -> list[tuple[float, int]] | None:
+    def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         out = []
-        for window in windows.tolist():
+        for window, s in zip(windows.tolist(), score_from or [1] * len(windows), strict=True):
             prompt = self._prompt(window)
             body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1,
                     "temperature": 0}
@@ -131,6 +131,7 @@ class OpenAIBackend:
             values = prompt_logprobs(choice, chars)
             if not values:
                 return None
+            values = values[-(len(window) - s) :] if s > 1 else values  # the scored tail, counted from the end
             out.append((-sum(values), len(values)))
         return out
 

@@ -119,19 +119,20 @@ class TRTLLMBackend:
         self.llm = LLM(model=str(self.folder), kv_cache_config=kv, max_batch_size=self.max_batch_size)
         return {"trtllm.checkpoint": how, "trtllm.version": tensorrt_llm.__version__, "speed_valid": "true"}
 
-    def perplexity(self, windows: torch.Tensor) -> list[tuple[float, int]] | None:
+    def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         from tensorrt_llm import SamplingParams
 
         params = SamplingParams(max_tokens=1, top_k=1, return_context_logits=True, detokenize=False)
         out = []
-        for window, result in zip(windows.tolist(), self.llm.generate(windows.tolist(), params), strict=True):
+        starts = score_from or [1] * len(windows)
+        for window, s, result in zip(windows.tolist(), starts, self.llm.generate(windows.tolist(), params), strict=True):
             logits = result.context_logits
             if logits is None:
                 self.context_logits_missing = True
                 return None
-            logp = torch.log_softmax(logits[: len(window) - 1].float(), dim=-1)
-            targets = torch.tensor(window[1:], device=logp.device)
-            out.append((-logp.gather(-1, targets[:, None]).sum().item(), len(window) - 1))
+            logp = torch.log_softmax(logits[s - 1 : len(window) - 1].float(), dim=-1)
+            targets = torch.tensor(window[s:], device=logp.device)
+            out.append((-logp.gather(-1, targets[:, None]).sum().item(), len(window) - s))
         return out
 
     async def _stream(self, prompt: list[int], params, start: float) -> Timing:

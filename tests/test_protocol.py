@@ -1,0 +1,315 @@
+"""Evaluation protocols (windows, llamacpp, rolling), the in-run reference NLL, and the one byte count."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from inprocess import fresh_cache, new_store, run_job
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gb10exp import data
+from gb10exp.bench.roofline import decode_step_bytes, roofline_metrics, torch_decode_bytes
+from gb10exp.config import ConfigError, EvalConfig, ModelConfig, QFormatConfig
+from gb10exp.evaluate import evaluate_accuracy
+from gb10exp.quant import cache
+from gb10exp.quant.bytes import decode_bytes, deployed_decode_bytes, deployed_weight_bytes
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gb10exp.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name="t", source="random", arch={"hidden_size": 64}))  # SmolLM2's
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tokenizer):
+    """The same tokenizer told to add its BOS (<|im_start|>, id 1), as Llama's tokenizers do."""
+    t = copy.deepcopy(tokenizer)
+    t.add_bos_token = True
+    assert t("a")["input_ids"][0] == 1
+    return t
+
+
+def tiny_llama(tied: bool = True, vocab: int = 300) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# -- protocols -------------------------------------------------------------------------------------------
+def test_protocol_is_validated_in_one_line():
+    assert EvalConfig(dataset="pydoc_topics").protocol == "llamacpp"
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.protocol='lmeval' is not allowed: one of \['windows', 'llamacpp', "
+        r"'rolling'\]",
+    ):
+        EvalConfig(dataset="pydoc_topics", protocol="lmeval")
+
+
+def test_llamacpp_without_bos_scores_the_second_half(tokenizer):
+    text = torch.arange(100, 140)
+    w = data.eval_windows(text, 8, 4, "llamacpp", tokenizer)  # SmolLM2 adds no BOS: plain chunks
+    assert torch.equal(w.tokens, text[:32].view(4, 8))
+    # n_ctx 8, first = 4: logits at 4..6 predict tokens 5..7, as perplexity.cpp's n_ctx - first - 1
+    assert w.score_from.tolist() == [5] * 4 and w.scored == [3] * 4
+
+
+def test_llamacpp_with_bos_replaces_each_chunks_first_token(bos_tokenizer):
+    text = torch.arange(100, 140)
+    w = data.eval_windows(text, 8, 3, "llamacpp", bos_tokenizer)
+    # The text tokenized with BOS ([1, 100, 101, ...]) cut in chunks of 8, each chunk's first token -> BOS.
+    assert w.tokens.tolist() == [
+        [1, 100, 101, 102, 103, 104, 105, 106],
+        [1, 108, 109, 110, 111, 112, 113, 114],
+        [1, 116, 117, 118, 119, 120, 121, 122],
+    ]
+    assert w.scored == [3, 3, 3]
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.num_windows=6 is not allowed: .* only 5 windows of 8 tokens "
+        r"\(eval.protocol=llamacpp\)",
+    ):
+        data.eval_windows(text, 8, 6, "llamacpp", bos_tokenizer)
+
+
+@pytest.mark.parametrize("length", [7, 8, 20, 21, 27])
+def test_rolling_is_lm_evals_rolling_loglikelihood(length):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    tokens, seq_len, prefix = list(range(100, 100 + length)), 8, 1
+    w = data.rolling_windows(tokens, prefix, seq_len)
+    expected = [make_disjoint_window(p) for p in get_rolling_token_windows(tokens, prefix, seq_len - 1, 1)]
+    assert len(w) == len(expected)
+    for row, start, (context, continuation) in zip(
+        w.tokens.tolist(), w.score_from.tolist(), expected, strict=True
+    ):
+        # lm-eval feeds (context + continuation)[-(max_length + 1):][:-1] and scores the continuation.
+        assert row == (context + continuation)[-seq_len:] and row[start:] == continuation
+    scored = [t for row, s in zip(w.tokens.tolist(), w.score_from.tolist(), strict=True) for t in row[s:]]
+    assert scored == tokens  # every token scored exactly once, in order
+
+
+def test_rolling_gives_lm_evals_own_loglikelihood(tokenizer):
+    """lm-eval's HFLM.loglikelihood_rolling with max_length = seq_len - 1, on a real tiny model: the same sum."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model = tiny_llama(vocab=len(tokenizer))
+    text = (
+        "The quick brown fox jumps over the lazy dog. " * 12
+    )  # 121 tokens: 3 full windows and a partial one
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=31, batch_size=4, device="cpu")
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    [expected] = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    windows = data.rolling_windows(data.tokenize(text, tokenizer).tolist(), data.prefix_token(tokenizer), 32)
+    result = evaluate_accuracy(model, windows, 4, CPU)
+    assert result.windows.tokens == [31, 31, 31, 28]
+    assert -sum(result.windows.nll) == pytest.approx(expected, rel=1e-5)
+
+
+def test_rolling_prefixes_bos_and_keeps_the_tokenizers_own(tokenizer, bos_tokenizer):
+    text = torch.arange(100, 140)
+    plain = data.eval_windows(text, 8, 3, "rolling", tokenizer)
+    # lm-eval's prefix token is BOS whenever the tokenizer has one, added or not.
+    assert plain.tokens[0].tolist() == [1, 100, 101, 102, 103, 104, 105, 106] and plain.scored == [7, 7, 7]
+    assert plain.tokens[1].tolist() == list(range(106, 114))
+    with_bos = data.eval_windows(text, 8, 3, "rolling", bos_tokenizer)
+    # lm-eval encodes with the tokenizer's special tokens, then prefixes: BOS, BOS (itself scored), text.
+    assert with_bos.tokens[0].tolist() == [1, 1, 100, 101, 102, 103, 104, 105]
+
+
+def test_the_digest_covers_tokens_positions_and_protocol(tokenizer):
+    text = torch.arange(100, 140)
+    a = data.eval_windows(text, 8, 4, "windows")
+    b = data.eval_windows(text, 8, 4, "llamacpp", tokenizer)
+    assert torch.equal(a.tokens, b.tokens) and a.digest() != b.digest()
+    assert a.digest() == data.eval_windows(text, 8, 4, "windows").digest()
+
+
+def test_scores_only_the_protocols_positions_and_keeps_the_reference_nll(tokenizer):
+    model = tiny_llama()
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    text = torch.randint(3, 300, (400,), generator=torch.Generator().manual_seed(0))
+    w = data.eval_windows(text, 40, 5, "llamacpp", tokenizer)
+    result = evaluate_accuracy(noisy, w, 2, CPU, baseline=model)
+    with torch.no_grad():  # direct: cross-entropy over the targets 21..39 of each window only
+        logits = noisy(w.tokens).logits
+        direct = [
+            F.cross_entropy(logits[i, 20:-1], w.tokens[i, 21:], reduction="sum").item() for i in range(5)
+        ]
+    assert result.windows.tokens == [19] * 5 and result.eval_tokens == 95
+    assert result.windows.nll == pytest.approx(direct, rel=1e-5)
+    # The reference's NLL on the same positions, from the logits KL already needed: the model alone gives it.
+    alone = evaluate_accuracy(model, w, 5, CPU)
+    assert result.windows.ref_nll == pytest.approx(alone.windows.nll, rel=1e-6)
+    assert result.reference_perplexity == pytest.approx(alone.perplexity, rel=1e-6)
+    assert result.metrics()["reference_nll_mean"] == pytest.approx(alone.nll_mean, rel=1e-6)
+    assert "ref_nll" not in alone.as_dict()["windows"] and "reference_perplexity" not in alone.metrics()
+    # ... and it survives the evaluation cache.
+    entry = cache.cache_dir("eval-test") / "entry"
+    cache.save_accuracy(entry, result)
+    loaded = cache.load_accuracy(entry)
+    assert loaded.windows.ref_nll == result.windows.ref_nll and loaded.metrics() == result.metrics()
+
+
+def test_in_run_reference_equals_the_bf16_run_on_the_same_windows(tmp_path, monkeypatch):
+    fresh_cache(tmp_path / "cache", monkeypatch)
+    store = new_store(tmp_path / "store")
+    int4 = run_job(["qformat=int4", "eval.protocol=rolling"], store)
+    bf16 = run_job(["qformat=bf16", "eval.protocol=rolling"], store)
+    assert int4["windows"]["ref_nll"] == pytest.approx(bf16["windows"]["nll"], rel=1e-5)
+    assert int4["metrics"]["reference_perplexity"] == pytest.approx(bf16["metrics"]["perplexity"], rel=1e-5)
+    assert int4["windows"]["tokens"] == [63] * 4  # rolling: seq_len - 1 tokens per window, each once
+    again = run_job(["qformat=int4", "eval.protocol=rolling", "force=true"], store)  # the eval cache hit
+    assert again["windows"]["ref_nll"] == int4["windows"]["ref_nll"]
+    off = run_job(["qformat=int4", "eval.protocol=rolling", "eval.compare_baseline=false"], store)
+    assert "ref_nll" not in off["windows"] and "reference_perplexity" not in off["metrics"]
+
+
+# -- bytes -----------------------------------------------------------------------------------------------
+def test_tied_embeddings_count_once_and_the_16_bit_count():
+    tied, untied = tiny_llama(tied=True), tiny_llama(tied=False)
+    # per layer: q 64x64, k and v 64x32, o 64x64, gate/up/down 64x128: 36,864 weights; 2 norms of 64
+    linear, norms, table = 2 * 36864, 2 * 2 * 64 + 64, 300 * 64
+    assert (
+        deployed_weight_bytes(tied, None) == (linear + norms + table) * 2
+    )  # float32 in memory, 16-bit deployed
+    assert deployed_weight_bytes(untied, None) == (linear + norms + 2 * table) * 2
+    # A decode step reads one row of an untied input table, all of a tied one (it is the output head).
+    assert deployed_decode_bytes(tied, None) == deployed_weight_bytes(tied, None)
+    assert deployed_decode_bytes(untied, None) == (linear + norms + table) * 2
+    assert (
+        decode_bytes(untied, None, dense_bits=None)
+        == torch_decode_bytes(untied)
+        == (linear + norms + table) * 4
+    )
+
+
+def test_quantized_tiny_model_matches_a_hand_count():
+    from gb10exp.quant import calibration_loop, quantize
+
+    int4 = QFormatConfig(name="int4", modelopt_cfg="INT4_BLOCKWISE_WEIGHT_ONLY_CFG", weight_bits=4.125)
+    model = tiny_llama(tied=False)
+    samples = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantize(model, int4, calibration_loop(samples, 2, CPU))
+    linear, norms, table = 2 * 36864, 2 * 2 * 64 + 64, 300 * 64
+    # The 14 decoder linears at 4.125 bits; embeddings, output head (modelopt leaves lm_head alone) and norms at 16.
+    assert deployed_weight_bytes(model, int4) == linear * 4.125 / 8 + (norms + 2 * table) * 2
+    assert deployed_decode_bytes(model, int4) == linear * 4.125 / 8 + (norms + table) * 2
+    # An engine-quantized format (no quantizers in PyTorch): every linear but the output head at its bits.
+    q4 = QFormatConfig(name="gguf_q4_k_m", gguf_type="Q4_K_M", weight_bits=4.85)
+    assert deployed_weight_bytes(tiny_llama(tied=False), q4) == pytest.approx(
+        linear * 4.85 / 8 + (norms + 2 * table) * 2
+    )
+    assert decode_step_bytes(model) == torch_decode_bytes(model)
+
+
+def test_a_rate_above_the_bound_is_flagged_not_recorded_as_plausible():
+    metrics, tags = roofline_metrics(decode_tps=1e9, decode_bytes=1e6, batch_size=1, device="cpu")
+    assert metrics["roofline_fraction"] > 1 and tags["roofline"] == "implausible"
+    assert "caches" in tags["roofline.reason"] and math.isfinite(metrics["roofline_fraction"])
+    assert "gb10_projected_decode_tokens_per_s" not in metrics
+
+
+# -- llama.cpp itself ------------------------------------------------------------------------------------
+def _llama_cpp_perplexity(llm, bos: int | None, stream: list[int], n_ctx: int, n_chunk: int) -> float:
+    """llama.cpp's perplexity() (tools/perplexity/perplexity.cpp) over ``stream`` (the text tokenized with
+    special tokens): chunks of n_ctx, each chunk's first token set to BOS when the vocabulary adds one,
+    logits of positions first = n_ctx / 2 .. n_ctx - 2 scored against the next token."""
+    import numpy as np
+
+    first, nll, count = n_ctx // 2, 0.0, 0
+    for i in range(n_chunk):
+        chunk = stream[i * n_ctx : (i + 1) * n_ctx]
+        if bos is not None:
+            chunk[0] = bos
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[first : n_ctx - 1], dtype=np.float64)
+        peak = logits.max(axis=1)
+        log_z = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+        nll += float((log_z - logits[np.arange(len(logits)), chunk[first + 1 :]]).sum())
+        count += n_ctx - first - 1
+    return math.exp(nll / count)
+
+
+def _f32_copy(source, out) -> None:
+    """The GGUF's weights dequantized to F32 by llama.cpp's own quantizer: the very weights PyTorch runs
+    (transformers dequantizes the same file), so llama.cpp's Q4_1 x Q8_1 kernels, which round activations
+    to 8 bits (~0.6% perplexity here), do not hide what is compared: the protocol."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize = 0, True  # LLAMA_FTYPE_ALL_F32
+    with suppress_stdout_stderr(disable=False):
+        assert (
+            llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_llamacpp_protocol_agrees_with_llama_cpp(tokenizer, bos_tokenizer, monkeypatch, tmp_path):
+    import llama_cpp
+    import llama_cpp.llama_cpp as raw
+
+    from gb10exp.models import EMBEDDED, embedded_file, load_model
+
+    original = raw.llama_model_default_params
+
+    def params():  # llama.cpp's AMX buffers segfault on some Intel CPUs (FACTS); off, as the backend does
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(raw, "llama_model_default_params", params)
+    n_ctx, n_chunk = 256, 3
+    text = data.tokenize(data.load_text("eval", EvalConfig(dataset="pydoc_topics")), tokenizer)
+    _f32_copy(embedded_file(EMBEDDED), tmp_path / "f32.gguf")
+    llm = llama_cpp.Llama(
+        str(tmp_path / "f32.gguf"), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False
+    )
+    try:
+        vocab = raw.llama_model_get_vocab(llm._model.model)
+        gguf_adds_bos = bool(raw.llama_vocab_get_add_bos(vocab))
+        assert (
+            data.bos_to_add(tokenizer) is not None
+        ) == gguf_adds_bos  # both read the GGUF's setting (no BOS)
+        # The GGUF's own setting, then BOS forced on both sides (as for Llama tokenizers): BOS placement checked.
+        cases = {"gguf": (tokenizer, None), "bos": (bos_tokenizer, raw.llama_vocab_bos(vocab))}
+        reference = {}
+        for name, (_, bos) in cases.items():
+            stream = ([bos] if bos is not None else []) + text.tolist()  # llama.cpp's tokens, as the same ids
+            reference[name] = _llama_cpp_perplexity(llm, bos, stream, n_ctx, n_chunk)
+    finally:
+        llm.close()
+        (tmp_path / "f32.gguf").unlink()  # 540 MB
+    model = load_model(EMBEDDED, CPU, torch.float32)
+    for name, (tok, _) in cases.items():
+        ours = evaluate_accuracy(model, data.eval_windows(text, n_ctx, n_chunk, "llamacpp", tok), 3, CPU)
+        assert ours.eval_tokens == n_chunk * (n_ctx - n_ctx // 2 - 1)
+        print(f"{name}: PyTorch {ours.perplexity:.4f}, llama.cpp {reference[name]:.4f}")
+        assert ours.perplexity == pytest.approx(reference[name], rel=0.005), name
+    assert reference["bos"] != reference["gguf"]  # the BOS really changed what llama.cpp scored
