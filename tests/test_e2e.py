@@ -27,11 +27,13 @@ def test_embedded_default_sweep_records_real_numbers(tmp_path):
 
     base = by_format["bf16"].data.metrics
     assert math.isfinite(base["perplexity"]) and 5.0 < base["perplexity"] < 60.0
-    assert base["eval_tokens"] == 4 * 255
+    assert base["eval_tokens"] == 4 * 127  # eval.protocol=llamacpp: the second half of each window, less one
     for name in ("fp8", "nvfp4"):
         m = by_format[name].data.metrics
         assert m["kl_mean"] > 1e-4 and m["top1_agreement"] < 1.0, name  # the logits did change
         assert m["weight_gib"] < base["weight_gib"]
+        # the in-run reference is the bf16 model on the same windows: its perplexity, at no extra cost
+        assert m["reference_perplexity"] == pytest.approx(base["perplexity"], rel=1e-5), name
     assert by_format["nvfp4"].data.metrics["kl_mean"] > by_format["fp8"].data.metrics["kl_mean"]
     assert by_format["nvfp4"].data.metrics["perplexity"] > base["perplexity"]
 

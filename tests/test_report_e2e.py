@@ -191,11 +191,5 @@ def card_sweep_then_report(tmp_path: Path, in_run: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="needs the evalproto branch: quantized runs record their in-run reference (results.json "
-    "windows.ref_nll, metric reference_perplexity); remove this marker once it is merged",
-)
 def test_card_sweep_then_report_uses_the_in_run_reference(tmp_path):
     card_sweep_then_report(tmp_path, in_run=True)
