@@ -68,6 +68,10 @@ class QFormatConfig:
     # Quantized by llama.cpp's own quantizer, not modelopt (e.g. Q4_K_M): only engines that run GGUF files
     # can serve it, and its accuracy comes from the engine itself.
     gguf_type: str | None = None
+    # False: the format's result cannot depend on calibration data (bf16, GGUF, and weight-only
+    # round-to-nearest formats whose quantizers see only weights): jobs skip calibration and leave the
+    # calibration settings out of their identity, so a calib_size sweep runs them once.
+    uses_calibration: bool = True
 
     def __post_init__(self) -> None:
         if self.gguf_type is not None:
