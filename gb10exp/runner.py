@@ -30,6 +30,7 @@ from gb10exp.quant import cache
 from gb10exp.tracking import Recorder, check_store
 from gb10exp.tracking.environment import environment
 from gb10exp.tracking.identity import calibrates, run_identity
+from gb10exp.tracking.ui import dataset_inputs, run_note
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
     tags = environment(p.device) | sweep_tags | ident.tags | {
         "qformat": cfg.qformat.name, "model": cfg.model.name, "backend": cfg.backend.name}
     with p.recorder.run(run_name(cfg), resolved, overrides, tags) as rec, oom_hint():
+        rec.log_inputs(dataset_inputs(cfg, tags, p.calib, p.windows))
         timers: dict[str, float] = {}
         start = time.perf_counter()
 
@@ -169,6 +171,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         timers["total_s"] = time.perf_counter() - start
         metrics |= timers
         rec.log_metrics(metrics)
+        rec.set_tags({"mlflow.note.content": run_note(cfg, metrics, tags)})
         results = {"run_id": rec.run_id, "name": run_name(cfg), "metrics": metrics,
                    "windows": engine.windows or accuracy.as_dict()["windows"], "tags": tags}
         rec.log_dict(results, "results.json")

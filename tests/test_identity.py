@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from inprocess import accuracy, all_runs, compose, new_store, run_job
+from inprocess import accuracy, all_runs, client, compose, new_store, run_job
 
 from gb10exp.config import ConfigError
 from gb10exp.quant import modelopt_config
@@ -35,6 +36,20 @@ def test_other_hardware_is_a_new_run_and_the_same_identity_is_skipped(tmp_path, 
     assert real.startswith("cpu ") and real.endswith(f" x{torch.get_num_threads()}")
     assert runs[0].data.tags["run_identity"] != runs[1].data.tags["run_identity"]
     assert runs[0].data.tags["config_hash"] == runs[1].data.tags["config_hash"]  # same config, other machine
+    # What the MLflow UI shows: a one-line description, and a saved runs-table view on the experiment.
+    ppl = runs[0].data.metrics["perplexity"]
+    assert (
+        runs[0]
+        .data.tags["mlflow.note.content"]
+        .startswith(f"tiny_llama bf16 (none) on hf · ppl {ppl:.3f} · KL 0.0000")
+    )
+    experiment = client(store).get_experiment(runs[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.gb10exp"])
+    assert (
+        "metrics.`perplexity`" in view["selectedColumns"]
+        and "metrics.`decode_tokens_per_s`" in view["selectedColumns"]
+    )
 
 
 def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrated_numbers(tmp_path, caplog):
@@ -56,6 +71,15 @@ def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrate
         "8 samples of 64 tokens",
     ]
     assert runs[0].data.tags["calib_digest"] == "none" and len(runs[1].data.tags["calib_digest"]) == 16
+    # The data as MLflow dataset inputs, digested like the tags; no calibration input where none ran.
+    for run, kinds in zip(runs, (["eval"], ["calibration", "eval"]), strict=True):
+        inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == [f"pydoc_topics-{k}" for k in kinds]
+        assert inputs["pydoc_topics-eval"].digest == run.data.tags["eval_digest"]
+        assert '"tokens": 256' in inputs["pydoc_topics-eval"].profile  # 4 windows x 64 tokens
+    assert {d.dataset.name: d.dataset.digest for d in runs[1].inputs.dataset_inputs}[
+        "pydoc_topics-calibration"
+    ] == (runs[1].data.tags["calib_digest"])
 
 
 @pytest.mark.parametrize("name", QFORMATS)

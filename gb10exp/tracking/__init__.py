@@ -26,6 +26,7 @@ from gb10exp.config import ConfigError, TrackingConfig
 from gb10exp.tracking.liveness import heartbeat, is_stale, owner_tags
 from gb10exp.tracking.secrets import redact
 from gb10exp.tracking.store import RetryingClient
+from gb10exp.tracking.ui import ensure_view
 from gb10exp.utils import check_writable
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class Recorder:
         _init_sqlite(cfg.uri)
         self.client = RetryingClient(MlflowClient(tracking_uri=cfg.uri))  # parallel jobs share one SQLite file
         self.experiment_id = _experiment_id(self.client, cfg)
+        ensure_view(self.client, self.experiment_id)  # the UI opens on a runs table with metric columns
         self.run_id: str | None = None
 
     def find_finished(self, identity: str) -> FoundRun | None:
@@ -215,6 +217,10 @@ class Recorder:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow dataset inputs (``gb10exp.tracking.ui.dataset_inputs``): the Datasets column and filter."""
+        self.client.log_inputs(self.run_id, datasets=datasets)
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, redact(text), name)
