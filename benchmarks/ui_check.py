@@ -11,8 +11,10 @@ name in full, the five metric columns and their values. Exit status 0 only when 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -113,6 +115,7 @@ def main() -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        start_new_session=True,  # stopped as a group: mlflow ui and its uvicorn workers
     )
     try:
         url = ""
@@ -121,19 +124,28 @@ def main() -> int:
             if not line:
                 raise SystemExit("ui_check: the UI launcher exited without printing a link")
             url = line.strip() if line.strip().startswith("http") else ""
-        for _ in range(120):
+        deadline = time.time() + 600  # mlflow ui starts its workers slowly on a busy 2-core machine
+        while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
                 break
             except OSError:
-                time.sleep(0.5)
+                if time.time() > deadline or ui.poll() is not None:
+                    raise SystemExit(f"ui_check: the MLflow UI did not answer on port {port}") from None
+                time.sleep(1)
         args.screenshot.parent.mkdir(parents=True, exist_ok=True)
         chromium(url, f"--screenshot={args.screenshot}", profile=work / "profile-shot")
         dom = chromium(url, "--dump-dom", profile=work / "profile-dom")
-    finally:
-        ui.terminate()
-        ui.wait(timeout=30)
+    finally:  # the server and its workers: the whole process group
+        os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
 
+    if not args.screenshot.is_file():
+        raise SystemExit(f"ui_check: chromium wrote no screenshot to {args.screenshot}")
     (work / "dom.html").write_text(dom)
     text = re.sub(r"<[^>]+>", " ", dom)
     missing = [f"column {h}" for h in HEADERS if h not in text]

@@ -32,14 +32,27 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 COLUMNS = ("perplexity", "kl_mean", "top1_agreement", "weight_gib", "decode_tokens_per_s")
 TAG_COLUMNS = ("hardware", "quantization")
 RUN_NAME_COLUMN = "attributes.`Run Name`"
+DESCRIPTION_COLUMN = "attributes.`Description`"
 
 
 def view_state() -> dict[str, Any]:
-    """The saved view: metric and tag columns, run names wide enough to read, newest runs first."""
-    selected = [f"metrics.`{m}`" for m in COLUMNS] + [f"tags.`{t}`" for t in TAG_COLUMNS]
+    """The saved view: the metric columns in reading order (MLflow sorts them by name otherwise), the
+    hardware and quantization tags, the description last; run names wide enough to read; newest first.
+    The UI applies ``columnWidths`` only to the columns listed in ``columnOrder``."""
+    metrics = [f"metrics.`{m}`" for m in COLUMNS]
+    tags = [f"tags.`{t}`" for t in TAG_COLUMNS]
+    widths = {
+        RUN_NAME_COLUMN: 330,
+        "runDateAndNestInfo": 130,
+        **dict.fromkeys(metrics, 165),
+        tags[0]: 210,
+        tags[1]: 230,
+        DESCRIPTION_COLUMN: 560,
+    }
     return {
-        "selectedColumns": ["attributes.`Description`", *selected],
-        "columnWidths": {RUN_NAME_COLUMN: 330},
+        "selectedColumns": [*metrics, *tags, DESCRIPTION_COLUMN],
+        "columnOrder": list(widths),
+        "columnWidths": widths,
         "orderByKey": "attributes.start_time",
         "orderByAsc": False,
     }
