@@ -45,7 +45,7 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1700,900",
+    "--window-size=2000,700",
     "--virtual-time-budget=30000",
     "--hide-scrollbars",
 ]
@@ -151,7 +151,9 @@ def main() -> int:
     missing = [f"column {h}" for h in HEADERS if h not in text]
     missing += [f"run name {n}" for n in names if n not in text]
     ppl = {r.info.run_name: r.data.metrics["perplexity"] for r in runs}
-    missing += [f"perplexity value of {n}" for n, v in ppl.items() if f"{v:.4g}"[:5] not in text]
+    missing += [
+        f"perplexity value of {n}" for n, v in ppl.items() if repr(v)[:6] not in text
+    ]  # shown in full
     print(f"url: {url}\nscreenshot: {args.screenshot}\ndom: {work / 'dom.html'} ({len(dom)} characters)")
     print(f"runs: {names}")
     if missing:

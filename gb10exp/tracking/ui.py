@@ -42,9 +42,9 @@ def view_state() -> dict[str, Any]:
     metrics = [f"metrics.`{m}`" for m in COLUMNS]
     tags = [f"tags.`{t}`" for t in TAG_COLUMNS]
     widths = {
-        RUN_NAME_COLUMN: 330,
+        RUN_NAME_COLUMN: 270,
         "runDateAndNestInfo": 130,
-        **dict.fromkeys(metrics, 165),
+        **dict.fromkeys(metrics, 150),
         tags[0]: 210,
         tags[1]: 230,
         DESCRIPTION_COLUMN: 560,
