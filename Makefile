@@ -59,8 +59,8 @@ claim: $(VENV)/.core  ## test NVIDIA's "<1% loss" claim on the embedded model, t
 report: $(VENV)/.core  ## report + verdict of the latest experiment; ARGS="--experiment NAME | --sweep ID"
 	$(PY) -m gb10exp.report $(ARGS)
 
-ui: $(VENV)/.core  ## MLflow UI on http://127.0.0.1:5000 for the local store
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+ui: $(VENV)/.core  ## MLflow UI on http://127.0.0.1:5000, printing the link to the latest experiment's runs table
+	$(PY) -m gb10exp.tracking.ui --store sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 trtllm-env:  ## inside NVIDIA's TensorRT-LLM container: install gb10exp, keeping its torch/modelopt/tensorrt_llm
 	python3 -m gb10exp.backends.trtllm.install $(ARGS)

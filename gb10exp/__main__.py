@@ -7,6 +7,7 @@ last value of a sweep fails in one line at once instead of after hours of earlie
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ NO_JOB_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--vers
 
 log = logging.getLogger("gb10exp")
 register_configs()
+# ${sweep_uid:} in hydra.sweep.dir: a random suffix, drawn once per sweep (cached in the config, which Hydra
+# copies into every job), so two sweeps started in the same second get different folders and sweep_ids.
+OmegaConf.register_new_resolver("sweep_uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
 def to_config(dcfg: DictConfig) -> Config:

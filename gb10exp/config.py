@@ -74,6 +74,10 @@ class QFormatConfig:
     # W4A16_AWQ, W4A8_AWQ, MIXED_PRECISION...); null for bf16 and GGUF formats. Keys the engine support matrix
     # (gb10exp/backends/support.py).
     quant_algo: str | None = None
+    # False: the format's result cannot depend on calibration data (bf16, GGUF, and weight-only
+    # round-to-nearest formats whose quantizers see only weights): jobs skip calibration and leave the
+    # calibration settings out of their identity, so a calib_size sweep runs them once.
+    uses_calibration: bool = True
 
     def __post_init__(self) -> None:
         if self.gguf_type is not None:

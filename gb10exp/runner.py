@@ -24,14 +24,16 @@ from gb10exp.bench.accuracy import engine_accuracy
 from gb10exp.config import Config
 from gb10exp.evaluate import evaluate_accuracy
 from gb10exp.evaluate.tasks import check_tasks, run_tasks
+from gb10exp.isolation import restored_globals
 from gb10exp.models import check_model, load_model, load_tokenizer, resolve_device, resolve_dtype
 from gb10exp.quant import cache, export
 from gb10exp.quant.bytes import deployed_decode_bytes, deployed_weight_bytes
-from gb10exp.tracking import Recorder, check_store, config_hash
+from gb10exp.tracking import Recorder, check_store
 from gb10exp.tracking.environment import environment
+from gb10exp.tracking.identity import calibrates, run_identity
+from gb10exp.tracking.ui import dataset_inputs, run_note
 
 log = logging.getLogger(__name__)
-CALIB_KEYS = ("calib", "calib_size", "seed")  # what only calibration reads
 
 
 class NonFiniteMetric(RuntimeError):
@@ -43,7 +45,7 @@ class Prepared:
     device: torch.device
     dtype: torch.dtype
     tokenizer: Any
-    calib: torch.Tensor  # (calib_size, seq_len)
+    calib: torch.Tensor  # (calib_size, seq_len); (0, seq_len) for a job that does not calibrate
     windows: data.EvalWindows  # (num_windows, seq_len) tokens and the positions eval.protocol scores
     eval_tokens: torch.Tensor  # the evaluation text's tokens (no special tokens): benchmark prompts are cut from it
     backend: Backend
@@ -63,7 +65,7 @@ def prepare(cfg: Config) -> Prepared:
     tokenizer = load_tokenizer(cfg.model)
     calib = data.calib_samples(
         data.tokenize(data.load_text("calib", cfg.calib), tokenizer), cfg.calib.seq_len, cfg.calib_size, cfg.seed
-    )
+    ) if calibrates(cfg) else torch.zeros((0, cfg.calib.seq_len), dtype=torch.long)
     eval_tokens = data.tokenize(data.load_text("eval", cfg.eval), tokenizer)
     windows = data.eval_windows(eval_tokens, cfg.eval.seq_len, cfg.eval.num_windows, cfg.eval.protocol, tokenizer)
     return Prepared(device, resolve_dtype(cfg.model.dtype, device), tokenizer, calib, windows,
@@ -97,28 +99,27 @@ def oom_hint() -> Iterator[None]:
         ) from exc
 
 
+@restored_globals()  # seeds, default dtype...: the next job of the sweep starts from the same state
 def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str, str]) -> dict[str, Any]:
     """Run one job and return its results (the same dict that is logged as results.json)."""
     p = prepare(cfg)
-    # Calibration settings change nothing for a model modelopt does not quantize: the bf16 jobs of a
-    # calib_size sweep share one hash, so the sweep runs the baseline once and skips its twins.
     quantizing = cfg.qformat.modelopt_cfg is not None
-    hash_ = config_hash({k: v for k, v in resolved.items() if quantizing or k not in CALIB_KEYS})
-    if not cfg.force and (done := p.recorder.find_finished(hash_)):
-        log.info("skipping %s: identical run %s already finished (force=true reruns)", run_name(cfg), done)
-        return {"skipped": True, "run_id": done}
-    if not cfg.force and (live := p.recorder.find_running(hash_)):  # e.g. the same sweep on another machine
+    # Resume matches the whole identity (config, hardware, dtype, code, versions, data digests): a run on
+    # another machine or other code is a new run; calibration-free formats share one across calib settings.
+    ident = run_identity(cfg, resolved, p.device, p.dtype, p.tokenizer, p.calib, p.windows)
+    if not cfg.force and (done := p.recorder.find_finished(ident.key)):
+        log.info("skipping %s: identical run %s already finished (run_identity %s; force=true reruns)",
+                 run_name(cfg), done, ident.key)
+        return {"skipped": True, "run_id": done.run_id}
+    if not cfg.force and (live := p.recorder.find_running(ident.key)):  # e.g. the same sweep on another machine
         log.info("skipping %s: identical run %s is running now (force=true runs it anyway)", run_name(cfg), live)
-        return {"skipped": True, "run_id": live}
+        return {"skipped": True, "run_id": live.run_id}
 
-    tags = environment(p.device) | sweep_tags | {
-        "config_hash": hash_, "qformat": cfg.qformat.name, "model": cfg.model.name, "backend": cfg.backend.name,
-        "compute_dtype": str(p.dtype).removeprefix("torch."),
-        "support": support.tag(cfg.backend.name, cfg.qformat, support.arch_of(p.device)),
-        "quantization": "fake (modelopt simulated)" if quantizing else (
-            f"by the engine ({cfg.qformat.gguf_type})" if cfg.qformat.gguf_type else "none"),
-    }
+    tags = environment(p.device) | sweep_tags | ident.tags | {
+        "qformat": cfg.qformat.name, "model": cfg.model.name, "backend": cfg.backend.name,
+        "support": support.tag(cfg.backend.name, cfg.qformat, support.arch_of(p.device))}
     with p.recorder.run(run_name(cfg), resolved, overrides, tags) as rec, oom_hint():
+        rec.log_inputs(dataset_inputs(cfg, tags, p.calib, p.windows))
         timers: dict[str, float] = {}
         start = time.perf_counter()
 
@@ -178,6 +179,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         timers["total_s"] = time.perf_counter() - start
         metrics |= timers
         rec.log_metrics(metrics)
+        rec.set_tags({"mlflow.note.content": run_note(cfg, metrics, tags)})
         results = {"run_id": rec.run_id, "name": run_name(cfg), "metrics": metrics,
                    "windows": engine.windows or accuracy.as_dict()["windows"], "tags": tags}
         rec.log_dict(results, "results.json")

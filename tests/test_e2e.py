@@ -39,7 +39,7 @@ def test_embedded_default_sweep_records_real_numbers(tmp_path):
 
     run = by_format["nvfp4"]
     assert run.data.params["calib_size"] == "8" and run.data.params["model.source"] == "embedded"
-    assert run.data.tags["nvfp4"] == "emulated" and run.data.tags["compute_dtype"] == "float32"
+    assert run.data.tags["nvfp4"] == "simulated" and run.data.tags["compute_dtype"] == "float32"
     assert run.data.tags["version.nvidia-modelopt"].startswith("0.47")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.yaml", "results.json"} <= artifacts

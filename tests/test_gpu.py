@@ -58,6 +58,9 @@ def test_run_on_cuda_records_gpu_tags(tmp_path):
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     tags = runs[0].data.tags
     assert tags["gpu"] == torch.cuda.get_device_name() and tags["compute_dtype"] == "bfloat16"
-    assert tags["nvfp4"] == ("native" if torch.cuda.get_device_capability()[0] >= 10 else "emulated")
+    major, minor = torch.cuda.get_device_capability()
+    assert tags["hardware"] == f"{torch.cuda.get_device_name()} sm_{major}{minor}"
+    nvfp4 = next(r.data.tags for r in runs if r.data.params["qformat.name"] == "nvfp4")
+    assert nvfp4["nvfp4"] == "simulated" and "nvfp4" not in tags  # the hf backend simulates, even on Blackwell
     kl = {r.data.params["qformat.name"]: r.data.metrics["kl_mean"] for r in runs}
     assert kl["bf16"] == 0.0 and 0.0 < kl["fp8"] < kl["nvfp4"]

@@ -1,9 +1,11 @@
 """Resume: identical FINISHED runs are skipped, failed and missing ones rerun, force=true reruns all; a
-sweep killed with SIGKILL mid-job is completed by a rerun with exactly one FINISHED run per config."""
+sweep killed with SIGKILL mid-job is completed by a rerun with exactly one FINISHED run per config. Sweeps
+get unique ids, and a job leaves no global setting changed for the next one."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +25,9 @@ def test_skips_finished_reruns_failed_and_force(tmp_path, monkeypatch):
     store = new_store(tmp_path)
     done = run_job(["qformat=fp8"], store)
     assert run_job(["qformat=fp8"], store) == {"skipped": True, "run_id": done["run_id"]}
-    assert "run_id" in run_job(["qformat=fp8", "force=true"], store) and not run_job(["qformat=fp8", "force=true"], store).get("skipped")
+    assert "run_id" in run_job(["qformat=fp8", "force=true"], store) and not run_job(
+        ["qformat=fp8", "force=true"], store
+    ).get("skipped")
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke")
@@ -39,8 +43,9 @@ def test_skips_finished_reruns_failed_and_force(tmp_path, monkeypatch):
 
 
 def _run(tags: dict[str, str], start_ms: int | None = None):
-    return SimpleNamespace(data=SimpleNamespace(tags=tags),
-                           info=SimpleNamespace(start_time=start_ms or int(time.time() * 1000)))
+    return SimpleNamespace(
+        data=SimpleNamespace(tags=tags), info=SimpleNamespace(start_time=start_ms or int(time.time() * 1000))
+    )
 
 
 def test_liveness_tells_dead_runs_from_live_ones():
@@ -50,8 +55,12 @@ def test_liveness_tells_dead_runs_from_live_ones():
     dead.wait()
     assert liveness.is_stale(_run({"owner_host": host, "owner_pid": str(dead.pid)}))
     # Another machine: only its heartbeat tells.
-    assert not liveness.is_stale(_run({"owner_host": "elsewhere", "owner_pid": "1", "heartbeat": str(int(now) - 30)}))
-    assert liveness.is_stale(_run({"owner_host": "elsewhere", "owner_pid": "1", "heartbeat": str(int(now) - 3600)}))
+    assert not liveness.is_stale(
+        _run({"owner_host": "elsewhere", "owner_pid": "1", "heartbeat": str(int(now) - 30)})
+    )
+    assert liveness.is_stale(
+        _run({"owner_host": "elsewhere", "owner_pid": "1", "heartbeat": str(int(now) - 3600)})
+    )
     assert liveness.is_stale(_run({}, start_ms=int((now - 3600) * 1000)))  # a run from before heartbeats
 
 
@@ -70,8 +79,9 @@ def test_sigkill_mid_sweep_then_rerun_completes_it(tmp_path):
     # A bigger evaluation gives the second job a few seconds in which to be killed.
     sweep = [*TINY, "qformat=bf16,fp8", "eval.num_windows=48", "eval.seq_len=128", *store_args(store)]
     command = [sys.executable, "-m", "gb10exp", *sweep]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
     def second_job_running() -> bool:
         if not (store / "mlflow.db").exists():
@@ -96,3 +106,90 @@ def test_sigkill_mid_sweep_then_rerun_completes_it(tmp_path):
     replacement = [r for r in runs if r.info.status == "FINISHED" and r.info.run_id != runs[0].info.run_id][0]
     assert old.info.status == "KILLED" and old.data.tags["superseded_by"] == replacement.info.run_id
     assert replacement.data.tags["config_hash"] == old.data.tags["config_hash"]
+
+
+def test_sweeps_started_in_the_same_second_get_different_ids(monkeypatch):
+    import datetime as dt
+
+    import hydra.core.utils
+    from hydra import compose, initialize_config_dir
+
+    from gb10exp.__main__ import CONF_DIR
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 26, 12, 0, 0)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)  # what Hydra's ${now:} resolver reads
+    dirs = []
+    for _ in range(2):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            hydra_cfg = compose("config", return_hydra_config=True).hydra
+            dirs.append(str(hydra_cfg.sweep.dir))
+            assert str(hydra_cfg.sweep.dir) == dirs[-1]  # drawn once per sweep, stable when read again
+    assert dirs[0] != dirs[1]
+    assert all(re.fullmatch(r"outputs/2026-11-26_12-00-00-[0-9a-f]{6}", d) for d in dirs), dirs
+
+
+def test_two_concurrent_sweeps_each_keep_one_id_across_their_jobs(tmp_path):
+    store = new_store(tmp_path)
+    default_dir = f"hydra.sweep.dir={tmp_path}/outputs/${{now:%Y-%m-%d_%H-%M-%S}}-${{sweep_uid:}}"
+    common = [
+        *TINY,
+        f"tracking.uri=sqlite:///{store}/mlflow.db",
+        f"tracking.artifact_root={store}/artifacts",
+        default_dir,
+    ]
+    sweeps = [
+        [*common, "qformat=bf16,int4", "hydra/launcher=local_parallel"],  # jobs in two worker processes
+        [*common, "qformat=bf16", "eval.num_windows=2"],
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gb10exp", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for args in sweeps
+    ]
+    for proc in procs:
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+    ids = Counter(r.data.tags["sweep_id"] for r in all_runs(store))
+    assert sorted(ids.values()) == [1, 2], ids  # the 2-job sweep shares one id, the other has its own
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-[0-9a-f]{6}", i) for i in ids), ids
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == sorted(ids)
+
+
+def test_a_job_restores_the_global_settings_it_changed(tmp_path, monkeypatch):
+    import random
+
+    import torch
+
+    store = new_store(tmp_path)
+    torch.manual_seed(1234)
+    random.seed(1234)
+    rng, py_rng, threads = torch.get_rng_state(), random.getstate(), torch.get_num_threads()
+    run_job(["qformat=bf16"], store)  # the random model's loader seeds torch's generator
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    from gb10exp import runner
+
+    real = runner.evaluate_accuracy
+
+    def meddling(*args, **kwargs):
+        real(*args, **kwargs)
+        torch.set_default_dtype(torch.float64)
+        torch.set_num_threads(1)
+        random.seed(99)
+        torch.set_grad_enabled(False)
+        raise RuntimeError("failed after changing global settings")
+
+    monkeypatch.setattr(runner, "evaluate_accuracy", meddling)
+    with pytest.raises(RuntimeError, match="failed after changing"):
+        run_job(["qformat=bf16", "eval.num_windows=2", "cache=false"], store)
+    assert torch.get_default_dtype() == torch.float32 and torch.get_num_threads() == threads
+    assert random.getstate() == py_rng and torch.is_grad_enabled() and torch.equal(torch.get_rng_state(), rng)

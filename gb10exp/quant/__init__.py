@@ -33,8 +33,11 @@ def modelopt_config(qformat: QFormatConfig, kv_cache_qformat: str = "none") -> d
     return cfg
 
 
-def calibration_loop(samples: torch.Tensor, batch_size: int, device: torch.device) -> Callable:
-    """modelopt's forward_loop: run every calibration sample through the model once."""
+def calibration_loop(samples: torch.Tensor, batch_size: int, device: torch.device) -> Callable | None:
+    """modelopt's forward_loop: run every calibration sample through the model once. None without samples
+    (a calibration-free format): modelopt's max calibration then sets weight scales from the weights alone."""
+    if samples.numel() == 0:
+        return None
 
     def forward_loop(model: torch.nn.Module) -> None:
         batches = samples.split(batch_size)
@@ -48,7 +51,7 @@ def calibration_loop(samples: torch.Tensor, batch_size: int, device: torch.devic
 def quantize(
     model: torch.nn.Module,
     qformat: QFormatConfig,
-    forward_loop: Callable,
+    forward_loop: Callable | None,
     kv_cache_qformat: str = "none",
 ) -> torch.nn.Module:
     """Quantize ``model`` in place (calibrating with ``forward_loop``) and return it."""

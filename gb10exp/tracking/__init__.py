@@ -1,7 +1,7 @@
 """MLflow recording: one run per job, the same record every time.
 
 params: the flattened resolved config. tags: environment (hardware, versions, git commit), the sweep it
-belongs to, the config hash (resume key). artifacts: config.yaml, overrides.yaml, results.json, and
+belongs to, the run identity (resume key: ``gb10exp.tracking.identity``) and its parts. artifacts: config.yaml, overrides.yaml, results.json, and
 traceback.txt for a run that raised, which is marked FAILED.
 """
 
@@ -11,10 +11,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from gb10exp.config import ConfigError, TrackingConfig
 from gb10exp.tracking.liveness import heartbeat, is_stale, owner_tags
 from gb10exp.tracking.secrets import redact
 from gb10exp.tracking.store import RetryingClient
+from gb10exp.tracking.ui import ensure_view
 from gb10exp.utils import check_writable
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,24 @@ def _experiment_id(client, cfg: TrackingConfig) -> str:
         return client.get_experiment_by_name(cfg.experiment).experiment_id
 
 
+@dataclass(frozen=True)
+class FoundRun:
+    """A run that resume matched, described for the log line that says why a job was skipped."""
+
+    run_id: str
+    name: str
+    started: str
+    sweep: str
+
+    @classmethod
+    def of(cls, run) -> FoundRun:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(run.info.start_time / 1000))
+        return cls(run.info.run_id, run.info.run_name or "", started, run.data.tags.get("sweep_id", "?"))
+
+    def __str__(self) -> str:
+        return f"{self.run_id} ({self.name!r}, sweep {self.sweep}, started {self.started})"
+
+
 class Recorder:
     """The MLflow run of one job. Use ``with recorder.run(...)``: exceptions mark it FAILED."""
 
@@ -127,32 +148,33 @@ class Recorder:
         _init_sqlite(cfg.uri)
         self.client = RetryingClient(MlflowClient(tracking_uri=cfg.uri))  # parallel jobs share one SQLite file
         self.experiment_id = _experiment_id(self.client, cfg)
+        ensure_view(self.client, self.experiment_id)  # the UI opens on a runs table with metric columns
         self.run_id: str | None = None
 
-    def find_finished(self, hash_: str) -> str | None:
-        """The id of a FINISHED run with this config hash in this experiment, if any (resume)."""
+    def find_finished(self, identity: str) -> FoundRun | None:
+        """The FINISHED run with this run identity in this experiment, if any (resume)."""
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.config_hash = '{hash_}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.run_identity = '{identity}' and attributes.status = 'FINISHED'",
             max_results=1,
         )
-        return runs[0].info.run_id if runs else None
+        return FoundRun.of(runs[0]) if runs else None
 
-    def _running_twins(self, hash_: str) -> list:
+    def _running_twins(self, identity: str) -> list:
         return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.config_hash = '{hash_}' and attributes.status = 'RUNNING'"
+            [self.experiment_id], filter_string=f"tags.run_identity = '{identity}' and attributes.status = 'RUNNING'"
         )
 
-    def find_running(self, hash_: str) -> str | None:
-        """The id of a RUNNING run with this config hash whose process is alive (another job or machine)."""
-        live = [r for r in self._running_twins(hash_) if r.info.run_id != self.run_id and not is_stale(r)]
-        return live[0].info.run_id if live else None
+    def find_running(self, identity: str) -> FoundRun | None:
+        """The RUNNING run with this identity whose process is alive (another job or machine), if any."""
+        live = [r for r in self._running_twins(identity) if r.info.run_id != self.run_id and not is_stale(r)]
+        return FoundRun.of(live[0]) if live else None
 
-    def _supersede_stale(self, hash_: str | None) -> None:
-        """Mark this config's dead RUNNING runs (SIGKILL, lost node) KILLED, pointing at this run."""
-        if not hash_:
+    def _supersede_stale(self, identity: str | None) -> None:
+        """Mark this identity's dead RUNNING runs (SIGKILL, lost node) KILLED, pointing at this run."""
+        if not identity:
             return
-        for r in self._running_twins(hash_):
+        for r in self._running_twins(identity):
             if r.info.run_id != self.run_id and is_stale(r):
                 log.info("marking run %s KILLED: its process is gone; superseded by %s", r.info.run_id, self.run_id)
                 self.client.set_tag(r.info.run_id, "superseded_by", self.run_id)
@@ -164,7 +186,7 @@ class Recorder:
         run = self.client.create_run(self.experiment_id, run_name=redact(name), tags=tags)
         self.run_id = run.info.run_id
         try:
-            self._supersede_stale(tags.get("config_hash"))
+            self._supersede_stale(tags.get("run_identity"))
             self.log_params(flatten(resolved))
             self.log_text(OmegaConf.to_yaml(DictConfig(resolved)), "config.yaml")
             self.log_text("\n".join(overrides) + "\n", "overrides.yaml")
@@ -185,8 +207,6 @@ class Recorder:
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -197,6 +217,10 @@ class Recorder:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow dataset inputs (``gb10exp.tracking.ui.dataset_inputs``): the Datasets column and filter."""
+        self.client.log_inputs(self.run_id, datasets=datasets)
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, redact(text), name)

@@ -1,0 +1,191 @@
+"""Run identity: what makes two runs the same run (resume), its parts, and calibration-free formats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from inprocess import accuracy, all_runs, client, compose, new_store, run_job
+
+from gb10exp.config import ConfigError
+from gb10exp.quant import modelopt_config
+from gb10exp.tracking import environment, identity
+
+QFORMATS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "qformat").glob("*.yaml"))
+
+
+def test_other_hardware_is_a_new_run_and_the_same_identity_is_skipped(tmp_path, monkeypatch, caplog):
+    store = new_store(tmp_path)
+    real = environment.hardware(torch.device("cpu"))
+    here = run_job(["qformat=bf16"], store)
+    monkeypatch.setattr(environment, "hardware", lambda device: "NVIDIA GB10 sm_121")
+    there = run_job(["qformat=bf16"], store)
+    assert not there.get("skipped") and there["run_id"] != here["run_id"]
+    with caplog.at_level(logging.INFO, logger="gb10exp.runner"):
+        again = run_job(["qformat=bf16"], store)
+    assert again == {"skipped": True, "run_id": there["run_id"]}
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping"))
+    assert f"identical run {there['run_id']} ('tiny_llama-bf16-calib4-hf', sweep inprocess" in line
+
+    runs = all_runs(store)
+    assert [r.data.tags["hardware"] for r in runs] == [real, "NVIDIA GB10 sm_121"]
+    assert real.startswith("cpu ") and real.endswith(f" x{torch.get_num_threads()}")
+    assert runs[0].data.tags["run_identity"] != runs[1].data.tags["run_identity"]
+    assert runs[0].data.tags["config_hash"] == runs[1].data.tags["config_hash"]  # same config, other machine
+    # What the MLflow UI shows: a one-line description, and a saved runs-table view on the experiment.
+    ppl = runs[0].data.metrics["perplexity"]
+    assert (
+        runs[0]
+        .data.tags["mlflow.note.content"]
+        .startswith(f"tiny_llama bf16 (none) on hf · ppl {ppl:.3f} · KL 0.0000")
+    )
+    experiment = client(store).get_experiment(runs[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.gb10exp"])
+    assert (
+        "metrics.`perplexity`" in view["selectedColumns"]
+        and "metrics.`decode_tokens_per_s`" in view["selectedColumns"]
+    )
+
+
+def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrated_numbers(tmp_path, caplog):
+    store = new_store(tmp_path)
+    once = run_job(["qformat=int4", "calib_size=4"], store)
+    assert run_job(["qformat=int4", "calib_size=8", "seed=3"], store) == {
+        "skipped": True,
+        "run_id": once["run_id"],
+    }
+    # Forcing calibration back on (a forward pass over 8 samples) gives bit-identical numbers.
+    calibrated = run_job(
+        ["qformat=int4", "calib_size=8", "qformat.uses_calibration=true", "cache=false"], store
+    )
+    assert accuracy(calibrated["metrics"]) == accuracy(once["metrics"])
+    assert calibrated["windows"] == once["windows"]
+    runs = all_runs(store)
+    assert [r.data.tags["calibration"] for r in runs] == [
+        "skipped: weight-only round-to-nearest, max calibration reads the weights alone",
+        "8 samples of 64 tokens",
+    ]
+    assert runs[0].data.tags["calib_digest"] == "none" and len(runs[1].data.tags["calib_digest"]) == 16
+    # The data as MLflow dataset inputs, digested like the tags; no calibration input where none ran.
+    for run, kinds in zip(runs, (["eval"], ["calibration", "eval"]), strict=True):
+        inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == [f"pydoc_topics-{k}" for k in kinds]
+        assert inputs["pydoc_topics-eval"].digest == run.data.tags["eval_digest"]
+        assert '"tokens": 256' in inputs["pydoc_topics-eval"].profile  # 4 windows x 64 tokens
+    assert {d.dataset.name: d.dataset.digest for d in runs[1].inputs.dataset_inputs}[
+        "pydoc_topics-calibration"
+    ] == (runs[1].data.tags["calib_digest"])
+
+
+@pytest.mark.parametrize("name", QFORMATS)
+def test_uses_calibration_matches_what_the_modelopt_config_reads(name):
+    cfg, _ = compose([f"qformat={name}"])
+    mcfg = modelopt_config(cfg.qformat)
+    needs = mcfg is not None and identity.calibration_need(mcfg) is not None
+    assert cfg.qformat.uses_calibration == needs, identity.calibration_need(mcfg) if mcfg else name
+
+
+def test_a_format_that_reads_activations_cannot_skip_calibration():
+    cfg, _ = compose(["qformat=fp8", "qformat.uses_calibration=false"])
+    with pytest.raises(
+        ConfigError,
+        match=r"qformat.uses_calibration=False is not allowed for qformat='fp8': "
+        r"FP8_DEFAULT_CFG needs calibration data \(it enables activation quantizers",
+    ):
+        identity.check_calibration_flag(cfg)
+    awq, _ = compose(["qformat=int4_awq", "qformat.uses_calibration=false"])
+    with pytest.raises(ConfigError, match="its algorithm 'awq_lite' reads activations"):
+        identity.check_calibration_flag(awq)
+    kv, _ = compose(["qformat=int4", "kv_cache_qformat=fp8"])  # KV-cache scales come from activations
+    assert identity.calibrates(kv) and not identity.calibrates(compose(["qformat=int4"])[0])
+
+
+def test_digests_follow_the_data():
+    tokens = torch.arange(256)
+    windows = tokens.reshape(4, 64)
+    assert identity.tensor_digest(windows) == identity.tensor_digest(windows.clone())
+    assert identity.tensor_digest(windows) != identity.tensor_digest(tokens.reshape(2, 128))  # same bytes
+    other = windows.clone()
+    other[3, 63] += 1
+    assert identity.tensor_digest(windows) != identity.tensor_digest(other)
+    cfg, _ = compose([])
+    assert identity.eval_digest(windows, cfg) != identity.eval_digest(other, cfg)
+    # Settings that do not change the scored tokens (batch size, data file name) do not change the digest.
+    batched, _ = compose(["eval.batch_size=1"])
+    assert identity.eval_digest(windows, cfg) == identity.eval_digest(windows, batched)
+
+
+def test_tokenizer_digest_sees_a_changed_vocabulary():
+    from gb10exp.models import load_tokenizer
+
+    cfg, _ = compose([])
+    tok = load_tokenizer(cfg.model)
+    before = identity.tokenizer_digest(tok)
+    assert before == identity.tokenizer_digest(load_tokenizer(cfg.model))
+    tok.add_tokens(["<gb10exp-new-token>"])
+    assert identity.tokenizer_digest(tok) != before
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(root), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_code_version_is_dirty_for_untracked_code_but_not_for_other_files(tmp_path):
+    root = tmp_path / "checkout"
+    (root / "gb10exp").mkdir(parents=True)
+    (root / "conf").mkdir()
+    (root / "gb10exp" / "a.py").write_text("x = 1\n")
+    (root / "conf" / "c.yaml").write_text("k: 1\n")
+    (root / ".gitignore").write_text("__pycache__/\n")
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    commit = _git(root, "rev-parse", "HEAD")
+    clean = environment.code_digest(root)
+    assert environment.code_version(root) == commit
+
+    (root / "README.md").write_text("docs change nothing\n")  # outside gb10exp/ and conf/
+    (root / "gb10exp" / "__pycache__").mkdir()
+    (root / "gb10exp" / "__pycache__" / "a.pyc").write_bytes(b"ignored")
+    assert environment.code_version(root) == commit and environment.code_digest(root) == clean
+
+    (root / "gb10exp" / "new.py").write_text("y = 2\n")  # untracked code
+    assert environment.code_version(root) == f"{commit}-dirty"
+    first_dirty = environment.code_digest(root)
+    (root / "gb10exp" / "new.py").write_text("y = 3\n")  # another dirty state: same version, other digest
+    assert environment.code_version(root) == f"{commit}-dirty"
+    assert len({clean, first_dirty, environment.code_digest(root)}) == 3
+
+    (root / "gb10exp" / "new.py").unlink()
+    (root / "conf" / "c.yaml").write_text("k: 2\n")  # tracked config edited
+    assert environment.code_version(root) == f"{commit}-dirty"
+    assert environment.code_version(tmp_path / "not-a-checkout") == "unknown"
+
+
+def test_nvfp4_is_simulated_on_the_hf_backend_even_with_fp4_tensor_cores(monkeypatch):
+    monkeypatch.setattr(environment, "fp4_tensor_cores", lambda device: True)  # as on a Blackwell GPU
+    nvfp4, _ = compose(["qformat=nvfp4"])
+    assert identity.quantization_tags(nvfp4, torch.device("cpu")) == {
+        "quantization": "simulated (modelopt fake quantization)",
+        "nvfp4": "simulated",
+    }
+    wo, _ = compose(["qformat=nvfp4_wo"])
+    assert identity.quantization_tags(wo, torch.device("cpu"))["nvfp4"] == "simulated"
+    fp8, _ = compose(["qformat=fp8"])
+    assert "nvfp4" not in identity.quantization_tags(fp8, torch.device("cpu"))  # no FP4 anywhere
+    assert (
+        identity.quantization_tags(
+            compose(["qformat=fp8", "kv_cache_qformat=nvfp4"])[0], torch.device("cpu")
+        )["nvfp4"]
+        == "simulated"
+    )
+    assert identity.quantization_tags(compose(["qformat=bf16"])[0], torch.device("cpu")) == {
+        "quantization": "none"
+    }
