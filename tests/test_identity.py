@@ -12,6 +12,7 @@ import torch
 from inprocess import accuracy, all_runs, client, compose, new_store, run_job
 
 from gb10exp.config import ConfigError
+from gb10exp.data import EvalWindows
 from gb10exp.quant import modelopt_config
 from gb10exp.tracking import environment, identity
 
@@ -114,10 +115,17 @@ def test_digests_follow_the_data():
     other[3, 63] += 1
     assert identity.tensor_digest(windows) != identity.tensor_digest(other)
     cfg, _ = compose([])
-    assert identity.eval_digest(windows, cfg) != identity.eval_digest(other, cfg)
+
+    def scored(t, start=32, protocol="llamacpp"):
+        return EvalWindows(t, torch.full((t.shape[0],), start), protocol)
+
+    assert identity.eval_digest(scored(windows), cfg) != identity.eval_digest(scored(other), cfg)
+    # The same tokens scored from other positions, or under another protocol, are other data.
+    assert identity.eval_digest(scored(windows), cfg) != identity.eval_digest(scored(windows, start=1), cfg)
+    assert identity.eval_digest(scored(windows), cfg) != identity.eval_digest(scored(windows, protocol="rolling"), cfg)
     # Settings that do not change the scored tokens (batch size, data file name) do not change the digest.
     batched, _ = compose(["eval.batch_size=1"])
-    assert identity.eval_digest(windows, cfg) == identity.eval_digest(windows, batched)
+    assert identity.eval_digest(scored(windows), cfg) == identity.eval_digest(scored(windows), batched)
 
 
 def test_tokenizer_digest_sees_a_changed_vocabulary():
