@@ -107,6 +107,7 @@ class EvalConfig(DataConfig):
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (downstream accuracy)
     task_include_path: str | None = None  # folder of local lm-eval task YAMLs
     task_limit: int | None = None  # lm-eval `limit`: examples per task (None = all)
+    allow_long_context: bool = False  # true: sequences beyond the model's context only warn (preflight)
     _key = "eval"
 
     def __post_init__(self) -> None:
