@@ -19,6 +19,7 @@ from gb10exp.report import render
 from gb10exp.report.collect import REPORT_TAG, Collected, Selection, collect
 from gb10exp.report.compare import FormatSummary, ReportRow, compare, noise_floor, summarize
 from gb10exp.report.stats import Interval
+from gb10exp.tracking.secrets import redact
 
 PLOT_NAME = "loss.png"
 
@@ -61,7 +62,7 @@ def _meta(tracking_uri: str, collected: Collected) -> str:
     devices = sorted({g if (g := r.tags.get("gpu")) not in (None, "", "none") else r.tags.get("cpu", "?")
                       for r in collected.rows})
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"Tracking store `{tracking_uri}`, experiment(s) {', '.join(collected.experiments) or '–'}: "
+    return (f"Tracking store `{redact(tracking_uri)}`, experiment(s) {', '.join(collected.experiments) or '–'}: "
             f"{len(collected.rows)} finished run(s), {len(collected.unfinished) + len(collected.prerun_failures)} "
             f"that did not finish. Runs from git {', '.join(commits) or '–'} on {'; '.join(devices) or '–'}. "
             f"Generated {when}.")
