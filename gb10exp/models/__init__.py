@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gb10exp.config import ConfigError, ModelConfig
-from gb10exp.utils import cache_dir, publish_dir
+from gb10exp.utils import cache_dir, content_key, publish_dir, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,20 @@ def _cached_tokenizer(key: str, build: Callable):
 
 
 def _gguf_key(path: Path) -> str:
-    return f"{path.stem}-{path.stat().st_size}"
+    """Cache key of a GGUF file: its content (two files of one name and size are different models)."""
+    return f"{safe_name(path.stem)}-{content_key(path)}"
+
+
+# What loading a hub model needs; a repo's other files (Llama-3.1's original/*.pth: +16 GB) are never fetched.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+
+
+def hub_snapshot(cfg: ModelConfig) -> Path:
+    """A local snapshot of the hub model holding only what loading and conversion need."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [cfg.gguf_file] if cfg.gguf_file else HUB_PATTERNS
+    return Path(snapshot_download(cfg.id, revision=cfg.revision, token=hf_token(), allow_patterns=patterns))
 
 
 def _hub_kwargs(cfg: ModelConfig) -> dict:

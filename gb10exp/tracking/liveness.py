@@ -106,6 +106,15 @@ def _owner_certainly_gone(tags: dict[str, str]) -> bool:
     return _start_ticks(int(pid)) != started  # gone, or the pid now belongs to another process
 
 
+def owner_alive(tags: dict[str, str]) -> bool:
+    """True when ``tags`` (from ``owner_tags``) name a process that provably still runs on this machine."""
+    machine = _machine()
+    if not machine or tags.get("owner_machine") != machine or tags.get("owner_host") != socket.gethostname():
+        return False
+    pid, started = tags.get("owner_pid", ""), tags.get("owner_start", "")
+    return pid.isdigit() and bool(started) and _start_ticks(int(pid)) == started
+
+
 def is_stale(run: Any, now: float | None = None) -> bool:
     """True when a RUNNING run's owner is gone: no fresh heartbeat, or its process provably ended."""
     tags = run.data.tags
