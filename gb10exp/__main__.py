@@ -179,9 +179,10 @@ def _compose(compose, overrides: list[str], hydra: bool = False) -> DictConfig:
         return compose("config", overrides=overrides, return_hydra_config=hydra)
     except (HydraException, OmegaConfBaseException, AssertionError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        if exc.__cause__ and str(exc.__cause__).strip():
-            lines.append(str(exc.__cause__).strip().splitlines()[0])
-        message = "; ".join(lines) or type(exc).__name__
+        cause = str(exc.__cause__).strip().splitlines()[0] if exc.__cause__ and str(exc.__cause__).strip() else ""
+        if cause and cause not in lines:
+            lines.append(cause)
+        message = " ".join(lines) or type(exc).__name__
         raise ConfigError(f"{message} (see --help for groups, --cfg job for keys)") from None
 
 
