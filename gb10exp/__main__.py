@@ -180,8 +180,8 @@ def _compose(compose, overrides: list[str], hydra: bool = False) -> DictConfig:
     except (HydraException, OmegaConfBaseException, AssertionError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         cause = str(exc.__cause__).strip().splitlines()[0] if exc.__cause__ and str(exc.__cause__).strip() else ""
-        if cause and cause not in lines:
-            lines.append(cause)
+        if cause and cause not in lines:  # the cause right after the headline, Hydra's hint (+key=...) last
+            lines.insert(1, cause)
         message = " ".join(lines) or type(exc).__name__
         raise ConfigError(f"{message} (see --help for groups, --cfg job for keys)") from None
 
