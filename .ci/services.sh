@@ -8,6 +8,7 @@ GB10EXP_SERVICES_DIR=${GB10EXP_SERVICES_DIR:-/tmp/gb10exp-services}
 PG_PORT=${PG_PORT:-55432}
 MLFLOW_PORT=${MLFLOW_PORT:-55000}
 PG_PASSWORD=gb10exp-ci-only   # a loopback-only throwaway database
+export GB10EXP_SERVICES_DIR   # tests read the server's artifact root under it
 
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null

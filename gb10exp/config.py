@@ -120,6 +120,7 @@ class EvalConfig(DataConfig):
     # llamacpp: llama.cpp's perplexity tool (BOS per window, second half scored); rolling: lm-eval's rolling
     # log-likelihood (every token once); windows: every position of plain windows (before 2026-11-26).
     protocol: str = "llamacpp"
+    allow_long_context: bool = False  # true: sequences beyond the model's context only warn (preflight)
     _key = "eval"
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_gb10exp
+from conftest import TINY, run_gb10exp, store_args
 from inprocess import all_runs, compose, new_store, run_job, tracking
 
 from gb10exp import data
@@ -100,7 +100,7 @@ def test_unreachable_server_fails_before_quantizing(tmp_path):
     assert out.returncode == 2
     line = _error_line(out)
     assert line.startswith(f"gb10exp: error: tracking.uri='{uri}' cannot be reached (")
-    assert line.endswith("start the server (mlflow server ...) or use tracking=local")
+    assert line.endswith("start the server (mlflow server ...), check its credentials, or use tracking=local")
     assert "quantizing" not in out.stdout + out.stderr
 
 
@@ -149,3 +149,88 @@ def test_nan_perplexity_fails_the_run(tmp_path, monkeypatch):
 def test_model_path_that_does_not_exist():
     with pytest.raises(ConfigError, match=r"^model.path='/no/such/model' is not allowed: it does not exist"):
         check_model(ModelConfig(name="local", source="local", path=str(Path("/no/such/model"))))
+
+
+def _text(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# (arguments, the one error line's pattern); {tmp} is the test's folder. Every job of the sweep is checked
+# before the first one starts, so nothing is recorded (the store is never created) and the status is 2.
+BAD_SWEEPS = [
+    (["qformat=nvfp4,"], r"cannot parse the override 'qformat=nvfp4,': mismatched input '<EOF>' expecting .*; "
+                         r"See https://hydra.cc/docs/.*override_grammar"),
+    (["experiment=nvfp4_claim"], r"Could not override 'experiment'.*To append to your default list use \+experiment=nvfp4_claim"),
+    (["tracking.uri=foo://bar"], r"tracking.uri='foo://bar' is not allowed: use sqlite:///path/mlflow.db, http\(s\)://"),
+    (["tracking.uri=sqlite:///{tmp}/notes.txt"], r"tracking.uri='sqlite:///.*/notes.txt' is not allowed: .* is not a SQLite "
+                                                 r"database \(file is not a database\)"),
+    (["eval.seq_len=4096"], r"eval.seq_len=4096 is beyond the context of model 'tiny_llama' \(2048 tokens\): lower it, "
+                            r"or set eval.allow_long_context=true"),
+    (["qformat=bf16,fp8", "eval=text_file", "eval.path={tmp}/short.txt"],
+     r"eval.num_windows=4 is not allowed: the evaluation text holds only 0 windows of 64 tokens"),
+    (["eval=text_file", "eval.path={tmp}/empty.txt"], r"eval.num_windows=4 is not allowed: the evaluation text holds only 0"),
+    (["bench.enabled=true", "eval.num_windows=1", "bench.input_len=60"],
+     r"bench.input_len=60 is not allowed: 7 distinct prompts need 66 tokens of evaluation text and there are 64"),
+    # The preset's own sweep (hydra.sweeper.params) runs calib_size 8 and 32: the text holds 8 samples, not 32.
+    (["+experiment=nvfp4_claim", "calib=text_file", "calib.path={tmp}/medium.txt"],
+     r"calib_size=32 is not allowed: the calibration text holds only \d+ samples of 64 tokens"),
+    (["hydra.sweeper.params.qformat=bf16,int5"], r"qformat='int5' is not allowed: one of \['bf16', "),
+    (["hydra.sweeper.params.qformat='bf16,int5'"], r"qformat='int5' is not allowed: one of \['bf16', "),
+]
+
+
+@pytest.mark.parametrize(("args", "pattern"), BAD_SWEEPS, ids=[" ".join(a) for a, _ in BAD_SWEEPS])
+def test_bad_sweep_fails_in_one_line_before_any_job(tmp_path, args, pattern):
+    import re
+
+    _text(tmp_path, "notes.txt", "not a database, just notes\n" * 10)
+    _text(tmp_path, "short.txt", "too short for one window\n")
+    _text(tmp_path, "empty.txt", "")
+    _text(tmp_path, "medium.txt", " word" * 1000 + "\n" * 3)  # 1,000 tokens: the first 2 of 3 lines calibrate
+    store = tmp_path / "store"
+    tiny = [a for a in TINY if not a.startswith("calib_size=")]  # the preset's calib_size sweep stays
+    out = run_gb10exp(*tiny, *store_args(store), *(a.format(tmp=tmp_path) for a in args))
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    line = _error_line(out)
+    assert re.fullmatch(r"gb10exp: error: " + pattern + r".*", line), line
+    assert "Traceback" not in out.stderr
+    assert not (store / "mlflow.db").exists() and not (store / "outputs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: device=cuda is valid here")
+def test_device_the_machine_lacks_fails_before_job_0(tmp_path):
+    out = run_gb10exp(*TINY, "device=cpu,cuda", store=tmp_path)
+    assert out.returncode == 2
+    assert _error_line(out) == "gb10exp: error: device='cuda' is not allowed: no CUDA GPU is visible; use device=cpu or device=auto"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_long_context_only_warns_when_allowed():
+    from gb10exp import checks
+
+    cfg, _ = compose([*TINY, "eval.seq_len=4096"])
+    with pytest.raises(ConfigError, match=r"^eval.seq_len=4096 is beyond the context of model 'tiny_llama' \(2048 tokens\)"):
+        checks.check_context_length(cfg)
+    cfg, _ = compose([*TINY, "eval.seq_len=4096", "eval.allow_long_context=true"])
+    checks.check_context_length(cfg)  # a warning, no error
+
+
+def test_embedded_model_context_comes_from_the_gguf_header():
+    from gb10exp.models import EMBEDDED, context_length
+
+    assert context_length(EMBEDDED) == 8192  # SmolLM2-135M-Instruct: llama.context_length
+
+
+def test_backend_batch_size_limit_is_checked_in_preflight():
+    from gb10exp import checks
+    from gb10exp.backends.llamacpp.backend import LlamaCppBackend
+
+    assert LlamaCppBackend.max_batch_size == 1
+    cfg, _ = compose([*TINY, "bench.enabled=true", "bench.batch_size=2"])
+    checks.check_backend(cfg)  # hf: no limit
+    cfg.backend.name = "llamacpp"
+    with pytest.raises(ConfigError, match=r"(bench.batch_size=2 is not allowed with backend=llamacpp: at most 1|"
+                                          r"backend=llamacpp needs llama-cpp-python)"):
+        checks.check_backend(cfg)

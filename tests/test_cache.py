@@ -92,3 +92,135 @@ def test_concurrent_writers_both_succeed(tmp_path):
     assert errors == []
     assert (entry / "a.json").read_text() in {"one", "two"}
     assert [p.name for p in entry.parent.iterdir()] == ["k"]  # the loser's copy is gone
+
+
+def test_cache_keys_come_from_content_not_name_and_size(tmp_path):
+    from gb10exp.backends.llamacpp import gguf
+    from gb10exp.models import _gguf_key
+    from gb10exp.utils import content_key
+
+    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path, fill in ((a, b"x"), (b, b"y")):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + fill * 1000)  # same name, same size, different content
+    assert content_key(a) != content_key(b)
+    assert gguf._file_key(a) != gguf._file_key(b) and _gguf_key(a) != _gguf_key(b)
+    assert content_key(a) == content_key(tmp_path / "a" / ".." / "a" / "model.gguf")
+
+
+def test_large_files_are_keyed_by_samples(tmp_path, monkeypatch):
+    from gb10exp import utils
+
+    monkeypatch.setattr(utils, "FULL_HASH_MAX_BYTES", 2**20)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(20 * 2**20))
+    before = utils.content_key(big)
+    with big.open("r+b") as f:  # one changed byte inside the first sample, same size and mtime
+        stat = big.stat()
+        f.seek(100)
+        f.write(b"\x01")
+    import os
+
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    utils._content_key.cache_clear()
+    assert utils.content_key(big) != before
+
+
+def test_local_model_identity_follows_content_not_path(tmp_path):
+    import shutil
+
+    from gb10exp.config import ModelConfig
+    from gb10exp.quant.cache import model_identity
+
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "config.json").write_text('{"a": 1}')
+    shutil.copytree(tmp_path / "m1", tmp_path / "m2")
+    ident = lambda folder: model_identity(ModelConfig(name="local", source="local", path=str(tmp_path / folder)))  # noqa: E731
+    assert ident("m1") == ident("m2")  # a moved or copied model keeps its cache entries
+    (tmp_path / "m2" / "config.json").write_text('{"a": 2}')
+    assert ident("m1") != ident("m2")
+
+
+def test_config_values_in_cache_paths_are_sanitized(tmp_path, monkeypatch):
+    from gb10exp.backends.llamacpp import gguf
+    from gb10exp.config import ModelConfig
+    from gb10exp.utils import cache_dir, safe_name
+
+    monkeypatch.setenv("GB10EXP_CACHE", str(tmp_path / "cache"))
+    assert safe_name("../../etc/x y") == "_.._etc_x_y"
+    key = gguf._model_key(ModelConfig(name="../../evil name", source="random", arch={"hidden_size": 8}))
+    assert "/" not in key and not key.startswith(".")
+    assert cache_dir("gguf", key).resolve().is_relative_to((tmp_path / "cache").resolve())
+
+
+def test_stale_tmp_entries_are_removed_unless_their_writer_lives(tmp_path):
+    import json
+    import os
+    import time
+
+    from gb10exp.tracking.liveness import owner_tags
+    from gb10exp.utils import OWNER_FILE, publish_dir, remove_stale_tmp
+
+    old = time.time() - 2 * 86400
+    dead_writer, live_writer, fresh = (tmp_path / "q" / f".tmp-{n}" for n in ("dead", "live", "fresh"))
+    for folder in (dead_writer, live_writer, fresh):
+        folder.mkdir(parents=True)
+    (dead_writer / OWNER_FILE).write_text(json.dumps(owner_tags() | {"owner_pid": "999999999"}))
+    (live_writer / OWNER_FILE).write_text(json.dumps(owner_tags()))  # this process: still writing
+    for folder in (dead_writer, live_writer):
+        os.utime(folder, (old, old))
+    assert remove_stale_tmp(tmp_path) == [dead_writer]
+    assert live_writer.exists() and fresh.exists()
+    with publish_dir(tmp_path / "entry") as tmp:
+        (tmp / "data").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "entry").iterdir()) == ["data"]  # no owner file published
+
+
+def _fake_sdist(folder, version: str = "9.9.9"):
+    import hashlib
+    import io
+    import tarfile
+
+    sdist = folder / f"llama_cpp_python-{version}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, text in [("vendor/llama.cpp/convert_hf_to_gguf.py", "print('converter')\n"),
+                           ("vendor/llama.cpp/gguf-py/gguf/__init__.py", ""), ("setup.py", "")]:
+            info = tarfile.TarInfo(f"llama_cpp_python-{version}/{name}")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return sdist, hashlib.sha256(sdist.read_bytes()).hexdigest()
+
+
+def test_converter_is_installed_hash_checked_and_never_taken_from_the_cache(tmp_path, monkeypatch):
+    import sys
+
+    from gb10exp.backends.llamacpp import gguf
+    from gb10exp.config import ConfigError
+
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(gguf.metadata, "version", lambda name: "9.9.9")
+    monkeypatch.setenv("GB10EXP_CACHE", str(tmp_path / "cache"))
+    planted = tmp_path / "cache" / "llama.cpp-convert" / "9.9.9" / "convert_hf_to_gguf.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text("raise SystemExit('code from the cache')\n")  # what the old code would have run
+    with pytest.raises(ConfigError, match=r"convert_hf_to_gguf.py is not installed .*run `make converter`"):
+        gguf.converter()
+    sdist, sha = _fake_sdist(tmp_path)
+    with pytest.raises(SystemExit, match="is not the pinned"):
+        gguf.install_converter(sdist, "0" * 64)
+    script = gguf.install_converter(sdist, sha)
+    assert gguf.converter() == script and script.is_relative_to(tmp_path / "venv" / "share")
+    assert script.read_text() == "print('converter')\n" and (script.parent / "gguf-py" / "gguf").is_dir()
+    assert not (script.parent / "setup.py").exists()
+
+
+def test_hub_snapshot_takes_only_what_loading_needs():
+    import fnmatch
+
+    from gb10exp.models import HUB_PATTERNS
+
+    needed = ["config.json", "model-00001-of-00004.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json", "model.safetensors.index.json"]
+    skipped = ["original/consolidated.00.pth", "pytorch_model.bin", "original/params.json.pth"]
+    assert all(any(fnmatch.fnmatch(f, p) for p in HUB_PATTERNS) for f in needed)
+    assert not any(fnmatch.fnmatch(f, p) for f in skipped for p in HUB_PATTERNS)

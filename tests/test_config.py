@@ -133,7 +133,7 @@ def test_gated_model_without_token_fails_before_loading(tmp_path):
 def test_dataset_unreachable_offline_fails_without_a_run(tmp_path):
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = run_gb10exp(*TINY, "qformat=fp8", "calib=wikitext2", store=tmp_path, env=env)
-    assert out.returncode == 1
+    assert out.returncode == 2  # caught in preflight, before any job
     assert "calib.dataset could not load wikitext/wikitext-2-raw-v1 (train) offline" in out.stdout + out.stderr
     from conftest import mlflow_runs
 

@@ -7,18 +7,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, TINY, store_args
 from inprocess import all_runs, client, new_store, run_job
-
-from gb10exp.tracking import liveness
 
 
 def test_skips_finished_reruns_failed_and_force(tmp_path, monkeypatch):
@@ -40,28 +36,6 @@ def test_skips_finished_reruns_failed_and_force(tmp_path, monkeypatch):
     assert not rerun.get("skipped")
     statuses = Counter((r.data.params["qformat.name"], r.info.status) for r in all_runs(store))
     assert statuses == {("fp8", "FINISHED"): 3, ("int4", "FAILED"): 1, ("int4", "FINISHED"): 1}
-
-
-def _run(tags: dict[str, str], start_ms: int | None = None):
-    return SimpleNamespace(
-        data=SimpleNamespace(tags=tags), info=SimpleNamespace(start_time=start_ms or int(time.time() * 1000))
-    )
-
-
-def test_liveness_tells_dead_runs_from_live_ones():
-    host, now = socket.gethostname(), time.time()
-    assert not liveness.is_stale(_run({"owner_host": host, "owner_pid": str(os.getpid())}))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    assert liveness.is_stale(_run({"owner_host": host, "owner_pid": str(dead.pid)}))
-    # Another machine: only its heartbeat tells.
-    assert not liveness.is_stale(
-        _run({"owner_host": "elsewhere", "owner_pid": "1", "heartbeat": str(int(now) - 30)})
-    )
-    assert liveness.is_stale(
-        _run({"owner_host": "elsewhere", "owner_pid": "1", "heartbeat": str(int(now) - 3600)})
-    )
-    assert liveness.is_stale(_run({}, start_ms=int((now - 3600) * 1000)))  # a run from before heartbeats
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:

@@ -51,6 +51,38 @@ def test_redact(monkeypatch):
     assert redact("key sk-abcdefghij, 1 run") == "key ***, 1 run"
     assert redact("postgresql://user:pw123456@host:5432/db") == "postgresql://user:***@host:5432/db"
     assert redact("http://host:5000/x") == "http://host:5000/x"
+    assert redact("http://host:5000/a/b@c") == "http://host:5000/a/b@c"  # a port and a path, no password
+    # Hydra escapes ':' in overrides.yaml, hydra.yaml and multirun.yaml; every scheme is covered.
+    assert redact(r"- tracking.uri=postgresql+psycopg2\://mlflow\:s3cr3t-pw@127.0.0.1\:5432/mlflow") == (
+        r"- tracking.uri=postgresql+psycopg2\://mlflow\:***@127.0.0.1\:5432/mlflow")
+    for uri in ("mysql://u:s3cr3t-pw@h/db", "https://u:s3cr3t-pw@h:443", "mssql+pyodbc://u:s3cr3t-pw@h/db"):
+        assert "s3cr3t-pw" not in redact(uri) and "***@h" in redact(uri)
+    assert redact("https://h/x?user=a&password=s3cr3t-pw&x=1") == "https://h/x?user=a&password=***&x=1"
+    assert redact("Authorization: Bearer abcdef123456") == "Authorization: Bearer ***"
+
+
+def test_remembered_password_is_masked_everywhere():
+    from gb10exp.tracking.secrets import remember_in
+
+    remember_in(r"tracking.uri=postgresql\://u\:Zq9-remembered@h/db")
+    assert redact("driver said: password 'Zq9-remembered' rejected") == "driver said: password '***' rejected"
+
+
+def test_hydra_files_and_logs_are_redacted(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from gb10exp.tracking.secrets import RedactFilter, redact_hydra_files
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijkl")
+    (tmp_path / "job" / ".hydra").mkdir(parents=True)
+    (tmp_path / "multirun.yaml").write_text("uri: postgresql://u:pw-secret1@h/db\ntoken: hf_abcdefghijkl\n")
+    (tmp_path / "job" / ".hydra" / "overrides.yaml").write_text("- tracking.uri=http\\://u\\:pw-secret1@h\n")
+    redact_hydra_files(tmp_path, tmp_path / "job")
+    assert (tmp_path / "multirun.yaml").read_text() == "uri: postgresql://u:***@h/db\ntoken: ***\n"
+    assert (tmp_path / "job" / ".hydra" / "overrides.yaml").read_text() == "- tracking.uri=http\\://u\\:***@h\n"
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "uri %s failed", ("mysql://u:pw-secret1@h",), None)
+    RedactFilter().filter(record)
+    assert record.getMessage() == "uri mysql://u:***@h failed"
 
 
 def test_trust_remote_code_is_off_unless_a_model_config_turns_it_on():

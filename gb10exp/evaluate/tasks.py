@@ -64,14 +64,55 @@ def _resolve_files(files: Any, folder: Path) -> Any:
     return files
 
 
+def load_task_yaml(path: Path) -> dict:
+    """A task YAML as lm-eval reads it (``include`` merged, ``!function`` resolved). lm-eval has no public
+    loader: its private ``lm_eval.tasks._yaml_loader`` (0.4.10+) is used where it exists, else
+    ``_load_yaml`` below, which implements the same two documented rules (tests/test_task_yaml.py compares them)."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:
+        return _load_yaml(path)
+    return load_yaml(path, resolve_func=True)
+
+
+def _load_yaml(path: Path, seen: frozenset[Path] = frozenset()) -> dict:
+    """``include: other.yaml`` (a path or a list, relative to this file; this file's keys win) and
+    ``!function module.name`` (``module.py`` next to this file), as lm-eval's task guide documents them."""
+    import importlib.util
+
+    import yaml
+
+    path = path.expanduser().resolve()
+    if path in seen:
+        raise ValueError(f"include cycle at {path}")
+
+    def function(loader: yaml.Loader, node: yaml.Node):
+        module_name, _, attr = loader.construct_scalar(node).rpartition(".")
+        spec = importlib.util.spec_from_file_location(module_name, path.parent / f"{module_name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, attr)
+
+    class Loader(yaml.SafeLoader):  # safe: no arbitrary python/object tags
+        pass
+
+    Loader.add_constructor("!function", function)
+    cfg = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 - SafeLoader subclass
+    if not isinstance(cfg, dict):
+        raise ValueError(f"expected a YAML mapping in {path}, got {type(cfg).__name__}")
+    includes = cfg.pop("include", [])
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged |= _load_yaml(path.parent / inc if not Path(inc).is_absolute() else Path(inc), seen | {path})
+    return merged | cfg
+
+
 def _task_spec(name: str, manager) -> str | dict:
     """The task's name, or its full config with local data files made absolute."""
-    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own loader: handles include and !function
-
     entry = manager.task_index.get(name)
     if entry is None or entry.yaml_path is None:
         return name
-    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    cfg = load_task_yaml(Path(entry.yaml_path))
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if files is None:
         return name

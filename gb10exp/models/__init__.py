@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gb10exp.config import ConfigError, ModelConfig
-from gb10exp.utils import cache_dir, publish_dir
+from gb10exp.utils import cache_dir, content_key, publish_dir, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,20 @@ def _cached_tokenizer(key: str, build: Callable):
 
 
 def _gguf_key(path: Path) -> str:
-    return f"{path.stem}-{path.stat().st_size}"
+    """Cache key of a GGUF file: its content (two files of one name and size are different models)."""
+    return f"{safe_name(path.stem)}-{content_key(path)}"
+
+
+# What loading a hub model needs; a repo's other files (Llama-3.1's original/*.pth: +16 GB) are never fetched.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+
+
+def hub_snapshot(cfg: ModelConfig) -> Path:
+    """A local snapshot of the hub model holding only what loading and conversion need."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [cfg.gguf_file] if cfg.gguf_file else HUB_PATTERNS
+    return Path(snapshot_download(cfg.id, revision=cfg.revision, token=hf_token(), allow_patterns=patterns))
 
 
 def _hub_kwargs(cfg: ModelConfig) -> dict:
@@ -195,3 +208,42 @@ LOADERS: dict[str, Callable[[ModelConfig, torch.dtype, torch.device], torch.nn.M
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The model in eval mode on ``device`` in ``dtype``."""
     return LOADERS[cfg.source](cfg, dtype, device).to(device=device, dtype=dtype).eval()
+
+
+def context_length(cfg: ModelConfig) -> int | None:
+    """The model's trained context (max_position_embeddings, or a GGUF's ``<arch>.context_length``),
+    read from its config or file header without loading weights; None when it cannot be told cheaply."""
+    if cfg.source == "random":
+        from transformers import LlamaConfig
+
+        return int(cfg.arch.get("max_position_embeddings", LlamaConfig().max_position_embeddings))
+    if cfg.source == "embedded":
+        return _gguf_context(embedded_file(cfg))
+    if cfg.source == "local":
+        location, gguf_file = _local_location(cfg)
+        if gguf_file:
+            return _gguf_context(Path(location) / gguf_file)
+    try:
+        from transformers import AutoConfig
+
+        if cfg.source == "hub":
+            config = AutoConfig.from_pretrained(cfg.id, **_hub_kwargs(cfg))
+        else:
+            config = AutoConfig.from_pretrained(_local_location(cfg)[0], trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):  # not downloaded yet (check_model decides whether that is an error)
+        return None
+    text = getattr(config, "get_text_config", lambda: config)()
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def _gguf_context(path: Path) -> int | None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        return None
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    field = reader.fields.get(f"{arch}.context_length")
+    return int(field.parts[field.data[0]][0]) if field is not None else None

@@ -34,7 +34,7 @@ from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
 from gb10exp.quant import calibration_loop, modelopt_config, quantize
 from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
-from gb10exp.utils import cache_dir, publish_dir
+from gb10exp.utils import cache_dir, content_key, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,13 @@ def _source_digest(folder: str) -> str:
 
 
 def _file_stamp(path: Path) -> list:
-    stat = path.stat()
-    return [path.name, stat.st_size, int(stat.st_mtime)]
+    """A file's name and content digest (not its folder: a moved model keeps its cache entries)."""
+    return [path.name, content_key(path)]
 
 
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:
     """What fixes the model's weights: its config (not its display name) and where the files came from."""
-    ident: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
+    ident: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "path")}
     if cfg.source == "embedded":
         from gb10exp.models import embedded_file
 

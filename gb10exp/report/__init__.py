@@ -19,6 +19,7 @@ from gb10exp.report import render
 from gb10exp.report.collect import REPORT_TAG, Collected, Selection, collect
 from gb10exp.report.compare import FormatSummary, ReportRow, compare, missing_fp8, noise_floor, summarize
 from gb10exp.report.stats import Interval
+from gb10exp.tracking.secrets import redact
 
 PLOT_NAME = "loss.png"
 
@@ -119,7 +120,7 @@ def _meta(tracking_uri: str, collected: Collected) -> str:
     )
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"Tracking store `{tracking_uri}`, experiment(s) {', '.join(collected.experiments) or '–'}: "
+        f"Tracking store `{redact(tracking_uri)}`, experiment(s) {', '.join(collected.experiments) or '–'}: "
         f"{len(collected.rows)} finished run(s), {len(collected.unfinished) + len(collected.prerun_failures)} "
         f"that did not finish. Runs from git {', '.join(commits) or '–'} on {'; '.join(devices) or '–'}. "
         f"Generated {when}."

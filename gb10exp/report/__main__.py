@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gb10exp.config import ConfigError
 from gb10exp.report import Selection, build_report, log_report
+from gb10exp.tracking import secrets
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local.yaml
 
@@ -69,6 +70,8 @@ def _said(c) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
+    args.tracking_uri = secrets.tracking_uri(args.tracking_uri)  # http user:password -> MLflow's basic auth
+    secrets.install()  # stdout, stderr and logs redacted
     # results.json downloads are tiny: MLflow's per-file progress bars would drown the summary.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     selection = Selection(args.experiment, args.sweep, args.sweep_dir)

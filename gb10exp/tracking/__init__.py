@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gb10exp.config import ConfigError, TrackingConfig
 from gb10exp.tracking.liveness import heartbeat, is_stale, owner_tags
-from gb10exp.tracking.secrets import redact
-from gb10exp.tracking.store import RetryingClient
+from gb10exp.tracking.secrets import basic_auth_header, redact, tracking_uri
+from gb10exp.tracking.store import RetryingClient, check_sqlite
 from gb10exp.tracking.ui import ensure_view
 from gb10exp.utils import check_writable
 
@@ -61,18 +61,26 @@ def check_store(cfg: TrackingConfig) -> None:
     """Fail before quantizing when the store cannot be written or the server cannot be reached."""
     if (path := _local_path(cfg.uri)) is not None:
         check_writable(path.parent if str(path.parent) else Path("."), "tracking.uri", cfg.uri)
+        check_sqlite(cfg.uri)
         _check_artifact_root(cfg)
     elif cfg.uri.startswith("postgresql"):
         _check_database(cfg.uri)
         _check_artifact_root(cfg)
     elif cfg.uri.startswith(("http://", "https://")):
+        uri = tracking_uri(cfg.uri)  # user:password@ go to MLflow's basic-auth variables, never into a URL
+        request = urllib.request.Request(uri.rstrip("/") + "/health", headers=basic_auth_header())
         try:
-            urllib.request.urlopen(cfg.uri.rstrip("/") + "/health", timeout=5).read()
+            urllib.request.urlopen(request, timeout=5).read()
         except (urllib.error.URLError, OSError) as exc:
             raise ConfigError(
-                f"tracking.uri={cfg.uri!r} cannot be reached ({getattr(exc, 'reason', exc)}); start the server "
-                "(mlflow server ...) or use tracking=local"
+                f"tracking.uri={redact(cfg.uri)!r} cannot be reached ({redact(str(getattr(exc, 'reason', exc)))}); "
+                "start the server (mlflow server ...), check its credentials, or use tracking=local"
             ) from exc
+    else:
+        raise ConfigError(
+            f"tracking.uri={redact(cfg.uri)!r} is not allowed: use sqlite:///path/mlflow.db, http(s)://host:port "
+            "(an MLflow server) or postgresql://USER@HOST/DB (a database)"
+        )
 
 
 def _check_artifact_root(cfg: TrackingConfig) -> None:
@@ -146,7 +154,7 @@ class Recorder:
 
         self.cfg = cfg
         _init_sqlite(cfg.uri)
-        self.client = RetryingClient(MlflowClient(tracking_uri=cfg.uri))  # parallel jobs share one SQLite file
+        self.client = RetryingClient(MlflowClient(tracking_uri=tracking_uri(cfg.uri)))  # parallel jobs share one SQLite file
         self.experiment_id = _experiment_id(self.client, cfg)
         ensure_view(self.client, self.experiment_id)  # the UI opens on a runs table with metric columns
         self.run_id: str | None = None

@@ -8,6 +8,7 @@ a file lock, and switched to WAL (readers never block the writer); every client 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -26,6 +27,22 @@ _initialized: set[str] = set()
 
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def check_sqlite(uri: str) -> None:
+    """An existing file must be a SQLite database: MLflow would fail on it later, once per job, with two
+    SQLAlchemy tracebacks ("file is not a database")."""
+    from gb10exp.config import ConfigError
+
+    path = sqlite_path(uri)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"tracking.uri={uri!r} is not allowed: {path} is not a SQLite database ({exc}); "
+                          "point it at a new file or an MLflow store") from None
 
 
 def init_sqlite(uri: str) -> None:

@@ -66,8 +66,10 @@ def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def mark_failed(output_dir: str, message: str) -> None:
+    from gb10exp.tracking.secrets import redact
+
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "failed.txt").write_text(message + "\n")
+    (Path(output_dir) / "failed.txt").write_text(redact(message) + "\n")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -118,9 +120,15 @@ def sweep_rows(tracking_uri: str, sweep_dir: str) -> list[dict[str, Any]]:
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        from gb10exp.tracking.secrets import redact, tracking_uri
+
         uri = OmegaConf.select(config, "tracking.uri")
-        rows = sweep_rows(uri, str(sweep_dir))
-        print(f"\n== sweep {sweep_dir.name}: {len(rows)} MLflow run(s) in {uri} ==")
+        try:
+            rows = sweep_rows(tracking_uri(uri), str(sweep_dir))
+        except Exception as exc:  # the jobs' outcome still decides the exit status below
+            print(f"could not read the sweep's runs from {redact(uri)}: {redact(str(exc).splitlines()[0][:200])}")
+            rows = []
+        print(f"\n== sweep {sweep_dir.name}: {len(rows)} MLflow run(s) in {redact(uri)} ==")
         if rows:
             print(format_table(rows))
         failures = sorted(sweep_dir.glob("*/failed.txt"))

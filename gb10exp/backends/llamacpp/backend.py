@@ -39,6 +39,7 @@ def _log_softmax_nll(scores: np.ndarray, targets: np.ndarray) -> float:
 
 class LlamaCppBackend:
     name = "llamacpp"
+    max_batch_size = 1  # llama-cpp-python runs one sequence (preflight checks bench.batch_size against it)
 
     def __init__(self, gguf: str | None = None, n_gpu_layers: int = -1, n_threads: int | None = None,
                  allow_cpu: bool = False):

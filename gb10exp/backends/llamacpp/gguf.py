@@ -3,9 +3,10 @@
 The source is a GGUF file where the model is one (the embedded SmolLM2 is a Q4_1 GGUF, ``model=local
 model.path=x.gguf``); any other model is first converted to an F16 GGUF by llama.cpp's own
 ``convert_hf_to_gguf.py``. llama.cpp's quantizer (``llama_model_quantize``) then writes the requested
-type. The converter is not in any wheel: it is taken from the llama-cpp-python source archive of the
-installed version (``pip download``, ~77 MB, once) and cached with its ``conversion`` and ``gguf-py``
-folders. Results live under ``$GB10EXP_CACHE/gguf/``, published atomically.
+type. The converter is not in any wheel: ``make converter`` downloads the llama-cpp-python source archive of the
+pinned version once (pip, hash-checked) and ``install_converter`` extracts it with its ``conversion`` and
+``gguf-py`` folders into the venv. Nothing is downloaded or executed from the cache at run time. Results
+live under ``$GB10EXP_CACHE/gguf/``, keyed by content, published atomically.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gb10exp.config import ConfigError, ModelConfig
-from gb10exp.utils import cache_dir, publish_dir
+from gb10exp.utils import cache_dir, content_key, publish_dir, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ SOURCE_FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_
 
 
 def _file_key(path: Path) -> str:
-    return f"{path.stem}-{path.stat().st_size}"
+    """Cache key of a source GGUF: its content, not its name and size."""
+    return f"{safe_name(path.stem)}-{content_key(path)}"
 
 
 def source_gguf(cfg: ModelConfig) -> Path | None:
@@ -76,32 +78,44 @@ def decode_bytes(path: Path) -> float:
     return float(total)
 
 
+def converter_dir(version: str | None = None) -> Path:
+    """Where ``make`` installs llama.cpp's converter for llama-cpp-python ``version``: inside the venv,
+    never in the (shared, writable) cache, so nobody who can write the cache decides what code runs."""
+    version = version or metadata.version("llama-cpp-python")
+    return Path(sys.prefix) / "share" / "gb10exp" / "llama.cpp-convert" / version
+
+
 def converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py for the installed llama-cpp-python, fetched once."""
-    version = metadata.version("llama-cpp-python")
-    root = cache_dir("llama.cpp-convert") / version
-    if (root / "convert_hf_to_gguf.py").is_file():
-        return root / "convert_hf_to_gguf.py"
-    log.info("fetching llama-cpp-python %s's source archive for convert_hf_to_gguf.py (once)", version)
-    with publish_dir(root) as tmp:
-        download = Path(tmp) / "download"
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                              f"llama-cpp-python=={version}", "-d", str(download)], capture_output=True, text=True)
-        archives = list(download.glob("*.tar.gz"))
-        if got.returncode != 0 or not archives:
-            raise RuntimeError(f"pip download llama-cpp-python=={version} (source) failed: "
-                               f"{(got.stderr or got.stdout).strip().splitlines()[-1:]}; convert the model to "
-                               "GGUF yourself and pass it as model=local model.path=FILE.gguf")
-        with tarfile.open(archives[0]) as tar:
-            prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
-            for member in tar.getmembers():
-                rel = member.name.removeprefix(prefix)
-                if member.name.startswith(prefix) and rel.startswith(CONVERTER_MEMBERS) and member.isfile():
-                    member.name = rel
-                    tar.extract(member, tmp, filter="data")
-        for archive in archives:
-            archive.unlink()
-    return root / "convert_hf_to_gguf.py"
+    """llama.cpp's convert_hf_to_gguf.py for the installed llama-cpp-python, installed with the venv
+    (``install_converter``); never downloaded at run time."""
+    script = converter_dir() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ConfigError(
+            f"llama.cpp's convert_hf_to_gguf.py is not installed for llama-cpp-python "
+            f"{metadata.version('llama-cpp-python')} ({script}): run `make converter` (pinned, hash-checked "
+            "source archive), or convert the model yourself and pass model=local model.path=FILE.gguf")
+    return script
+
+
+def install_converter(sdist: Path, sha256: str) -> Path:
+    """Extract convert_hf_to_gguf.py (+ conversion/, gguf-py/) from llama-cpp-python's source archive
+    ``sdist``, after checking its SHA-256 against the pinned ``sha256``, into ``converter_dir``."""
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise SystemExit(f"{sdist.name}: sha256 {digest} is not the pinned {sha256}; refusing to install it")
+    with tarfile.open(sdist) as tar:
+        top = tar.getmembers()[0].name.split("/")[0]  # llama_cpp_python-<version>
+    final = converter_dir(top.removeprefix("llama_cpp_python-"))
+    with publish_dir(final) as tmp, tarfile.open(sdist) as tar:
+        prefix = f"{top}/vendor/llama.cpp/"
+        for member in tar.getmembers():
+            rel = member.name.removeprefix(prefix)
+            if member.name.startswith(prefix) and rel.startswith(CONVERTER_MEMBERS) and member.isfile():
+                member.name = rel
+                tar.extract(member, tmp, filter="data")
+        if not (tmp / "convert_hf_to_gguf.py").is_file():
+            raise SystemExit(f"{sdist.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+    return final / "convert_hf_to_gguf.py"
 
 
 def _hf_folder(cfg: ModelConfig, model: torch.nn.Module, tokenizer, key: str) -> Path:
@@ -109,9 +123,9 @@ def _hf_folder(cfg: ModelConfig, model: torch.nn.Module, tokenizer, key: str) ->
     if cfg.source == "local" and Path(cfg.path).expanduser().is_dir():
         return Path(cfg.path).expanduser()
     if cfg.source == "hub":
-        from huggingface_hub import snapshot_download
+        from gb10exp.models import hub_snapshot
 
-        return Path(snapshot_download(cfg.id, revision=cfg.revision))
+        return hub_snapshot(cfg)  # config, tokenizer, safetensors only
     folder = cache_dir("gguf", "hf-copies") / key  # random weights: save what is in memory
     if not (folder / "config.json").is_file():
         with publish_dir(folder) as tmp:
@@ -121,9 +135,11 @@ def _hf_folder(cfg: ModelConfig, model: torch.nn.Module, tokenizer, key: str) ->
 
 
 def _model_key(cfg: ModelConfig) -> str:
-    described = json.dumps({"source": cfg.source, "id": cfg.id, "path": cfg.path, "revision": cfg.revision,
-                            "arch": cfg.arch, "seed": cfg.seed, "tokenizer": cfg.tokenizer}, sort_keys=True)
-    return f"{cfg.name}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
+    """What fixes the converted weights: the model's identity from its content (files, hub commit)."""
+    from gb10exp.quant.cache import model_identity
+
+    described = json.dumps(model_identity(cfg), sort_keys=True, default=str)
+    return f"{safe_name(cfg.name)}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
 
 
 def convert_to_f16(cfg: ModelConfig, model: torch.nn.Module, tokenizer) -> Path:
@@ -188,3 +204,7 @@ def build_gguf(cfg: ModelConfig, gguf_type: str, model: torch.nn.Module, tokeniz
         log.info("quantizing %s to %s with llama.cpp", source.name, gguf_type)
         quantize(source, gguf_type, out)
     return out, f"{origin}, then {gguf_type} by llama_model_quantize"
+
+
+if __name__ == "__main__":  # python -m gb10exp.backends.llamacpp.gguf SDIST SHA256  (the Makefile's converter target)
+    print(install_converter(Path(sys.argv[1]), sys.argv[2]))
