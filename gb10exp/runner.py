@@ -25,7 +25,7 @@ from gb10exp.config import Config
 from gb10exp.evaluate import evaluate_accuracy
 from gb10exp.evaluate.tasks import check_tasks, run_tasks
 from gb10exp.models import check_model, load_model, load_tokenizer, resolve_device, resolve_dtype
-from gb10exp.quant import cache
+from gb10exp.quant import auto, cache, quantizes
 from gb10exp.tracking import Recorder, check_store, config_hash
 from gb10exp.tracking.environment import environment
 
@@ -99,7 +99,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
     p = prepare(cfg)
     # Calibration settings change nothing for a model modelopt does not quantize: the bf16 jobs of a
     # calib_size sweep share one hash, so the sweep runs the baseline once and skips its twins.
-    quantizing = cfg.qformat.modelopt_cfg is not None
+    quantizing = quantizes(cfg.qformat)
     hash_ = config_hash({k: v for k, v in resolved.items() if quantizing or k not in CALIB_KEYS})
     if not cfg.force and (done := p.recorder.find_finished(hash_)):
         log.info("skipping %s: identical run %s already finished (force=true reruns)", run_name(cfg), done)
@@ -140,6 +140,8 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         if not quantizing and not cfg.qformat.gguf_type:  # the baseline compared with itself, by definition
             metrics |= {"kl_mean": 0.0, "top1_agreement": 1.0}
         metrics["weight_gib"] = weight_bytes(model, cfg.qformat.weight_bits) / 2**30
+        if cfg.qformat.kind == "auto":  # per-layer formats: artifact layer_formats.json, achieved bits and bytes
+            metrics |= auto.record(model, rec)
         _finite(metrics)
 
         if cfg.eval.tasks:

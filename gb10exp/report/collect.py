@@ -69,7 +69,7 @@ class RunRow:
     @property
     def calibrated(self) -> bool:
         """Quantized by modelopt, which calibrates."""
-        return self.params.get("qformat.modelopt_cfg", "None") not in NONE
+        return self.params.get("qformat.modelopt_cfg", "None") not in NONE or self.params.get("qformat.kind") == "auto"
 
     @property
     def quantized(self) -> bool:
