@@ -33,12 +33,20 @@ def load_qformat(name: str) -> QFormatConfig:
     """The typed qformat option ``name`` (conf/qformat/<name>.yaml), e.g. a candidate of qformat=auto."""
     from omegaconf import OmegaConf
 
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QFormatConfig), _qformat_node(name)))
+
+
+def _qformat_node(name: str):
+    """The option's YAML with the options its defaults list names (same group) merged in first."""
+    from omegaconf import OmegaConf
+
     path = QFORMAT_DIR / f"{name}.yaml"
     if not path.is_file():
         options = sorted(p.stem for p in QFORMAT_DIR.glob("*.yaml"))
         raise ConfigError(f"qformat option {name!r} does not exist: one of {options}")
-    node = OmegaConf.merge(OmegaConf.structured(QFormatConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(node)
+    node = OmegaConf.load(path)
+    bases = [_qformat_node(d) for d in node.pop("defaults", []) if d != "_self_"]
+    return OmegaConf.merge(*bases, node) if bases else node
 
 
 def modelopt_config(qformat: QFormatConfig, kv_cache_qformat: str = "none") -> dict | None:
