@@ -100,7 +100,7 @@ def test_cfg_job_prints_the_composed_config():
 
 
 BAD_INPUT = [
-    (["qformat=nvfp44"], "qformat='nvfp44' is not allowed: one of ['auto', 'bf16', 'fp8', 'gguf_q4_k_m', 'int4'"),
+    (["qformat=nvfp44"], "qformat='nvfp44' is not allowed: one of ['auto', 'auto_5bit', 'bf16', 'fp8', 'gguf_q4_k_m'"),
     (["qformat=nvfp4,int5"], "qformat='int5' is not allowed"),
     (["calib_size=0"], "calib_size=0 is not allowed: a positive number of calibration samples"),
     (["calib_size=64,-5"], "calib_size=-5 is not allowed"),  # the bad job fails before the good one runs
