@@ -70,7 +70,7 @@ class AutoConfig:
     # excluded, as in every other format), so 4.5 = all nvfp4 and 8 = all fp8 on [nvfp4, fp8].
     effective_bits: float = 6.0
     method: str = "kl_div"  # kl_div: KL against the unquantized model (what the issue asks); gradient: faster
-    score_samples: int = 4  # calibration samples scored, one forward per sample, layer group and format
+    score_samples: int = 1  # calibration samples scored; each costs one forward per layer group and format
 
     def __post_init__(self) -> None:
         _require(bool(self.formats), "qformat.auto.formats", self.formats, "a non-empty list of qformat options")
