@@ -108,6 +108,10 @@ def _compose(compose, overrides: list[str]) -> DictConfig:
         first = str(exc).splitlines()[0]
         cause = str(exc.__cause__).splitlines()[0] if exc.__cause__ else ""
         raise ConfigError(f"{first} {cause}".strip() + " (see --help for groups, --cfg job for keys)") from None
+    except AssertionError:  # OmegaConf asserts when an override sets a key inside a null node
+        keys = [o for o in overrides if o.split("=")[0].count(".") > 1]
+        raise ConfigError(f"{keys} set keys inside a node this option leaves null (qformat.auto.* needs "
+                          "qformat=auto or auto_5bit; see --cfg job for the keys an option has)") from None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

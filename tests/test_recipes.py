@@ -158,3 +158,12 @@ def test_auto_weight_bits_of_each_quantizer():
     for name, bits in expected.items():
         q = mtq.quantize(copy.deepcopy(model), copy.deepcopy(getattr(mtq, name)), lambda m: m(tokens))
         assert {c["bits"] for c in layer_choice(q).values()} == {bits}, name
+
+
+def test_auto_settings_on_another_format_fail_in_one_line(tmp_path: Path):
+    from conftest import run_gb10exp
+
+    out = run_gb10exp("qformat=fp8", "qformat.auto.effective_bits=5", store=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "qformat.auto.* needs qformat=auto" in lines[0], out.stderr
