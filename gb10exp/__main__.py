@@ -94,6 +94,7 @@ JOB_CHECKS: list[Callable[[Config], None]] = [
     checks.check_model,
     checks.check_store,
     checks.check_backend,
+    _lazy("gb10exp.quant:preflight_check"),  # the format (recipe, auto budget, KV cache) can run here
     _lazy("gb10exp.backends.support:preflight_check"),  # engine x format x GPU
     _lazy("gb10exp.backends.trtllm.backend:preflight_check"),  # batch size within the engine's limit
     _lazy("gb10exp.quant.export:preflight_check"),  # export=true can work for this format
@@ -198,7 +199,13 @@ def _compose(compose, overrides: list[str], hydra: bool = False) -> DictConfig:
 
     try:
         return compose("config", overrides=overrides, return_hydra_config=hydra)
-    except (HydraException, OmegaConfBaseException, AssertionError) as exc:
+    except AssertionError as exc:  # OmegaConf asserts when an override sets a key inside a null node
+        keys = [o for o in overrides if o.split("=")[0].count(".") > 1]
+        if keys:
+            raise ConfigError(f"{keys} set keys inside a node this option leaves null (qformat.auto.* needs "
+                              "qformat=auto or auto_5bit; see --cfg job for the keys an option has)") from None
+        raise ConfigError(f"{type(exc).__name__}: {exc} (see --help for groups, --cfg job for keys)") from None
+    except (HydraException, OmegaConfBaseException) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         cause = str(exc.__cause__).strip().splitlines()[0] if exc.__cause__ and str(exc.__cause__).strip() else ""
         if cause and cause not in lines:  # the cause right after the headline, Hydra's hint (+key=...) last

@@ -31,6 +31,8 @@ EVAL_PROTOCOLS = ("windows", "llamacpp", "rolling")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_CACHE_QFORMATS = ("none", "fp8", "nvfp4")
 # llama.cpp's quantizer output types (LLAMA_FTYPE_MOSTLY_<name>) a qformat may name as gguf_type.
+QFORMAT_KINDS = ("modelopt", "auto", "gguf", "none")
+AUTO_METHODS = ("kl_div", "gradient")
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M",
               "Q2_K")
 
@@ -62,6 +64,25 @@ class ModelConfig:
 
 
 @dataclass
+class AutoConfig:
+    """qformat=auto: modelopt's per-layer search (mtq.auto_quantize) under an average bit budget."""
+
+    formats: list[str] = field(default_factory=lambda: ["nvfp4", "fp8"])  # qformat options to choose from
+    # Average bits per weight (scales included) over the linear layers the fixed formats quantize (lm_head
+    # excluded, as in every other format), so 4.5 = all nvfp4 and 8 = all fp8 on [nvfp4, fp8].
+    effective_bits: float = 6.0
+    method: str = "kl_div"  # kl_div: KL against the unquantized model (what the issue asks); gradient: faster
+    score_samples: int = 1  # calibration samples scored; each costs one forward per layer group and format
+
+    def __post_init__(self) -> None:
+        _require(bool(self.formats), "qformat.auto.formats", self.formats, "a non-empty list of qformat options")
+        _require(0 < self.effective_bits <= 16, "qformat.auto.effective_bits", self.effective_bits,
+                 "average bits per weight in (0, 16], e.g. 4.8")
+        _require(self.method in AUTO_METHODS, "qformat.auto.method", self.method, f"one of {list(AUTO_METHODS)}")
+        _require(self.score_samples > 0, "qformat.auto.score_samples", self.score_samples, "a positive number")
+
+
+@dataclass
 class QFormatConfig:
     name: str = MISSING  # the value users type: qformat=nvfp4
     modelopt_cfg: str | None = None  # attribute of modelopt.torch.quantization; null = no quantization
@@ -78,8 +99,23 @@ class QFormatConfig:
     # round-to-nearest formats whose quantizers see only weights): jobs skip calibration and leave the
     # calibration settings out of their identity, so a calib_size sweep runs them once.
     uses_calibration: bool = True
+    activation_bits: float | None = None  # bits per activation incl. scales; null = weights only (W*A16)
+    # modelopt (modelopt_cfg) | auto (mtq.auto_quantize over `auto.formats`) | gguf (llama.cpp) | none;
+    # left empty it follows from the other fields.
+    kind: str = ""
+    auto: AutoConfig | None = None  # the search settings of kind=auto (conf/qformat/auto.yaml)
 
     def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = "gguf" if self.gguf_type else "modelopt" if self.modelopt_cfg else "none"
+        _require(self.kind in QFORMAT_KINDS, "qformat.kind", self.kind, f"one of {list(QFORMAT_KINDS)}")
+        _require((self.kind == "modelopt") == (self.modelopt_cfg is not None), "qformat.modelopt_cfg",
+                 self.modelopt_cfg, f"a modelopt config name exactly when kind=modelopt (kind={self.kind})")
+        _require((self.kind == "auto") == (self.auto is not None), "qformat.auto", self.auto,
+                 "search settings exactly when kind=auto (qformat=auto sets them)")
+        if self.activation_bits is not None:
+            _require(0 < self.activation_bits <= 16, "qformat.activation_bits", self.activation_bits,
+                     "bits per activation in (0, 16], or null for weight-only formats")
         if self.gguf_type is not None:
             _require(self.gguf_type in GGUF_TYPES, "qformat.gguf_type", self.gguf_type, f"one of {list(GGUF_TYPES)}")
             _require(self.modelopt_cfg is None, "qformat.modelopt_cfg", self.modelopt_cfg,

@@ -26,7 +26,7 @@ from gb10exp.evaluate import evaluate_accuracy
 from gb10exp.evaluate.tasks import check_tasks, run_tasks
 from gb10exp.isolation import restored_globals
 from gb10exp.models import check_model, load_model, load_tokenizer, resolve_device, resolve_dtype
-from gb10exp.quant import cache, export
+from gb10exp.quant import auto, cache, export, quantizes
 from gb10exp.quant.bytes import deployed_decode_bytes, deployed_weight_bytes
 from gb10exp.tracking import Recorder, check_store
 from gb10exp.tracking.environment import environment
@@ -103,7 +103,7 @@ def oom_hint() -> Iterator[None]:
 def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str, str]) -> dict[str, Any]:
     """Run one job and return its results (the same dict that is logged as results.json)."""
     p = prepare(cfg)
-    quantizing = cfg.qformat.modelopt_cfg is not None
+    quantizing = quantizes(cfg.qformat)
     # Resume matches the whole identity (config, hardware, dtype, code, versions, data digests): a run on
     # another machine or other code is a new run; calibration-free formats share one across calib settings.
     ident = run_identity(cfg, resolved, p.device, p.dtype, p.tokenizer, p.calib, p.windows)
@@ -146,6 +146,8 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         if not quantizing and not cfg.qformat.gguf_type:  # the baseline compared with itself, by definition
             metrics |= {"kl_mean": 0.0, "top1_agreement": 1.0}
         metrics["weight_gib"] = deployed_weight_bytes(model, cfg.qformat) / 2**30
+        if cfg.qformat.kind == "auto":  # per-layer formats: artifact layer_formats.json, achieved bits and bytes
+            metrics |= auto.record(model, rec)
         _finite(metrics)
 
         if cfg.eval.tasks:

@@ -23,7 +23,7 @@ def reference_nvfp4(x: torch.Tensor, block: int = 16) -> torch.Tensor:
     scaled = (blocks / (s * s2)[:, None]).abs().clamp(max=6.0)
     dist = (scaled[..., None] - E2M1).abs()
     best = dist.min(-1, keepdim=True).values
-    ties = (dist == best)  # on a tie both neighbours are nearest: take the even code (index)
+    ties = dist == best  # on a tie both neighbours are nearest: take the even code (index)
     codes = torch.where(ties, torch.arange(8), torch.full((8,), 99)).remainder(2).eq(0) & ties
     index = torch.where(codes.any(-1), codes.float().argmax(-1), ties.float().argmax(-1))
     q = E2M1[index] * blocks.sign() * (s * s2)[:, None]
@@ -58,8 +58,16 @@ def test_modelopt_nvfp4_runs_on_cpu_through_the_adapter():
 
     enable_cpu_nvfp4()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+        )
+    ).eval()
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(tokens).logits
@@ -73,3 +81,66 @@ def test_modelopt_nvfp4_runs_on_cpu_through_the_adapter():
     with torch.no_grad():
         qw = layer.weight_quantizer(layer.weight)
     assert torch.equal(qw, reference_nvfp4(layer.weight.detach()))
+
+
+@pytest.mark.parametrize("shape,scale", [((64, 256), 0.02), ((8, 1024), 3.0)])
+def test_static_scales_at_block_amax_give_the_definition(shape, scale):
+    """The static-scale path (nvfp4_mse, nvfp4_local_hessian, nvfp4_four_over_six), fed each block's own
+    amax and the tensor amax, is plain NVFP4: the same E2M1 value for every element; the scale products
+    are rounded in another order (modelopt's scaled_e4m3_impl), so values agree to float32 ulps, whereas a
+    different rounding decision would differ by a whole FP4 step (>= 1/6 of the block scale)."""
+    from gb10exp.quant.nvfp4_cpu import static_nvfp4_fake_quant
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * scale
+    block_amax = x.reshape(-1, 16).abs().amax(-1)
+    ours = static_nvfp4_fake_quant(x, block_amax, x.abs().amax())
+    assert torch.allclose(ours, reference_nvfp4(x), rtol=1e-6, atol=0)
+
+
+def test_static_scales_below_block_amax_clip_to_six():
+    from gb10exp.quant.nvfp4_cpu import static_nvfp4_fake_quant
+
+    # One block, amax 6 (scale exactly 1 after FP8 rounding), a smaller chosen amax 3: scale 0.5, so the
+    # largest representable magnitude is 3 and larger values clip there.
+    values = torch.tensor([6.0, -5.0, 2.9, 0.1] + [0.0] * 12)
+    q = static_nvfp4_fake_quant(values, torch.tensor([3.0]), torch.tensor(6.0))
+    assert q[:4].tolist() == [3.0, -3.0, 3.0, 0.0]
+    # four-over-six normalizes the FP8 block scales by 256 instead of 448: still exact here
+    q46 = static_nvfp4_fake_quant(
+        values, torch.tensor([6.0]), torch.tensor(6.0), fp8_max_for_normalization=256.0
+    )
+    assert q46[:4].tolist() == [6.0, -4.0, 3.0, 0.0]
+
+
+def test_modelopt_static_nvfp4_recipes_run_on_cpu_through_the_adapter():
+    import modelopt.torch.quantization as mtq
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    enable_cpu_nvfp4()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+        )
+    ).eval()
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(tokens).logits
+    errors = {}
+    for name in ("NVFP4_DEFAULT_CFG", "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", "NVFP4_FOUR_OVER_SIX_CFG"):
+        quantized = mtq.quantize(copy.deepcopy(model), copy.deepcopy(getattr(mtq, name)), lambda m: m(tokens))
+        layer = quantized.model.layers[0].mlp.down_proj
+        with torch.no_grad():
+            after = quantized(tokens).logits
+            qw = layer.weight_quantizer(layer.weight)
+        assert torch.isfinite(after).all() and 1e-4 < (after - before).abs().max().item() < 10.0
+        assert len(torch.unique(qw.reshape(-1, 16)[0].abs())) <= 8  # NVFP4 values in every block
+        errors[name] = (qw - layer.weight).pow(2).sum().item()
+    # The MSE sweep picks, per block, the scale with the least squared error, amax/6 among its candidates:
+    # its weight error can only be lower than plain NVFP4's.
+    assert errors["NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG"] < errors["NVFP4_DEFAULT_CFG"]

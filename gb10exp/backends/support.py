@@ -174,7 +174,7 @@ def algo_of(qformat: QFormatConfig | str) -> str:
         return qformat
     if qformat.gguf_type is not None:
         return "GGUF"
-    if qformat.modelopt_cfg is None:
+    if qformat.kind == "none":
         return "none"
     return qformat.quant_algo or "unknown"
 

@@ -32,7 +32,7 @@ import torch
 from gb10exp.config import Config, ModelConfig
 from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
-from gb10exp.quant import calibration_loop, modelopt_config, quantize
+from gb10exp.quant import calibration_loop, modelopt_config, quantize, quantizes
 from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
 from gb10exp.utils import cache_dir, content_key, publish_dir
 
@@ -92,7 +92,7 @@ def model_identity(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def quant_key(cfg: Config, calib: torch.Tensor, device: torch.device, dtype: torch.dtype) -> str:
-    quantizing = cfg.qformat.modelopt_cfg is not None
+    quantizing = quantizes(cfg.qformat)
     return _digest({
         "model": model_identity(cfg.model),
         "modelopt_cfg": modelopt_config(cfg.qformat, cfg.kv_cache_qformat),
@@ -110,7 +110,7 @@ def quantize_cached(
     model: torch.nn.Module, cfg: Config, calib: torch.Tensor, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, str]:
     """``quantize`` through the cache: (model, "hit" | "miss" | "off" | "none" when nothing is quantized)."""
-    if cfg.qformat.modelopt_cfg is None:
+    if not quantizes(cfg.qformat):
         return model, "none"
     loop = calibration_loop(calib, cfg.calib.batch_size, device)
     if not cfg.cache:

@@ -136,7 +136,7 @@ def preflight_check(cfg: Config) -> None:
             f"{q.gguf_type} is made by llama.cpp's quantizer (backend=llamacpp builds and caches that GGUF "
             "file); pick a modelopt format (fp8, nvfp4, int4_awq...) or bf16"
         )
-    if q.modelopt_cfg is None or cfg.model.source != "random":
+    if q.kind != "modelopt" or cfg.model.source != "random":
         return  # other models' widths are known once loaded: check_model does it before quantizing
     block = _weight_block(q)
     for what, width in _linear_inputs(cfg.model.arch).items():
@@ -146,7 +146,7 @@ def preflight_check(cfg: Config) -> None:
 
 def check_model(model: torch.nn.Module, cfg: Config) -> None:
     """The same block-size check on a loaded model, before quantization spends any time."""
-    if not cfg.export or cfg.qformat.modelopt_cfg is None:
+    if not cfg.export or cfg.qformat.kind != "modelopt":
         return
     block = _weight_block(cfg.qformat)
     for name, module in model.named_modules():
@@ -298,7 +298,7 @@ def export_run(
     model: torch.nn.Module, tokenizer: Any, cfg: Config, job_output_dir: str | Path, overrides: list[str]
 ) -> tuple[Checkpoint, list[str]]:
     """Write the run's checkpoint where ``export`` / ``export_dir`` say; return it and its serving commands."""
-    quantized = cfg.qformat.modelopt_cfg is not None
+    quantized = cfg.qformat.kind in ("modelopt", "auto")
     ckpt = write_checkpoint(model, tokenizer, export_path(cfg, job_output_dir), quantized)
     if quantized and ckpt.quant_algo != cfg.qformat.quant_algo:  # the support matrix is keyed by it
         log.warning(

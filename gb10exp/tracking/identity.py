@@ -93,7 +93,9 @@ def calibrates(cfg: Config) -> bool:
     """Whether the job runs calibration data through the model. Not for bf16 and GGUF formats (nothing
     for modelopt to quantize), nor for ``uses_calibration: false`` formats (weight-only round-to-nearest:
     modelopt's max calibration reads the weights directly), unless KV-cache quantization needs activations."""
-    return cfg.qformat.modelopt_cfg is not None and (
+    from gb10exp.quant import quantizes
+
+    return quantizes(cfg.qformat) and (
         cfg.qformat.uses_calibration or cfg.kv_cache_qformat != "none"
     )
 
@@ -165,7 +167,7 @@ def quantization_tags(cfg: Config, device: torch.device) -> dict[str, str]:
     q = cfg.qformat
     if q.gguf_type is not None:
         return {"quantization": f"by the engine ({q.gguf_type})"}
-    if q.modelopt_cfg is None:
+    if q.kind == "none":
         return {"quantization": "none"}
     native = _engine_native(cfg, device)
     tags = {
@@ -215,7 +217,7 @@ def run_identity(
         f"{calib.shape[0]} samples of {calib.shape[1]} tokens"
         if calibrating
         else "none"
-        if cfg.qformat.modelopt_cfg is None
+        if cfg.qformat.kind == "none"
         else "skipped: weight-only round-to-nearest, max calibration reads the weights alone"
     )
     tags = (

@@ -26,7 +26,7 @@ INSTALL_HINT = ("pip install 'llama-cpp-python[server]==0.3.*' (compiles llama.c
 def _gguf_type(qformat: QFormatConfig) -> str | None:
     if qformat.gguf_type is not None:
         return qformat.gguf_type
-    return "F16" if qformat.modelopt_cfg is None else None
+    return "F16" if qformat.kind == "none" else None
 
 
 def _log_softmax_nll(scores: np.ndarray, targets: np.ndarray) -> float:
