@@ -220,7 +220,9 @@ def test_plan_installs_only_what_is_missing_and_keeps_the_containers_versions():
     names = [install._split(r)[0] for r in missing]
     assert "torch" not in names and "nvidia-modelopt" not in names and "numpy" not in names
     assert {"hydra-core", "omegaconf", "mlflow", "lm-eval"} <= set(names)
-    assert notes == ["nvidia-modelopt 0.33.1 is outside gb10exp's '==0.47.*': kept (the container's)"]
+    # Every container version outside gb10exp's range is kept and said so, never replaced.
+    assert "nvidia-modelopt 0.33.1 is outside gb10exp's '==0.47.*': kept (the container's)" in notes
+    assert sorted(n.split()[0] for n in notes) == ["numpy", "nvidia-modelopt", "transformers"]
     cmds = install.commands(Path("/c.txt"), missing)
     assert cmds[0][-3:] == ["--no-deps", "-e", str(ROOT)] and cmds[1][3:6] == ["install", "-c", "/c.txt"]
 
