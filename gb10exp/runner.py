@@ -20,6 +20,7 @@ import torch
 
 from gb10exp import data
 from gb10exp.backends import Backend, BenchInputs, get_backend
+from gb10exp.bench import speed_only
 from gb10exp.bench.accuracy import engine_accuracy
 from gb10exp.config import Config
 from gb10exp.evaluate import evaluate_accuracy
@@ -54,9 +55,11 @@ def prepare(cfg: Config) -> Prepared:
     check_model(cfg.model)
     check_store(cfg.tracking)
     backend = get_backend(cfg.backend)
-    backend.check(cfg.qformat)
     check_tasks(cfg.eval)
     tokenizer = load_tokenizer(cfg.model)
+    # An engine serving a model of its own compares its tokenizer with ours (speed-only runs: not needed).
+    backend.check(cfg.qformat, tokenizer if cfg.eval.enabled else None)
+    speed_only.check(cfg, backend)
     calib = data.calib_samples(
         data.tokenize(data.load_text("calib", cfg.calib), tokenizer), cfg.calib.seq_len, cfg.calib_size, cfg.seed
     )
@@ -97,6 +100,8 @@ def oom_hint() -> Iterator[None]:
 def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str, str]) -> dict[str, Any]:
     """Run one job and return its results (the same dict that is logged as results.json)."""
     p = prepare(cfg)
+    if not cfg.eval.enabled:  # speed only, of whatever the engine serves: nothing of ours is loaded
+        return speed_only.run_speed_only(cfg, p, resolved, overrides, sweep_tags)
     # Calibration settings change nothing for a model modelopt does not quantize: the bf16 jobs of a
     # calib_size sweep share one hash, so the sweep runs the baseline once and skips its twins.
     quantizing = cfg.qformat.modelopt_cfg is not None
