@@ -18,6 +18,7 @@ repacked Q4_K/Q4_0 kernels decode faster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -223,7 +224,8 @@ class Engine:
                 self.proc.kill()
                 self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
-            stream.close()
+            with contextlib.suppress(OSError):  # a dead child's pipe: what was left unsent goes nowhere
+                stream.close()
         self._log.close()
 
 
