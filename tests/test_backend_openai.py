@@ -51,6 +51,7 @@ def test_prompt_logprobs_are_used_only_when_they_cover_the_prompt():
     choice = {"logprobs": {"token_logprobs": [None, -1.0, -2.0, -3.0], "text_offset": [0, 3, 6, 9]}}
     assert prompt_logprobs(choice, prompt_tokens=3) == [-1.0, -2.0]  # the 4th is the generated token
     assert prompt_logprobs(choice, None, prompt_chars=9) == [-1.0, -2.0]  # told apart by text offsets
+    assert prompt_logprobs(choice, prompt_tokens=4) == [-1.0, -2.0]  # a BOS the server counted but did not echo
     with pytest.raises(EngineAccuracyUnavailable, match="returned 4 log-probabilities for a 5-token prompt"):
         prompt_logprobs(choice, prompt_tokens=5)
     generated_only = {"logprobs": {"token_logprobs": [-3.0], "text_offset": [9]}}  # trtllm-serve, echo or not

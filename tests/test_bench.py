@@ -190,3 +190,15 @@ def test_hf_decode_benchmark_runs_without_hydra_mlflow_modelopt(tmp_path):
         assert r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 and 0 < r["roofline_fraction_measured_bw"] <= 1
     assert report["greedy_tokens_agree"] is True  # eager float32 on the CPU: identical greedy paths
     assert "fast" in got.stdout and "% copy" in got.stdout
+
+
+def test_preflight_refuses_a_depth_the_evaluation_text_cannot_fill():
+    from gb10exp.bench import preflight_check
+    from gb10exp.config import Config, EvalConfig
+
+    cfg = Config(eval=EvalConfig(dataset="pydoc_topics", seq_len=512, num_windows=32), bench=BenchConfig(depth=4096))
+    preflight_check(cfg)  # 4096 + 128 + 6 requests fit in 16384 tokens
+    cfg.bench = BenchConfig(depth=16384)
+    with pytest.raises(ConfigError, match=r"bench.depth=16384 is not allowed with bench.input_len=128: 7 distinct "
+                                          r"requests need 16514 tokens of evaluation text and .* = 16384; raise"):
+        preflight_check(cfg)

@@ -36,7 +36,7 @@ from gb10exp.bench.monitor import Monitor
 from gb10exp.bench.roofline import roofline_metrics
 
 if TYPE_CHECKING:  # importable without Hydra: benchmarks/hf_decode.py runs where only torch is installed
-    from gb10exp.config import BenchConfig
+    from gb10exp.config import BenchConfig, Config
 
 
 @dataclass
@@ -182,6 +182,18 @@ def label(cfg: BenchConfig) -> str:
     return text + (f", {cfg.batch_size} concurrent" if cfg.batch_size > 1 else "")
 
 
+def preflight_check(cfg: Config) -> None:
+    """Before any job runs: the evaluation text holds enough tokens for every request's depth + prompt."""
+    from gb10exp.config import ConfigError
+
+    b = cfg.bench
+    need, have = b.depth + b.input_len - LEAD + b.warmup + b.repeats - 1, cfg.eval.num_windows * cfg.eval.seq_len
+    if b.enabled and need > have:
+        raise ConfigError(f"bench.depth={b.depth} is not allowed with bench.input_len={b.input_len}: "
+                          f"{b.warmup + b.repeats} distinct requests need {need} tokens of evaluation text and "
+                          f"eval.num_windows x eval.seq_len = {have}; raise eval.num_windows or lower bench.depth")
+
+
 def measure(
     generate_once: Callable[[list[int]], Timing], tokens: Sequence[int], cfg: BenchConfig, target: Target
 ) -> tuple[dict[str, float], dict[str, str]]:
@@ -217,4 +229,4 @@ def now() -> float:
 
 
 __all__ = ["LEAD", "Monitor", "Target", "Timing", "label", "measure", "merge_concurrent", "now", "percentile",
-           "prompts", "requests", "stamps_from_stream", "summarize", "variants"]
+           "preflight_check", "prompts", "requests", "stamps_from_stream", "summarize", "variants"]

@@ -108,11 +108,12 @@ def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int |
             raise EngineAccuracyUnavailable("the server reported neither usage.prompt_tokens nor text offsets: "
                                             "its prompt tokens cannot be told from the generated one")
         prompt_tokens = sum(1 for off in offsets if off < prompt_chars)
-    if len(values) != prompt_tokens + generated:
+    # llama-cpp-python leaves out the BOS token it added (and counted in usage): one fewer is the whole prompt too.
+    if len(values) - generated not in (prompt_tokens, prompt_tokens - 1):
         raise EngineAccuracyUnavailable(
             f"the server returned {len(values)} log-probabilities for a {prompt_tokens}-token prompt and "
             f"{generated} generated token(s): it does not echo the prompt's log-probabilities")
-    scored = values[1:prompt_tokens]  # the first token has no context; the generated ones are never scored
+    scored = values[1 : len(values) - generated]  # the first has no context; generated ones are never scored
     if len(scored) < 1 or any(not isinstance(v, int | float) for v in scored):
         raise EngineAccuracyUnavailable("the server's prompt log-probabilities have gaps (null entries)")
     return [float(v) for v in scored]
