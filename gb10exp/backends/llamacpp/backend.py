@@ -14,6 +14,7 @@ CPUs with AMX, where llama-cpp-python 0.3.36 segfaults with them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -101,9 +102,14 @@ class LlamaCppBackend:
         if self.loaded != (n_ctx, logits_all):
             self.info = self.engine.call("load", path=str(self.path), n_ctx=n_ctx, logits_all=logits_all,
                                          n_gpu_layers=self.n_gpu_layers if self.on_gpu else 0,
-                                         n_threads=self.n_threads, extra_bufts=self.extra_bufts)
+                                         n_threads=self.threads(), extra_bufts=self.extra_bufts)
             self.loaded = (n_ctx, logits_all)
         return self.engine
+
+    def threads(self) -> int:
+        """options.n_threads, else the cores this process may run on: llama-cpp-python's own default
+        (cpu_count() // 2) ignores CPU affinity and oversubscribes a container's few cores many times."""
+        return self.n_threads or len(os.sched_getaffinity(0))
 
     def _offload_tag(self) -> str:
         layers = self.info["n_layer"]
@@ -136,7 +142,7 @@ class LlamaCppBackend:
                         depth_untimed=True)
         metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
         tags |= {"speed_valid": "true", "bench.method": "llama.cpp generate (child process)",
-                 "llamacpp.offload": self._offload_tag()}
+                 "llamacpp.offload": self._offload_tag(), "llamacpp.threads": str(self.threads())}
         # What llama.cpp really runs: the GGUF's tensors (weight_gib stays the format's deployed count).
         return metrics | {"engine_load_s": load_s, "engine_weight_gib": self.info["model_bytes"] / 2**30}, tags
 
