@@ -42,24 +42,21 @@ def test_amx_is_read_from_the_cpu_flags():
 
 
 def _kill_first_worker(stop: threading.Event, killed: list[int]) -> None:
-    """SIGSEGV to the first llama.cpp child of this worktree that has been alive 1 s (model loading or
-    running): what a native crash in llama_decode does to it."""
-    seen: dict[int, float] = {}
+    """SIGSEGV to the first llama.cpp child of this worktree once it has mapped its GGUF (llama.cpp is
+    loading or running the model): what a native crash in llama_decode does to it."""
     while not stop.is_set() and not killed:
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                if WORKER.encode() in (proc / "cmdline").read_bytes().split(b"\0") and ".gguf" in (proc / "maps").read_text():
+                    time.sleep(0.5)
+                    os.kill(int(proc.name), signal.SIGSEGV)
+                    killed.append(int(proc.name))
+                    return
             except OSError:
                 continue
-            if WORKER.encode() in cmdline:
-                pid = int(proc.name)
-                if time.monotonic() - seen.setdefault(pid, time.monotonic()) > 1.0:
-                    os.kill(pid, signal.SIGSEGV)
-                    killed.append(pid)
-                    return
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
