@@ -148,6 +148,7 @@ class CalibConfig(DataConfig):
 @dataclass
 class EvalConfig(DataConfig):
     num_windows: int = 32  # perplexity windows; identical for every format of a model
+    enabled: bool = True  # false: speed only, of whatever the engine serves (no model load, no accuracy)
     batch_size: int = 4
     compare_baseline: bool = True  # KL divergence and top-1 agreement against the unquantized model
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (downstream accuracy)
@@ -172,7 +173,9 @@ class BenchConfig:
     enabled: bool = True
     input_len: int = 128  # prompt tokens
     output_len: int = 32  # generated tokens, forced (EOS ignored)
-    batch_size: int = 1
+    batch_size: int = 1  # concurrent sequences (requests, for servers)
+    depth: int = 0  # tokens already in the context before the measured prompt (llama-bench -d), e.g. 0,4096
+    model_bytes: float | None = None  # bytes of the weights the engine runs, where it cannot say (a server)
     warmup: int = 2  # runs excluded from the figures
     repeats: int = 5  # runs whose median / p90 are reported
     engine_ppl_windows: int = 4  # eval windows scored by the engine itself where it returns log-probs (0: off)
@@ -184,6 +187,9 @@ class BenchConfig:
             value = getattr(self, key)
             _require(value > 0, f"bench.{key}", value, "a positive integer")
         _require(self.warmup >= 0, "bench.warmup", self.warmup, "zero or more runs")
+        _require(self.depth >= 0, "bench.depth", self.depth, "0 or more tokens of context before the prompt")
+        _require(self.model_bytes is None or self.model_bytes > 0, "bench.model_bytes", self.model_bytes,
+                 "null or the engine's weight bytes, e.g. 4.9e9")
         _require(self.engine_ppl_windows >= 0, "bench.engine_ppl_windows", self.engine_ppl_windows, "0 (off) or more windows")
         _require(self.ppl_tolerance > 0, "bench.ppl_tolerance", self.ppl_tolerance, "a positive fraction, e.g. 0.10")
 

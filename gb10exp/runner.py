@@ -20,6 +20,7 @@ import torch
 
 from gb10exp import data
 from gb10exp.backends import Backend, BenchInputs, get_backend, support
+from gb10exp.bench import speed_only
 from gb10exp.bench.accuracy import engine_accuracy
 from gb10exp.config import Config
 from gb10exp.evaluate import evaluate_accuracy
@@ -58,11 +59,13 @@ def prepare(cfg: Config) -> Prepared:
     check_model(cfg.model)
     check_store(cfg.tracking)
     backend = get_backend(cfg.backend)
-    backend.check(cfg.qformat)
     support.preflight_check(cfg)  # engine x format x GPU (gb10exp/backends/support.py)
     export.preflight_check(cfg)
     check_tasks(cfg.eval)
     tokenizer = load_tokenizer(cfg.model)
+    # An engine serving a model of its own compares its tokenizer with ours (speed-only runs: not needed).
+    backend.check(cfg.qformat, tokenizer if cfg.eval.enabled else None)
+    speed_only.check(cfg, backend)
     calib = data.calib_samples(
         data.tokenize(data.load_text("calib", cfg.calib), tokenizer), cfg.calib.seq_len, cfg.calib_size, cfg.seed
     ) if calibrates(cfg) else torch.zeros((0, cfg.calib.seq_len), dtype=torch.long)
@@ -103,6 +106,8 @@ def oom_hint() -> Iterator[None]:
 def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str, str]) -> dict[str, Any]:
     """Run one job and return its results (the same dict that is logged as results.json)."""
     p = prepare(cfg)
+    if not cfg.eval.enabled:  # speed only, of whatever the engine serves: nothing of ours is loaded
+        return speed_only.run_speed_only(cfg, p, resolved, overrides, sweep_tags)
     quantizing = quantizes(cfg.qformat)
     # Resume matches the whole identity (config, hardware, dtype, code, versions, data digests): a run on
     # another machine or other code is a new run; calibration-free formats share one across calib settings.

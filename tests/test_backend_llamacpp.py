@@ -1,11 +1,20 @@
-"""backend=llamacpp end to end on the embedded SmolLM2-135M: a real llama.cpp, real numbers."""
+"""backend=llamacpp end to end on the embedded SmolLM2-135M: a real llama.cpp, real numbers; and the
+child process that keeps a native crash from taking the sweep down."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import mlflow_runs, run_gb10exp
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
-pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
+import pytest
+from conftest import ROOT, mlflow_runs, run_gb10exp
+
+from gb10exp.backends.llamacpp.worker import Engine, EngineCrashed, cpu_has_amx
+
+WORKER = str(ROOT / "gb10exp" / "backends" / "llamacpp" / "worker.py")
 # 4 windows of 256 tokens (prompts are cut from them), short generations, few repeats: ~1 minute a run.
 SMALL = ["calib_size=4", "calib.seq_len=256", "eval.seq_len=256", "eval.num_windows=4", "bench.input_len=64",
          "bench.output_len=12", "bench.warmup=1", "bench.repeats=3", "bench.engine_ppl_windows=2"]
@@ -17,6 +26,63 @@ def assert_sane_speed(m: dict) -> None:
     assert m["gb10_projected_decode_tokens_per_s"] > 0 and m["mem_system_used_peak_gib"] > 0
 
 
+def test_a_killed_child_is_reported_as_a_crash_with_its_signal():
+    engine = Engine()  # the child imports llama_cpp only to load a model: this runs without it
+    assert engine.call("pid") == {"pid": engine.pid}
+    os.kill(engine.pid, signal.SIGSEGV)
+    with pytest.raises(EngineCrashed, match=r"^llama.cpp crashed \(signal 11\) \[SIGSEGV\] during pid; its log: "):
+        engine.call("pid")
+    engine.close()
+
+
+def test_amx_is_read_from_the_cpu_flags():
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 avx512_fp16 amx_tile amx_int8\n"
+    epyc = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert cpu_has_amx(sapphire) and not cpu_has_amx(epyc) and not cpu_has_amx("")
+
+
+def _kill_first_worker(stop: threading.Event, killed: list[int]) -> None:
+    """SIGSEGV to the first llama.cpp child of this worktree once it has mapped its GGUF (llama.cpp is
+    loading or running the model): what a native crash in llama_decode does to it."""
+    while not stop.is_set() and not killed:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if WORKER.encode() in (proc / "cmdline").read_bytes().split(b"\0") and ".gguf" in (proc / "maps").read_text():
+                    time.sleep(0.5)
+                    os.kill(int(proc.name), signal.SIGSEGV)
+                    killed.append(int(proc.name))
+                    return
+            except OSError:
+                continue
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_a_native_crash_fails_its_run_and_the_next_job_runs(tmp_path):
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_first_worker, args=(stop, killed), daemon=True)
+    watcher.start()
+    try:
+        out = run_gb10exp("backend=llamacpp", "qformat=bf16,gguf_q4_k_m", *SMALL, store=tmp_path)
+    finally:
+        stop.set()
+    assert killed, "no llama.cpp child process was seen"
+    client, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"], out.stdout[-3000:]
+    failed, finished = runs
+    assert failed.data.tags["error"].startswith("EngineCrashed: llama.cpp crashed (signal 11) [SIGSEGV]")
+    trace = Path(client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))).read_text()
+    quoted = trace.split("last lines:\n", 1)[1]
+    assert quoted.strip() != "(empty)" and "llama_" in quoted  # the child's own log (llama.cpp's lines), quoted
+    assert finished.data.params["qformat.name"] == "gguf_q4_k_m" and finished.data.metrics["decode_tokens_per_s"] > 0
+    assert out.returncode == 1 and "FAILED job 0" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
 def test_q4_k_m_and_f16_through_llama_cpp(tmp_path):
     out = run_gb10exp("backend=llamacpp", "qformat=gguf_q4_k_m,bf16", *SMALL, store=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -33,7 +99,10 @@ def test_q4_k_m_and_f16_through_llama_cpp(tmp_path):
     # Its accuracy is llama.cpp's own, over every window; the PyTorch figure is the unquantized source's.
     assert m["perplexity"] == pytest.approx(m["engine_perplexity"], rel=0.05)
     assert m["perplexity"] > m["source_perplexity"] and "kl_mean" not in m
-    assert m["weight_gib"] < 0.11  # the GGUF's bytes, not a 16-bit estimate
+    assert 0.08 < m["engine_weight_gib"] < 0.11  # the GGUF's tensor bytes, not a 16-bit estimate
+    assert q4.data.tags["bench.label"] == "pp64+tg12 @ d0"
+    assert q4.data.tags["llamacpp.extra_bufts"] == ("off (auto: this CPU has AMX)" if cpu_has_amx()
+                                                    else "on (auto: this CPU has no AMX)")
 
     f16 = by_format["bf16"].data
     assert_sane_speed(f16.metrics)
@@ -42,6 +111,8 @@ def test_q4_k_m_and_f16_through_llama_cpp(tmp_path):
     assert f16.tags["engine_ppl_check"].startswith("ok")
 
 
+@pytest.mark.slow
+@pytest.mark.llamacpp
 def test_hf_fast_path_on_the_embedded_default(tmp_path):
     out = run_gb10exp("qformat=bf16", "backend.options.compare=[generate]", *SMALL, store=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -52,6 +123,8 @@ def test_hf_fast_path_on_the_embedded_default(tmp_path):
     assert tags["bench.method"] == "fast" and tags["speed_valid"] == "true"
 
 
+@pytest.mark.slow
+@pytest.mark.llamacpp
 def test_fake_quantized_formats_are_not_timed_on_hf(tmp_path):
     out = run_gb10exp("qformat=fp8", *SMALL, store=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -61,6 +134,8 @@ def test_fake_quantized_formats_are_not_timed_on_hf(tmp_path):
     assert tags["speed_measured"].startswith("no: fake quantization")
 
 
+@pytest.mark.slow
+@pytest.mark.llamacpp
 def test_efficiency_audit_preset_runs_llama_cpp_and_says_why_trtllm_did_not(tmp_path):
     out = run_gb10exp("+experiment=efficiency_audit", *SMALL, store=tmp_path)
     _, runs = mlflow_runs(tmp_path)

@@ -1,17 +1,29 @@
-"""backend=openai against a real OpenAI-compatible server: llama-cpp-python's, started by the test on
-127.0.0.1 (a free port, a hard time limit, stopped at the end); plus the pure parsing logic."""
+"""backend=openai against a real OpenAI-compatible server: llama-cpp-python's (through
+gb10exp.backends.llamacpp.serve, its prompt cache on), started by the test on 127.0.0.1 (a free port, a
+hard time limit, stopped at the end); plus the pure parsing logic. Other servers' shapes:
+test_openai_contract.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from conftest import free_port, mlflow_runs, run_gb10exp, serving
 
-from gb10exp.backends.openai.backend import is_token_chunk, prompt_logprobs, sse_data
+from gb10exp.backends.base import BenchInputs, EngineAccuracyUnavailable
+from gb10exp.backends.openai.backend import (
+    OpenAIBackend,
+    ServerError,
+    is_token_chunk,
+    prompt_logprobs,
+    sse_data,
+)
+from gb10exp.config import BenchConfig, QFormatConfig
 
 SMALL = ["calib_size=4", "calib.seq_len=128", "eval.seq_len=128", "eval.num_windows=4", "bench.input_len=64",
          "bench.output_len=12", "bench.warmup=1", "bench.repeats=3", "bench.engine_ppl_windows=1"]
@@ -28,9 +40,29 @@ def test_stream_parsing_counts_tokens_not_closing_chunks():
     assert len(chunks) == 5 and [is_token_chunk(c) for c in chunks] == [True, True, True, False, False]
 
 
-def test_prompt_logprobs_keep_prompt_tokens_only():
+def test_error_payloads_in_a_stream_raise():
+    for payload in (b'{"error": {"message": "out of KV cache", "code": 500}}',  # vLLM, Ollama, llama.cpp
+                    b'{"object": "error", "message": "out of KV cache", "type": "InternalServerError"}'):  # trtllm
+        with pytest.raises(ServerError, match="out of KV cache"):
+            list(sse_data(iter([b'data: {"choices": [{"text": "a"}]}', b"data: " + payload])))
+
+
+def test_prompt_logprobs_are_used_only_when_they_cover_the_prompt():
     choice = {"logprobs": {"token_logprobs": [None, -1.0, -2.0, -3.0], "text_offset": [0, 3, 6, 9]}}
-    assert prompt_logprobs(choice, prompt_chars=9) == [-1.0, -2.0]  # the 4th is the generated token
+    assert prompt_logprobs(choice, prompt_tokens=3) == [-1.0, -2.0]  # the 4th is the generated token
+    assert prompt_logprobs(choice, None, prompt_chars=9) == [-1.0, -2.0]  # told apart by text offsets
+    assert prompt_logprobs(choice, prompt_tokens=4) == [-1.0, -2.0]  # a BOS the server counted but did not echo
+    with pytest.raises(EngineAccuracyUnavailable, match="returned 4 log-probabilities for a 5-token prompt"):
+        prompt_logprobs(choice, prompt_tokens=5)
+    generated_only = {"logprobs": {"token_logprobs": [-3.0], "text_offset": [9]}}  # trtllm-serve, echo or not
+    with pytest.raises(EngineAccuracyUnavailable, match="does not echo"):
+        prompt_logprobs(generated_only, prompt_tokens=3)
+    with pytest.raises(EngineAccuracyUnavailable, match="neither usage.prompt_tokens nor text offsets"):
+        prompt_logprobs({"logprobs": {"token_logprobs": [None, -1.0]}}, None, prompt_chars=9)
+    with pytest.raises(EngineAccuracyUnavailable, match="chat-style"):
+        prompt_logprobs({"logprobs": {"content": [{"token": "a", "logprob": -1.0}]}}, 3)
+    with pytest.raises(EngineAccuracyUnavailable, match="gaps"):
+        prompt_logprobs({"logprobs": {"token_logprobs": [None, None, -2.0, -3.0]}}, 3)
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +75,62 @@ def q4_gguf():
 
 
 @pytest.fixture(scope="module")
-def server(q4_gguf):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(q4_gguf, server_log):
     port = free_port()
-    command = ["timeout", str(SERVER_LIFETIME_S), sys.executable, "-m", "llama_cpp.server", "--model", str(q4_gguf),
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"]
+    # Its prompt cache on (--cache true) as well as its in-slot prefix reuse; verbose logs every reuse.
+    command = ["timeout", str(SERVER_LIFETIME_S), sys.executable, "-m", "gb10exp.backends.llamacpp.serve",
+               "--model", str(q4_gguf), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
+               "--cache", "true", "--verbose", "true"]
+    shell = ["sh", "-c", 'exec "$@" 2>' + str(server_log), "sh", *command]
     url = f"http://127.0.0.1:{port}/v1"
-    with serving(command, url + "/models", "llama-cpp-python's server"):
+    with serving(shell, url + "/models", "llama-cpp-python's server"):
         yield url
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gb10exp.models import EMBEDDED, load_tokenizer
+
+    return load_tokenizer(EMBEDDED)
+
+
+def reused_prefixes(log: str) -> list[int]:
+    """Prompt tokens the server took from its KV cache or prompt cache, one entry per reuse it logged."""
+    return [int(n) for n in re.findall(r"Llama.generate: (\d+) prefix-match hit", log)]
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_benchmark_prompts_share_no_prefix_with_scored_windows_or_each_other(server, server_log, tokenizer):
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:40000]
+    windows = torch.tensor(tokenizer.encode(text, add_special_tokens=False)[: 6 * 128]).view(6, 128)
+    backend = OpenAIBackend(base_url=server)
+    backend.check(QFormatConfig(name="gguf_q4_k_m", gguf_type="Q4_K_M"), tokenizer)
+    assert backend.model_check.startswith("ok: probe token ids (/extras/tokenize)")
+    inputs = BenchInputs(None, tokenizer, windows.flatten(), torch.device("cpu"), False)
+    backend.prepare(inputs)
+    backend.perplexity(windows[:2])  # the scored windows now sit in the server's caches
+    seen = len(server_log.read_text())
+    # The detector works: a prompt that starts like a scored window is served from the cache.
+    body = {"model": backend.model, "prompt": tokenizer.decode(windows[0, :96].tolist()), "max_tokens": 1}
+    urllib.request.urlopen(urllib.request.Request(server + "/completions", json.dumps(body).encode(),
+                                                  {"Content-Type": "application/json"}), timeout=120).read()
+    control = reused_prefixes(server_log.read_text()[seen:])
+    assert control and max(control) > 50
+    seen = len(server_log.read_text())
+    # Benchmark prompts cut from those windows (the first cut starts exactly where window 0 starts).
+    cfg = BenchConfig(input_len=64, output_len=4, warmup=1, repeats=3)
+    metrics, tags = backend.benchmark(inputs, cfg)
+    assert metrics["decode_tokens_per_s"] > 0  # (this server streams no usage: tag bench.usage says so)
+    reused = reused_prefixes(server_log.read_text()[seen:])
+    assert max(reused, default=0) <= 1, reused  # at most a BOS token: nothing of a window or another request
 
 
 @pytest.mark.slow
@@ -76,7 +157,8 @@ def test_llama_cpp_python_server_echo_logprobs_are_one_position_late(server, q4_
     body = {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
     request = urllib.request.Request(server + "/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    served = prompt_logprobs(json.load(urllib.request.urlopen(request, timeout=60))["choices"][0], len(text))
+    answer = json.load(urllib.request.urlopen(request, timeout=60))
+    served = prompt_logprobs(answer["choices"][0], answer["usage"]["prompt_tokens"])
 
     llm = llama_cpp.Llama(str(q4_gguf), n_ctx=64, logits_all=True, verbose=False)
     tokens = llm.tokenize(text.encode(), add_bos=False)

@@ -11,7 +11,20 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gb10exp.bench import Monitor, Timing, merge_concurrent, prompts, stamps_from_stream, summarize
+from gb10exp.bench import (
+    LEAD,
+    Monitor,
+    Target,
+    Timing,
+    label,
+    measure,
+    merge_concurrent,
+    prompts,
+    requests,
+    stamps_from_stream,
+    summarize,
+    variants,
+)
 from gb10exp.bench.roofline import (
     GB10_GBPS,
     decode_bound,
@@ -19,7 +32,7 @@ from gb10exp.bench.roofline import (
     roofline_metrics,
     torch_decode_bytes,
 )
-from gb10exp.config import ConfigError
+from gb10exp.config import BenchConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +56,49 @@ def test_prompts_are_distinct_cuts_that_share_no_prefix():
 def test_prompts_refuse_too_little_text_in_one_line():
     with pytest.raises(ConfigError, match=r"bench.input_len=128 is not allowed: 7 distinct prompts need 134 tokens"):
         prompts(list(range(130)), 128, 7)
+
+
+def test_requests_lead_with_a_unique_sequence_never_a_scored_window_start():
+    seq_len, text = 64, list(range(5000, 5000 + 64 * 8))
+    windows = [text[i : i + seq_len] for i in range(0, len(text), seq_len)]
+    reqs = requests(text, 96, 7) + requests(text, 96, 7)  # two measurements of one process (and sweep)
+    assert all(len(r) == 96 for r in reqs)
+    leads = {tuple(r[:LEAD]) for r in reqs}
+    assert len(leads) == len(reqs)  # no two requests share even their first LEAD tokens
+    assert not any(r[:LEAD] == w[:LEAD] for r in reqs for w in windows)  # nor with a scored window
+    cut = reqs[0][LEAD:]
+    start = text.index(cut[0])
+    assert cut == text[start : start + len(cut)]  # behind the lead: real, contiguous text
+    batch = variants(reqs[0], 4)
+    assert batch[0] == reqs[0] and len({tuple(b[:LEAD]) for b in batch}) == 4
+    assert all(b[LEAD:] == reqs[0][LEAD:] for b in batch)
+
+
+def test_measure_times_depth_as_llama_bench_or_says_it_did_not():
+    cfg = BenchConfig(input_len=16, output_len=4, depth=32, warmup=1, repeats=2, batch_size=1)
+    seen = []
+
+    def generate_once(prompt):  # 1 s of prefill per 16 tokens measured, 0.1 s a token
+        seen.append(prompt)
+        return Timing(start=0.0, token_times=[1.0 + 0.1 * i for i in range(4)])
+
+    for untimed, prefill in ((True, 16.0), (False, 48.0)):
+        seen.clear()
+        metrics, tags = measure(generate_once, list(range(1000, 1400)), cfg, Target("cpu", None, depth_untimed=untimed))
+        assert [len(p) for p in seen] == [48, 48, 48]  # depth + input_len tokens every request
+        assert metrics["prefill_tokens_per_s"] == pytest.approx(prefill)
+        assert metrics["decode_tokens_per_s"] == pytest.approx(10.0)
+        assert tags["bench.label"] == "pp16+tg4 @ d32"
+        assert tags["bench.depth_prefill"].startswith("untimed" if untimed else "timed")
+        assert "roofline_fraction" not in metrics and tags["roofline"].startswith("none")
+    assert label(BenchConfig(input_len=512, output_len=128, depth=4096, batch_size=4)) == "pp512+tg128 @ d4096, 4 concurrent"
+
+
+def test_bench_depth_and_model_bytes_are_validated():
+    with pytest.raises(ConfigError, match=r"bench.depth=-1 is not allowed"):
+        BenchConfig(depth=-1)
+    with pytest.raises(ConfigError, match=r"bench.model_bytes=0 is not allowed"):
+        BenchConfig(model_bytes=0)
 
 
 def test_summarize_medians_and_exact_length():
@@ -135,3 +191,15 @@ def test_hf_decode_benchmark_runs_without_hydra_mlflow_modelopt(tmp_path):
         assert r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 and 0 < r["roofline_fraction_measured_bw"] <= 1
     assert report["greedy_tokens_agree"] is True  # eager float32 on the CPU: identical greedy paths
     assert "fast" in got.stdout and "% copy" in got.stdout
+
+
+def test_preflight_refuses_a_depth_the_evaluation_text_cannot_fill():
+    from gb10exp.bench import preflight_check
+    from gb10exp.config import Config, EvalConfig
+
+    cfg = Config(eval=EvalConfig(dataset="pydoc_topics", seq_len=512, num_windows=32), bench=BenchConfig(depth=4096))
+    preflight_check(cfg)  # 4096 + 128 + 6 requests fit in 16384 tokens
+    cfg.bench = BenchConfig(depth=16384)
+    with pytest.raises(ConfigError, match=r"bench.depth=16384 is not allowed with bench.input_len=128: 7 distinct "
+                                          r"requests need 16514 tokens of evaluation text and .* = 16384; raise"):
+        preflight_check(cfg)

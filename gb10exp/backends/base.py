@@ -18,6 +18,11 @@ if TYPE_CHECKING:  # importable without Hydra (benchmarks/hf_decode.py imports t
     from gb10exp.config import BenchConfig, ModelConfig, QFormatConfig
 
 
+class EngineAccuracyUnavailable(Exception):
+    """The engine cannot score prompts (no echo, no prompt log-probabilities, not all of them): the run
+    goes on with a tag saying so, never with a number computed from what the engine did return."""
+
+
 @dataclass
 class BenchInputs:
     """What a backend gets: the (possibly fake-quantized) in-process model and its context."""
@@ -36,8 +41,10 @@ class BenchInputs:
 class Backend(Protocol):
     name: str
 
-    def check(self, qformat: QFormatConfig) -> None:
-        """Cheap availability check (imports, server reachable, format servable); raise ConfigError with the fix."""
+    def check(self, qformat: QFormatConfig, tokenizer: Any = None) -> None:
+        """Cheap availability check (imports, server reachable, format servable); raise ConfigError with the fix.
+        An engine that runs a model of its own (a GGUF file, a server) compares its tokenizer with
+        ``tokenizer`` (``gb10exp.backends.same_model``); None: speed only (eval.enabled=false), not compared."""
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         """One-time work before any request (artifacts, engine, server); returns tags describing it."""
@@ -46,7 +53,8 @@ class Backend(Protocol):
         """Per window of ``windows`` (N, T): (summed negative log-likelihood in nats, tokens scored), computed
         by the engine itself over the targets ``score_from[i]`` .. T-1 of window i (T - score_from[i] tokens,
         as ``eval.protocol`` scores them; None: every target 1..T-1); an engine that re-tokenizes text may
-        score a few more or fewer; None when the engine cannot return prompt log-probabilities."""
+        score a few more or fewer; None when the backend has no engine of its own to score with; raises
+        ``EngineAccuracyUnavailable`` when the engine cannot return log-probabilities for the whole prompt."""
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         """(metrics, tags) of one throughput measurement, following gb10exp.bench's rules."""

@@ -1,15 +1,23 @@
 """Measurement rules, in one place for every backend.
 
 A backend supplies one function, ``generate_once(prompt) -> Timing``, that sends one request of exactly
-``input_len`` prompt tokens (``batch_size`` sequences) and receives exactly ``output_len`` new tokens per
-sequence, EOS ignored, stamping the time each token became available to the caller. ``measure`` then:
+``depth + input_len`` prompt tokens (``batch_size`` sequences) and receives exactly ``output_len`` new
+tokens per sequence, EOS ignored, stamping the time each token became available to the caller.
+``measure`` then:
 
-- gives every request its own prompt (``prompts``): a different cut of the evaluation text, so no engine
-  can answer a repetition from its prefix cache and report a TTFT it never paid for;
+- gives every request its own prompt (``requests``): a different cut of the evaluation text behind a
+  unique leading token sequence (``LEAD`` tokens drawn at random for each request), so no engine can
+  answer it from a prefix cache filled by an earlier request or by the scored evaluation windows and
+  report a TTFT it never paid for; concurrent sequences of one request get their own leads (``variants``);
+- ``bench.depth``: the first ``depth`` tokens of a request stand for a conversation already in the
+  context (llama-bench's ``-d``). A backend that owns its KV cache fills them before the clock starts
+  (``Target.depth_untimed``), so TTFT and ``prefill_tokens_per_s`` cover the ``input_len`` measured tokens,
+  as in llama-bench; a server gets them in the measured request and its TTFT includes them (tagged);
 - runs ``warmup`` requests unrecorded, then ``repeats`` recorded ones, while ``Monitor`` samples GPU clocks,
   power, throttle reasons and memory (``monitor.py``);
-- reduces the timings to medians and p90s (``summarize``) and places decode speed under the
-  memory-bandwidth roofline (``roofline.py``).
+- reduces the timings to medians and p90s (``summarize``), places decode speed under the memory-bandwidth
+  roofline (``roofline.py``) and labels the figures as llama-bench does (tag ``bench.label``,
+  "pp512+tg128 @ d4096"), so they line up with llama.cpp's tables.
 
 GPU backends make the device's work visible before they stamp a time (synchronize, or CUDA events read
 after the request): a stamp never marks work that was only queued.
@@ -17,6 +25,7 @@ after the request): a stamp never marks work that was only queued.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +36,7 @@ from gb10exp.bench.monitor import Monitor
 from gb10exp.bench.roofline import roofline_metrics
 
 if TYPE_CHECKING:  # importable without Hydra: benchmarks/hf_decode.py runs where only torch is installed
-    from gb10exp.config import BenchConfig
+    from gb10exp.config import BenchConfig, Config
 
 
 @dataclass
@@ -56,10 +65,13 @@ class Target:
     """What the measured engine reads while it decodes, for the roofline and the memory figures."""
 
     device: str  # where the weights live during decoding: "cuda", "cuda:1", "cpu"
-    decode_bytes: float  # bytes one decode step reads: every weight except the embedding-table lookup
+    # bytes one decode step reads: every weight except the embedding-table lookup; None when unknown (a
+    # server's model with no GGUF and no bench.model_bytes): no roofline then
+    decode_bytes: float | None
     # The engine's own peak-memory figure (torch.cuda.max_memory_allocated, llama.cpp's buffer sizes...):
     reset_peak: Callable[[], None] = lambda: None
     peak_bytes: Callable[[], float | None] = lambda: None
+    depth_untimed: bool = False  # the backend fills the first bench.depth tokens before the clock starts
 
 
 def merge_concurrent(timings: list[Timing]) -> Timing:
@@ -87,7 +99,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(timings: list[Timing], input_len: int, output_len: int) -> dict[str, float]:
     """Medians and p90s over repetitions. Decode rate comes from the inter-token gaps themselves, never
-    from subtracting TTFT from end-to-end time (which can go negative under noise)."""
+    from subtracting TTFT from end-to-end time (which can go negative under noise). ``input_len``: the
+    prompt tokens the TTFT paid for."""
     for t in timings:
         if len(t.token_times) != output_len:
             raise RuntimeError(f"a backend returned {len(t.token_times)} tokens, expected output_len={output_len}")
@@ -122,34 +135,98 @@ def prompts(tokens: Sequence[int], input_len: int, count: int) -> list[list[int]
 
         raise ConfigError(
             f"bench.input_len={input_len} is not allowed: {count} distinct prompts need {input_len + count - 1} "
-            f"tokens of evaluation text and there are {len(tokens)}; lower bench.input_len or raise eval.num_windows"
+            f"tokens of evaluation text and there are {len(tokens)}; lower bench.input_len (or bench.depth) or "
+            "raise eval.num_windows"
         )
     stride = min(input_len, spare // max(count - 1, 1)) if count > 1 else 0
     return [tokens[i * stride : i * stride + input_len] for i in range(count)]
+
+
+LEAD = 4  # leading tokens drawn at random per request: 4 ids from a text's vocabulary never repeat in practice
+_random = random.SystemRandom()  # fresh leads in every process: a rerun against a warm server misses its cache too
+
+
+def lead(pool: Sequence[int], taken: set[tuple[int, ...]]) -> list[int]:
+    """``LEAD`` random token ids from ``pool`` that no earlier request of this process used."""
+    while True:
+        chosen = tuple(_random.choice(pool) for _ in range(LEAD))
+        if chosen not in taken:
+            taken.add(chosen)
+            return list(chosen)
+
+
+_TAKEN: set[tuple[int, ...]] = set()
+
+
+def requests(tokens: Sequence[int], length: int, count: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens: each a unique random lead, then a cut of real text."""
+    if length <= LEAD:
+        from gb10exp.config import ConfigError
+
+        raise ConfigError(f"bench.input_len + bench.depth = {length} is not allowed: more than {LEAD} tokens "
+                          f"(the first {LEAD} of every request are its unique lead)")
+    pool = sorted({int(t) for t in tokens})
+    return [lead(pool, _TAKEN) + cut for cut in prompts(tokens, length - LEAD, count)]
+
+
+def variants(prompt: list[int], count: int) -> list[list[int]]:
+    """``count`` concurrent sequences of one request: ``prompt`` and copies of it with other leads, so
+    no sequence of a batch is served from another's prefix."""
+    pool = sorted(set(prompt))
+    return [prompt] + [lead(pool, _TAKEN) + prompt[LEAD:] for _ in range(count - 1)]
+
+
+def label(cfg: BenchConfig) -> str:
+    """llama-bench's naming: "pp512+tg128 @ d4096" (", 4 concurrent" when bench.batch_size > 1)."""
+    text = f"pp{cfg.input_len}+tg{cfg.output_len} @ d{cfg.depth}"
+    return text + (f", {cfg.batch_size} concurrent" if cfg.batch_size > 1 else "")
+
+
+def preflight_check(cfg: Config) -> None:
+    """Before any job runs: the evaluation text holds enough tokens for every request's depth + prompt."""
+    from gb10exp.config import ConfigError
+
+    b = cfg.bench
+    need, have = b.depth + b.input_len - LEAD + b.warmup + b.repeats - 1, cfg.eval.num_windows * cfg.eval.seq_len
+    if b.enabled and need > have:
+        raise ConfigError(f"bench.depth={b.depth} is not allowed with bench.input_len={b.input_len}: "
+                          f"{b.warmup + b.repeats} distinct requests need {need} tokens of evaluation text and "
+                          f"eval.num_windows x eval.seq_len = {have}; raise eval.num_windows or lower bench.depth")
 
 
 def measure(
     generate_once: Callable[[list[int]], Timing], tokens: Sequence[int], cfg: BenchConfig, target: Target
 ) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of one throughput measurement under the rules above."""
-    requests = prompts(tokens, cfg.input_len, cfg.warmup + cfg.repeats)
-    for prompt in requests[: cfg.warmup]:
+    depth = cfg.depth
+    reqs = requests(tokens, depth + cfg.input_len, cfg.warmup + cfg.repeats)
+    for prompt in reqs[: cfg.warmup]:
         generate_once(prompt)
     target.reset_peak()
     with Monitor(target.device) as monitor:
-        timings = [generate_once(prompt) for prompt in requests[cfg.warmup :]]
-    metrics = summarize(timings, cfg.input_len, cfg.output_len)
-    metrics["decode_bytes_per_token"] = target.decode_bytes
+        timings = [generate_once(prompt) for prompt in reqs[cfg.warmup :]]
+    timed = cfg.input_len if target.depth_untimed else depth + cfg.input_len
+    metrics = summarize(timings, timed, cfg.output_len)
+    tags = {"bench.label": label(cfg)}
+    if depth:
+        tags["bench.depth_prefill"] = (
+            f"untimed: {depth} tokens filled before the clock starts (as llama-bench -d)" if target.depth_untimed
+            else f"timed: the {depth} depth tokens are prefilled inside the measured request; ttft_s and "
+                 f"prefill_tokens_per_s cover {timed} tokens")
     if (peak := target.peak_bytes()) is not None:
         metrics["mem_engine_peak_gib"] = peak / 2**30
+    if target.decode_bytes is None:
+        return metrics | monitor.metrics(), tags | monitor.tags() | {
+            "roofline": "none: the engine's weight bytes are unknown (set bench.model_bytes)"}
+    metrics["decode_bytes_per_token"] = target.decode_bytes
     roofline, roofline_tags = roofline_metrics(metrics.get("decode_tokens_per_s"), target.decode_bytes,
                                                cfg.batch_size, target.device)
-    return metrics | monitor.metrics() | roofline, monitor.tags() | roofline_tags
+    return metrics | monitor.metrics() | roofline, tags | monitor.tags() | roofline_tags
 
 
 def now() -> float:
     return time.perf_counter()
 
 
-__all__ = ["Monitor", "Target", "Timing", "measure", "merge_concurrent", "now", "percentile", "prompts",
-           "stamps_from_stream", "summarize"]
+__all__ = ["LEAD", "Monitor", "Target", "Timing", "label", "measure", "merge_concurrent", "now", "percentile",
+           "preflight_check", "prompts", "requests", "stamps_from_stream", "summarize", "variants"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from gb10exp.backends.base import EngineAccuracyUnavailable
 from gb10exp.config import Config
 from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
@@ -39,7 +40,13 @@ def engine_accuracy(backend, windows: EvalWindows, offline: AccuracyResult, cfg:
     count = len(windows) if engine_quantized else min(cfg.bench.engine_ppl_windows, len(windows))
     if count == 0:
         return EngineAccuracy(tags={"engine_ppl_check": "off (bench.engine_ppl_windows=0)"})
-    scored = backend.perplexity(windows.tokens[:count], windows.score_from[:count].tolist())
+    try:
+        scored = backend.perplexity(windows.tokens[:count], windows.score_from[:count].tolist())
+    except EngineAccuracyUnavailable as exc:  # a tag, never a number computed from a partial answer
+        if engine_quantized:
+            raise RuntimeError(f"engine accuracy not available ({exc}), and qformat={cfg.qformat.name!r} has no "
+                               "other source of accuracy; eval.enabled=false measures speed only") from exc
+        return EngineAccuracy(tags={"engine_ppl_check": f"engine accuracy not available: {exc}"})
     if scored is None:
         if engine_quantized:
             raise RuntimeError(f"backend={cfg.backend.name!r} returned no log-probabilities, and "

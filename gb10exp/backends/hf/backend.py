@@ -38,7 +38,7 @@ class HFBackend:
         self.modes = [mode, *[m for m in (compare or []) if m != mode]]
         self.compile, self.cuda_graph, self.tuned = compile, cuda_graph, tuned
 
-    def check(self, qformat: QFormatConfig) -> None:
+    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
         if qformat.gguf_type is not None:
             raise ConfigError(f"qformat={qformat.name!r} is not allowed with backend=hf: llama.cpp quantizes it; "
                               "use backend=llamacpp (or backend=openai on a server of that GGUF)")
@@ -78,11 +78,12 @@ class HFBackend:
     def _measure_mode(self, mode: str, inputs: BenchInputs, cfg: BenchConfig, target: Target):
         model, device = inputs.model, inputs.device
         batch = lambda prompt: torch.tensor(prompt, device=device).repeat(cfg.batch_size, 1)  # noqa: E731
-        warm_prompt = batch(inputs.prompt_tokens[: cfg.input_len].tolist())
+        length = cfg.depth + cfg.input_len  # bench.depth: context prefilled inside the timed request here
+        warm_prompt = batch(inputs.prompt_tokens[:length].tolist())
         if mode == "fast":
             compile_step = self.compile if self.compile != "auto" else device.type == "cuda"
             # close(): the model's weights get their own storage back (the fast path fuses them in place).
-            with FastDecoder(model, cfg.batch_size, cfg.input_len, cfg.output_len, compile_step,
+            with FastDecoder(model, cfg.batch_size, length, cfg.output_len, compile_step,
                              self.cuda_graph, tuned=self.tuned) as decoder:
                 compile_s = decoder.warm(warm_prompt)
                 metrics, tags = measure(lambda p: decoder.generate(batch(p)), inputs.prompt_tokens, cfg, target)

@@ -1,21 +1,27 @@
-"""llama.cpp in-process through llama-cpp-python, on a GGUF file: the seed's Ollama baseline.
+"""llama.cpp through llama-cpp-python, on a GGUF file: the seed's Ollama baseline.
 
 The GGUF is the configured model in the qformat's ``gguf_type`` (``qformat=gguf_q4_k_m``), built once by
-``gguf.py``; an unquantized qformat (``bf16``) runs as F16; ``options.gguf`` runs a given file instead.
-Where a CUDA GPU is present every layer is offloaded to it (``n_gpu_layers=-1``) and the run says so; a
-llama.cpp built without GPU support refuses to run there rather than silently timing the CPU
-(``options.allow_cpu=true`` accepts it). Perplexity is computed by llama.cpp itself from its logits over
-the same evaluation token ids that PyTorch scored.
+``gguf.py``; an unquantized qformat (``bf16``) runs as F16; ``options.gguf`` runs a given file instead,
+after ``check`` has compared its vocabulary with the run's tokenizer (``same_model.py``).
+llama.cpp runs in a child process (``worker.py``): a native crash fails this run with "llama.cpp crashed
+(signal 11)" and the child's log, and the sweep goes on. Where a CUDA GPU is present every layer is
+offloaded to it (``n_gpu_layers=-1``) and the run says so; a llama.cpp built without GPU support refuses
+to run there rather than silently timing the CPU (``options.allow_cpu=true`` accepts it). Perplexity is
+computed by llama.cpp itself from its logits over the same evaluation token ids that PyTorch scored.
+``options.extra_bufts`` (llama.cpp's AMX / weight-repacking buffer types): ``auto`` turns them off on
+CPUs with AMX, where llama-cpp-python 0.3.36 segfaults with them.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.llamacpp.worker import Engine, extra_bufts_default
+from gb10exp.backends.same_model import check_gguf
 from gb10exp.bench import Target, Timing, measure, now
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
 
@@ -29,26 +35,30 @@ def _gguf_type(qformat: QFormatConfig) -> str | None:
     return "F16" if qformat.kind == "none" else None
 
 
-def _log_softmax_nll(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Summed -log p(target) over rows of logits (float64 for a stable log-sum-exp)."""
-    logits = scores.astype(np.float64)
-    peak = logits.max(axis=1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
-    return float((log_z - logits[np.arange(len(targets)), targets]).sum())
-
-
 class LlamaCppBackend:
     name = "llamacpp"
     max_batch_size = 1  # llama-cpp-python runs one sequence (preflight checks bench.batch_size against it)
 
     def __init__(self, gguf: str | None = None, n_gpu_layers: int = -1, n_threads: int | None = None,
-                 allow_cpu: bool = False):
+                 allow_cpu: bool = False, extra_bufts: str | bool = "auto"):
+        if extra_bufts not in ("auto", True, False):
+            raise ConfigError(f"backend.options.extra_bufts={extra_bufts!r} is not allowed: auto (off on CPUs with "
+                              "AMX, where llama-cpp-python 0.3.36 crashes with them), true or false")
         self.gguf = Path(gguf).expanduser() if gguf else None
         self.n_gpu_layers, self.n_threads, self.allow_cpu = n_gpu_layers, n_threads, allow_cpu
+        self.extra_bufts = extra_bufts_default() if extra_bufts == "auto" else extra_bufts
+        self.extra_bufts_tag = ("on" if self.extra_bufts else "off") + (
+            (" (auto: this CPU has no AMX)" if self.extra_bufts else " (auto: this CPU has AMX)")
+            if extra_bufts == "auto" else " (backend.options.extra_bufts)")
         self.path: Path | None = None
         self.on_gpu = False
+        self.served_model: str | None = None  # the given GGUF's model name (options.gguf)
+        self.model_check = ""
+        self.engine: Engine | None = None
+        self.loaded: tuple[int, bool] | None = None
+        self.info: dict = {}
 
-    def check(self, qformat: QFormatConfig) -> None:
+    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
         try:
             import llama_cpp
         except ImportError as exc:
@@ -58,6 +68,12 @@ class LlamaCppBackend:
                               "types (qformat=gguf_q4_k_m, or bf16 as F16); or give backend.options.gguf=FILE")
         if self.gguf is not None and not self.gguf.is_file():
             raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
+        if self.gguf is not None:
+            key = f"backend.options.gguf={str(self.gguf)!r}"
+            if tokenizer is not None:
+                _, self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
+            else:
+                self.served_model, self.model_check = self.gguf.stem, "not checked (speed only: eval.enabled=false)"
         self.on_gpu = torch.cuda.is_available() and self.n_gpu_layers != 0
         if self.on_gpu and not llama_cpp.llama_supports_gpu_offload() and not self.allow_cpu:
             raise ConfigError("backend=llamacpp: a CUDA GPU is present but this llama-cpp-python was built without "
@@ -74,39 +90,42 @@ class LlamaCppBackend:
         else:
             gguf_type = _gguf_type(inputs.qformat)
             self.path, origin = build_gguf(inputs.model_cfg, gguf_type, inputs.model, inputs.tokenizer)
-        return {"gguf.file": str(self.path), "gguf.origin": origin}
+        tags = {"gguf.file": str(self.path), "gguf.origin": origin,
+                "llamacpp.extra_bufts": self.extra_bufts_tag}
+        if self.model_check:
+            tags["engine.model_check"] = self.model_check
+        return tags
 
-    def _load(self, n_ctx: int, logits_all: bool):
-        import llama_cpp
+    def _load(self, n_ctx: int, logits_all: bool) -> Engine:
+        """The child process with the model loaded for this context size (reloaded only when it changes)."""
+        if self.engine is None:
+            self.engine = Engine()
+        if self.loaded != (n_ctx, logits_all):
+            self.info = self.engine.call("load", path=str(self.path), n_ctx=n_ctx, logits_all=logits_all,
+                                         n_gpu_layers=self.n_gpu_layers if self.on_gpu else 0,
+                                         n_threads=self.threads(), extra_bufts=self.extra_bufts)
+            self.loaded = (n_ctx, logits_all)
+        return self.engine
 
-        return llama_cpp.Llama(str(self.path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                               n_gpu_layers=self.n_gpu_layers if self.on_gpu else 0, n_threads=self.n_threads,
-                               verbose=False)
+    def threads(self) -> int:
+        """options.n_threads, else the cores this process may run on: llama-cpp-python's own default
+        (cpu_count() // 2) ignores CPU affinity and oversubscribes a container's few cores many times."""
+        return self.n_threads or len(os.sched_getaffinity(0))
 
-    def _offload_tag(self, llm) -> str:
-        import llama_cpp
-
-        layers = llama_cpp.llama_model_n_layer(llm._model.model)
+    def _offload_tag(self) -> str:
+        layers = self.info["n_layer"]
         if not self.on_gpu:
             return f"none: CPU only ({'no GPU present' if not torch.cuda.is_available() else 'allow_cpu=true'})"
         offloaded = layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, layers)
         return f"{'all ' if offloaded == layers else ''}{offloaded}/{layers} layers on the GPU (+ output layer)"
 
     def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
-        llm = self._load(windows.shape[1], logits_all=True)
-        try:
-            out = []
-            for window, s in zip(windows.tolist(), score_from or [1] * len(windows), strict=True):
-                llm.reset()  # position 0, empty KV cache: each window scored on its own, as PyTorch did
-                llm.eval(window)
-                out.append((_log_softmax_nll(llm.scores[s - 1 : len(window) - 1], np.asarray(window[s:])), len(window) - s))
-            return out
-        finally:
-            llm.close()
+        engine = self._load(windows.shape[1], logits_all=True)
+        starts = score_from or [1] * len(windows)
+        return [(r["nll"], r["tokens"]) for r in (engine.call("nll", window=w, score_from=s)
+                                                  for w, s in zip(windows.tolist(), starts, strict=True))]
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
-        import llama_cpp
-
         from gb10exp.backends.llamacpp.gguf import decode_bytes
 
         if cfg.batch_size != 1:
@@ -114,31 +133,23 @@ class LlamaCppBackend:
                               "llama-cpp-python runs one sequence; use backend=openai on llama.cpp's server for "
                               "concurrent requests")
         start = now()
-        llm = self._load(cfg.input_len + cfg.output_len, logits_all=False)
+        engine = self._load(cfg.depth + cfg.input_len + cfg.output_len, logits_all=False)
         load_s = now() - start
 
         def generate_once(prompt: list[int]) -> Timing:
-            llm.reset()  # no prefix reuse between requests
-            timing = Timing(start=now())
-            tokens = llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
-            for _ in tokens:  # llama.cpp's raw generator never stops at EOS: exactly output_len tokens
-                timing.token_times.append(now())
-                if len(timing.token_times) == cfg.output_len:
-                    break
-            tokens.close()
-            return timing
+            got = engine.call("generate", prompt=prompt, depth=cfg.depth, output_len=cfg.output_len)
+            return Timing(start=got["start"], token_times=got["token_times"])
 
-        weights = float(llama_cpp.llama_model_size(llm._model.model))
-        target = Target("cuda" if self.on_gpu else "cpu", decode_bytes(self.path),
-                        peak_bytes=lambda: weights + llama_cpp.llama_state_get_size(llm._ctx.ctx))
-        try:
-            metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
-            tags |= {"speed_valid": "true", "bench.method": "llama.cpp generate", "llamacpp.offload": self._offload_tag(llm)}
-        finally:
-            llm.close()  # frees the model and context now, not whenever the garbage collector runs
-        # The deployed weights are the GGUF's, not the PyTorch model's 16-bit estimate.
-        gguf_bytes = float(self.path.stat().st_size)
-        return metrics | {"engine_load_s": load_s, "gguf_bytes": gguf_bytes, "weight_gib": gguf_bytes / 2**30}, tags
+        peak = float(self.info["model_bytes"] + self.info["state_bytes"])
+        target = Target("cuda" if self.on_gpu else "cpu", decode_bytes(self.path), peak_bytes=lambda: peak,
+                        depth_untimed=True)
+        metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
+        tags |= {"speed_valid": "true", "bench.method": "llama.cpp generate (child process)",
+                 "llamacpp.offload": self._offload_tag(), "llamacpp.threads": str(self.threads())}
+        # What llama.cpp really runs: the GGUF's tensors (weight_gib stays the format's deployed count).
+        return metrics | {"engine_load_s": load_s, "engine_weight_gib": self.info["model_bytes"] / 2**30}, tags
 
     def close(self) -> None:
-        pass
+        if self.engine is not None:
+            self.engine.close()
+            self.engine, self.loaded = None, None

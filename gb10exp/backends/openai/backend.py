@@ -1,15 +1,26 @@
 """Any OpenAI-compatible server over HTTP: Ollama's ``/v1``, ``trtllm-serve``, ``vllm serve``, llama.cpp's
 server, llama-cpp-python's server. The server is started by the user; the run only talks to it.
 
-Speed: ``/completions`` with ``stream: true``; TTFT is the arrival of the first streamed token, each
-later chunk stamps one token. ``bench.batch_size`` requests are sent concurrently and a step counts as
-done when every request has its token. Exact length: ``max_tokens = output_len`` plus the fields in
-``options.force_length`` that servers use to ignore EOS; a response with fewer tokens fails the run
-rather than timing a shorter answer.
+Same model: ``check`` compares the served model's tokenizer with the run's (``same_model.py``: the GGUF
+given as ``options.gguf``, the server's tokenize endpoint, its vocabulary size) and refuses a mismatch in
+one line before any quantization. ``eval.enabled=false`` skips that and all accuracy: speed only, of
+whatever the server holds, the run named after the served model.
+
+Speed: ``/completions`` with ``stream: true`` and ``stream_options.include_usage``; TTFT is the arrival of
+the first streamed token, each later chunk stamps one token, and the closing ``usage`` must count the
+same tokens (a server that packs several tokens into one chunk fails the run rather than being timed
+wrong). ``bench.batch_size`` requests are sent concurrently, each with its own unique lead
+(``gb10exp.bench.variants``), and a step counts as done when every request has its token. Exact length:
+``max_tokens = output_len`` plus the fields in ``options.force_length`` that servers use to ignore EOS.
+A chunk ``{"error": ...}`` raises.
 
 Accuracy: ``echo: true, logprobs: 1, max_tokens: 1`` returns the prompt's token log-probabilities (the
-OpenAI convention: entry i is log p(token i | tokens before it)). A server that gets that wrong is
-caught by the engine-perplexity check (llama-cpp-python 0.3.36's server returns entry i from the
+OpenAI convention: entry i is log p(token i | tokens before it)). They are used only when they cover the
+whole prompt (their count is the prompt's tokens plus the generated one, which is never scored).
+Anything else is "engine accuracy not available" with the reason as a tag, never a number: llama.cpp's
+``llama-server`` answers HTTP 500 "Only no echo is supported", trtllm-serve returns the generated token's
+log-probability only, chat-style shapes carry no prompt log-probabilities. A server that returns them
+wrong is caught by the engine-perplexity check (llama-cpp-python 0.3.36's server returns entry i from the
 distribution *after* token i, off by one position).
 """
 
@@ -17,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,13 +38,31 @@ from pathlib import Path
 
 import torch
 
-from gb10exp.backends.base import BenchInputs
-from gb10exp.bench import Target, Timing, measure, merge_concurrent, now
+from gb10exp.backends import same_model
+from gb10exp.backends.base import BenchInputs, EngineAccuracyUnavailable
+from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, variants
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
 
 PROMPT_FORMATS = ("text", "tokens")
-SERVER_HINT = ("start the server first, e.g. python -m llama_cpp.server --model F.gguf, ollama serve, "
+SERVER_HINT = ("start the server first, e.g. python -m gb10exp.backends.llamacpp.serve --model F.gguf, ollama serve, "
                "trtllm-serve DIR, vllm serve MODEL")
+# How servers say "this request is fine but I cannot do that" (echo, logprobs, prompt logprobs).
+NOT_SUPPORTED = re.compile(r"not (be )?supported|unsupported|not implemented|only no echo|not allowed|"
+                           r"\becho\b|logprobs", re.IGNORECASE)
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error the run cannot work around."""
+
+
+def error_text(payload) -> str:
+    """The message of an OpenAI-style error body: {"error": {"message": ...}}, {"error": "..."}, {"detail": ...}."""
+    if isinstance(payload, dict):
+        err = payload.get("error", payload.get("detail", payload))
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+        return str(err)
+    return str(payload)
 
 
 def is_token_chunk(chunk: dict) -> bool:
@@ -45,7 +76,7 @@ def is_token_chunk(chunk: dict) -> bool:
 
 
 def sse_data(lines: Iterator[bytes]) -> Iterator[dict]:
-    """The JSON payloads of a server-sent-events stream, up to ``[DONE]``."""
+    """The JSON payloads of a server-sent-events stream, up to ``[DONE]``; an error payload raises."""
     for raw in lines:
         line = raw.decode("utf-8", errors="replace").strip()
         if not line.startswith("data:"):
@@ -53,15 +84,39 @@ def sse_data(lines: Iterator[bytes]) -> Iterator[dict]:
         data = line[5:].strip()
         if data == "[DONE]":
             return
-        yield json.loads(data)
+        payload = json.loads(data)
+        if isinstance(payload, dict) and ("error" in payload or payload.get("object") == "error"):
+            raise ServerError(f"the server streamed an error: {error_text(payload)[:300]}")
+        yield payload
 
 
-def prompt_logprobs(choice: dict, prompt_chars: int) -> list[float]:
-    """The prompt tokens' log-probabilities from an ``echo`` + ``logprobs`` choice (the first has none)."""
-    logprobs = choice.get("logprobs") or {}
-    values = logprobs.get("token_logprobs") or []
-    offsets = logprobs.get("text_offset") or list(range(len(values)))
-    return [v for v, off in zip(values, offsets, strict=False) if off < prompt_chars and v is not None]
+def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int | None = None,
+                    generated: int = 1) -> list[float]:
+    """log p(token i | tokens before it) for prompt tokens 1..n-1 from an ``echo`` + ``logprobs`` choice.
+
+    ``prompt_tokens``: the prompt's length in the server's tokens (the ids sent, or ``usage.prompt_tokens``);
+    when unknown, ``text_offset`` separates the prompt (offsets before ``prompt_chars``) from the answer.
+    Raises EngineAccuracyUnavailable unless the values cover exactly the prompt plus ``generated`` tokens."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("token_logprobs"), list):
+        shape = "chat-style logprobs" if isinstance(logprobs, dict) and "content" in logprobs else "no logprobs"
+        raise EngineAccuracyUnavailable(f"the server returned {shape}, not completion token_logprobs")
+    values = logprobs["token_logprobs"]
+    if prompt_tokens is None:
+        offsets = logprobs.get("text_offset")
+        if prompt_chars is None or not isinstance(offsets, list) or len(offsets) != len(values):
+            raise EngineAccuracyUnavailable("the server reported neither usage.prompt_tokens nor text offsets: "
+                                            "its prompt tokens cannot be told from the generated one")
+        prompt_tokens = sum(1 for off in offsets if off < prompt_chars)
+    # llama-cpp-python leaves out the BOS token it added (and counted in usage): one fewer is the whole prompt too.
+    if len(values) - generated not in (prompt_tokens, prompt_tokens - 1):
+        raise EngineAccuracyUnavailable(
+            f"the server returned {len(values)} log-probabilities for a {prompt_tokens}-token prompt and "
+            f"{generated} generated token(s): it does not echo the prompt's log-probabilities")
+    scored = values[1 : len(values) - generated]  # the first has no context; generated ones are never scored
+    if len(scored) < 1 or any(not isinstance(v, int | float) for v in scored):
+        raise EngineAccuracyUnavailable("the server's prompt log-probabilities have gaps (null entries)")
+    return [float(v) for v in scored]
 
 
 class OpenAIBackend:
@@ -76,42 +131,105 @@ class OpenAIBackend:
         if device not in ("auto", "cpu") and not device.startswith("cuda"):
             raise ConfigError(f"backend.options.device={device!r} is not allowed: auto, cpu, cuda or cuda:N")
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
-        self.prompt_format, self.gguf, self.device, self.timeout_s = prompt_format, gguf, device, timeout_s
+        self.root = re.sub(r"/v1$", "", self.base_url)  # native endpoints (tokenize, api/show) live beside /v1
+        self.prompt_format, self.device, self.timeout_s = prompt_format, device, timeout_s
+        self.gguf = Path(gguf).expanduser() if gguf else None
         self.force_length = ["min_tokens", "ignore_eos"] if force_length is None else list(force_length)
         self.tokenizer = None
+        self.served_model: str | None = None
+        self.meta: dict = {}  # llama.cpp's server: n_vocab, size (bytes), n_params, ... of the served model
+        self.model_check = ""
+        self.include_usage = True
+        self.gguf_bytes: float | None = None
 
     # -- HTTP ---------------------------------------------------------------------------------------
-    def _request(self, path: str, body: dict | None = None, timeout: float | None = None):
+    def _request(self, path: str, body: dict | None = None, timeout: float | None = None, root: bool = False):
         headers = {"Content-Type": "application/json"}
         if key := os.environ.get(self.api_key_env):  # read at request time, never stored or logged
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers)
+        req = urllib.request.Request((self.root if root else self.base_url) + path, data=data, headers=headers)
         return urllib.request.urlopen(req, timeout=timeout or self.timeout_s)
 
-    def check(self, qformat: QFormatConfig) -> None:
+    def _post_json(self, path: str, body: dict) -> dict | None:
+        """A native endpoint's JSON answer, or None where the server has no such endpoint."""
+        try:
+            with self._request(path, body, timeout=30, root=True) as r:
+                got = json.load(r)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return got if isinstance(got, dict) and "error" not in got and got.get("object") != "error" else None
+
+    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
         try:
             with self._request("/models", timeout=10) as r:
-                served = [m["id"] for m in json.load(r).get("data", [])]
+                listed = json.load(r).get("data", [])
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise ConfigError(f"backend.options.base_url={self.base_url!r} cannot be reached "
                               f"({getattr(exc, 'reason', exc)}); {SERVER_HINT}") from exc
+        served = [m["id"] for m in listed]
         if self.model is None:
             if not served:
                 raise ConfigError(f"backend.options.model=None is not allowed: {self.base_url}/models lists no model")
             self.model = served[0]
         elif served and self.model not in served:
             raise ConfigError(f"backend.options.model={self.model!r} is not allowed: the server has {served}")
+        self.served_model = self.model
+        self.meta = next((m.get("meta") or {} for m in listed if m["id"] == self.model), {})
+        if self.gguf is not None and not self.gguf.is_file():
+            raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
+        if tokenizer is None:
+            self.model_check = "not checked: speed only (eval.enabled=false)"
+        else:
+            self.model_check = self._check_same_model(tokenizer)
+        if self.gguf is not None and self.gguf_bytes is None:
+            self.gguf_bytes = same_model.gguf_fields(self.gguf)[1]
+
+    def _check_same_model(self, tokenizer) -> str:
+        key = f"backend.options.model={self.model!r}"
+        done = []
+        if self.gguf is not None:
+            self.gguf_bytes, _, _ = same_model.check_gguf(self.gguf, tokenizer, f"backend.options.gguf={str(self.gguf)!r}")
+            done.append("the GGUF's vocabulary")
+        tokenize = [("/tokenize", {"content": same_model.PROBE, "add_special": False}),  # llama.cpp's llama-server
+                    ("/tokenize", {"model": self.model, "prompt": same_model.PROBE}),  # vLLM
+                    ("/extras/tokenize", {"input": same_model.PROBE}),  # llama-cpp-python
+                    ("/_internal/tokenize", {"prompt": same_model.PROBE})]  # trtllm-serve (recent 1.x)
+        for path, body in tokenize:
+            got = self._post_json(path, body)
+            if got and isinstance(got.get("tokens"), list) and all(isinstance(t, int) for t in got["tokens"]):
+                same_model.compare_ids(got["tokens"], tokenizer, key, f"the server ({path})")
+                done.append(f"probe token ids ({path})")
+                break
+        if isinstance(self.meta.get("n_vocab"), int):
+            same_model.compare_vocab(self.meta["n_vocab"], tokenizer, key, "the server (/v1/models meta)")
+            done.append("vocabulary size")
+        elif (show := self._post_json("/api/show", {"model": self.model, "verbose": True})) is not None:
+            info = show.get("model_info") or {}  # Ollama: no tokenize endpoint, but its GGUF's metadata
+            if isinstance(tokens := info.get("tokenizer.ggml.tokens"), list) and tokens:
+                same_model.compare_token_strings(tokens, tokenizer, key, "the server (Ollama /api/show)")
+                done.append("vocabulary and probe token strings (/api/show)")
+            elif sizes := [v for k, v in info.items() if k.endswith(".vocab_size") and isinstance(v, int)]:
+                same_model.compare_vocab(sizes[0], tokenizer, key, "the server (Ollama /api/show)")
+                done.append("vocabulary size (/api/show)")
+        if not done:
+            return ("not possible: the server has no tokenize endpoint and reports no vocabulary; make sure it "
+                    "serves the configured model, or give backend.options.gguf")
+        return "ok: " + ", ".join(done) + " match the run's tokenizer"
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         self.tokenizer = inputs.tokenizer
-        return {"openai.base_url": self.base_url, "openai.model": str(self.model)}
+        return {"openai.base_url": self.base_url, "openai.model": str(self.model),
+                "engine.model_check": self.model_check}
 
     def close(self) -> None:
         pass
 
     def _prompt(self, tokens: list[int]) -> str | list[int]:
         return self.tokenizer.decode(tokens) if self.prompt_format == "text" else tokens
+
+    def _unsupported(self, code: int | None, message: str) -> bool:
+        return code in (404, 501) or (code in (None, 400, 422, 500) and bool(NOT_SUPPORTED.search(message)))
 
     # -- accuracy -----------------------------------------------------------------------------------
     def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
@@ -122,62 +240,94 @@ class OpenAIBackend:
                     "temperature": 0}
             try:
                 with self._request("/completions", body) as r:
-                    choice = json.load(r)["choices"][0]
+                    answer = json.load(r)
             except urllib.error.HTTPError as exc:  # a server without echo/logprobs support says so here
-                if exc.code in (400, 404, 422, 501):
-                    return None
-                raise
-            chars = len(prompt) if isinstance(prompt, str) else float("inf")
-            values = prompt_logprobs(choice, chars)
-            if not values:
-                return None
+                message = exc.read().decode("utf-8", errors="replace")
+                if self._unsupported(exc.code, message):
+                    raise EngineAccuracyUnavailable(f"HTTP {exc.code} from /completions with echo + logprobs: "
+                                                    f"{message[:200]}") from None
+                raise ServerError(f"HTTP {exc.code} from /completions: {message[:300]}") from None
+            if "error" in answer or answer.get("object") == "error":
+                if self._unsupported(None, error_text(answer)):
+                    raise EngineAccuracyUnavailable(f"/completions with echo + logprobs: {error_text(answer)[:200]}")
+                raise ServerError(f"/completions answered an error: {error_text(answer)[:300]}")
+            choices = answer.get("choices") or [{}]
+            usage = answer.get("usage") or {}
+            generated = usage.get("completion_tokens", 1)
+            # Token prompts: the ids sent. Text prompts: the server's own count of its tokens.
+            count = len(prompt) if isinstance(prompt, list) else usage.get("prompt_tokens")
+            values = prompt_logprobs(choices[0], count, len(prompt) if isinstance(prompt, str) else None, generated)
             values = values[-(len(window) - s) :] if s > 1 else values  # the scored tail, counted from the end
             out.append((-sum(values), len(values)))
         return out
 
     # -- speed --------------------------------------------------------------------------------------
-    def _stream_once(self, prompt: list[int], cfg: BenchConfig, start: float) -> Timing:
+    def _stream_once(self, prompt: list[int], cfg: BenchConfig, start: float) -> tuple[Timing, dict]:
         body = {"model": self.model, "prompt": self._prompt(prompt), "max_tokens": cfg.output_len,
                 "temperature": 0, "stream": True}
+        if self.include_usage:
+            body["stream_options"] = {"include_usage": True}
         body |= {k: v for k, v in {"min_tokens": cfg.output_len, "ignore_eos": True}.items() if k in self.force_length}
-        timing = Timing(start=start)
-        with self._request("/completions", body) as r:
-            for chunk in sse_data(r):
-                if is_token_chunk(chunk):
-                    timing.token_times.append(now())
-        if len(timing.token_times) != cfg.output_len:
-            raise RuntimeError(f"the server streamed {len(timing.token_times)} tokens for max_tokens={cfg.output_len}: "
-                               "it stopped at EOS or batches tokens per chunk; set backend.options.force_length to "
-                               "the fields it honours (min_tokens, ignore_eos)")
-        return timing
+        timing, usage = Timing(start=start), {}
+        try:
+            with self._request("/completions", body) as r:
+                for chunk in sse_data(r):
+                    if is_token_chunk(chunk):
+                        timing.token_times.append(now())
+                    usage = chunk.get("usage") or usage
+        except urllib.error.HTTPError as exc:
+            message = exc.read().decode("utf-8", errors="replace")
+            if self.include_usage and exc.code in (400, 422) and "stream_options" in message:
+                self.include_usage = False  # an older server: count chunks alone
+                return self._stream_once(prompt, cfg, now())
+            raise ServerError(f"HTTP {exc.code} from /completions (stream): {message[:300]}") from None
+        counted = usage.get("completion_tokens", len(timing.token_times))
+        if counted != cfg.output_len or len(timing.token_times) != counted:
+            raise RuntimeError(f"the server streamed {len(timing.token_times)} token chunks and counted {counted} "
+                               f"tokens for max_tokens={cfg.output_len}: it stopped at EOS or packs several tokens "
+                               "per chunk; set backend.options.force_length to the fields it honours (min_tokens, "
+                               "ignore_eos)")
+        return timing, usage
 
-    def _decode_bytes(self, inputs: BenchInputs) -> tuple[float, str]:
-        if self.gguf:
+    def _weights(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[float | None, float | None, str]:
+        """(bytes one decode step reads, bytes the engine holds, where they come from)."""
+        if self.gguf is not None:
             from gb10exp.backends.llamacpp.gguf import decode_bytes
 
-            return decode_bytes(Path(self.gguf).expanduser()), "the served GGUF file"
-        return inputs.weight_bytes, "estimate from the qformat's bits per weight (set backend.options.gguf for GGUF)"
+            return decode_bytes(self.gguf), self.gguf_bytes, "the served GGUF file"
+        if cfg.model_bytes is not None:
+            return cfg.model_bytes, cfg.model_bytes, "bench.model_bytes"
+        if isinstance(self.meta.get("size"), int | float):
+            return float(self.meta["size"]), float(self.meta["size"]), "the server (/v1/models meta size)"
+        if inputs.weight_bytes:
+            return inputs.weight_bytes, None, "estimate from the qformat's bits per weight (set bench.model_bytes)"
+        return None, None, "unknown (set bench.model_bytes)"
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         self.tokenizer = inputs.tokenizer
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        bytes_, source = self._decode_bytes(inputs)
+        decode_bytes, engine_bytes, source = self._weights(inputs, cfg)
         pool = ThreadPoolExecutor(cfg.batch_size)
+        prompt_tokens: list[int] = []
 
         def generate_once(prompt: list[int]) -> Timing:
-            # Concurrent requests start at different tokens (a rotation): none can reuse another's prefix.
-            rotated = [prompt[j:] + prompt[:j] for j in range(cfg.batch_size)]
             start = now()
-            futures = [pool.submit(self._stream_once, r, cfg, start) for r in rotated]
-            return merge_concurrent([f.result() for f in futures])
+            futures = [pool.submit(self._stream_once, p, cfg, start) for p in variants(prompt, cfg.batch_size)]
+            results = [f.result() for f in futures]
+            prompt_tokens.extend(u["prompt_tokens"] for _, u in results if isinstance(u.get("prompt_tokens"), int))
+            return merge_concurrent([t for t, _ in results])
 
         try:
-            metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, Target(device, bytes_))
+            metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, Target(device, decode_bytes))
         finally:
             pool.shutdown()
-        if self.gguf:  # the deployed weights are the served file's, not the 16-bit estimate
-            metrics["weight_gib"] = Path(self.gguf).expanduser().stat().st_size / 2**30
+        if engine_bytes is not None:
+            metrics["engine_weight_gib"] = engine_bytes / 2**30
+        if prompt_tokens:  # the server's own count: text prompts are re-tokenized by the server
+            metrics["server_prompt_tokens"] = float(statistics.median(prompt_tokens))
         tags |= {"speed_valid": "true", "bench.method": f"OpenAI /completions stream, {cfg.batch_size} concurrent",
+                 "bench.usage": "usage (stream_options.include_usage)" if self.include_usage and prompt_tokens
+                 else "chunks counted (the server sent no usage)",
                  "roofline.bytes_source": source,
                  "roofline.device_assumed": f"{device}: the server's weights are assumed on this machine's {device}"}
         return metrics, tags

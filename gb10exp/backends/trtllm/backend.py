@@ -91,7 +91,7 @@ class TRTLLMBackend:
         self._exported: Path | None = None
         self.context_logits_missing = False
 
-    def check(self, qformat: QFormatConfig) -> None:
+    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
         if qformat.gguf_type is not None:
             raise ConfigError(f"qformat={qformat.name!r} is not allowed with backend=trtllm: GGUF formats run on "
                               "backend=llamacpp; TensorRT-LLM runs modelopt formats (nvfp4, fp8, bf16...)")
