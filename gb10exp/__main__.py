@@ -98,7 +98,7 @@ JOB_CHECKS: list[Callable[[Config], None]] = [
     _lazy("gb10exp.backends.support:preflight_check"),  # engine x format x GPU
     _lazy("gb10exp.backends.trtllm.backend:preflight_check"),  # batch size within the engine's limit
     _lazy("gb10exp.quant.export:preflight_check"),  # export=true can work for this format
-    _lazy("gb10exp.bench:preflight_check"),  # bench.depth within the evaluation text  # export=true can work for this format
+    _lazy("gb10exp.bench:preflight_check"),  # bench.depth within the evaluation text
     _lazy("gb10exp.tracking.identity:preflight_check"),  # uses_calibration: false really needs no data
     checks.check_context_length,
     checks.check_data,
