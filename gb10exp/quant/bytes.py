@@ -61,6 +61,14 @@ def tensor_bytes(
         else:
             bits = param.element_size() * 8 if dense_bits is None else dense_bits
         out[ptr] = param.numel() * bits / 8
+    # SVDQuant keeps a 16-bit low-rank branch beside each 4-bit weight (buffers on its weight quantizer):
+    # the engine reads it every step, so it is deployed weight bytes too.
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        for name in ("_svdquant_lora_a", "_svdquant_lora_b"):
+            branch = getattr(quantizer, name, None)
+            if isinstance(branch, torch.Tensor) and branch.data_ptr() not in out:
+                out[branch.data_ptr()] = branch.numel() * (branch.element_size() * 8 if dense_bits is None else dense_bits) / 8
     return out
 
 
