@@ -26,7 +26,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 MODEL_SOURCES = ("embedded", "hub", "local", "random")
 DATASETS = ("pydoc_topics", "wikitext2", "cnn_dailymail", "text_file")
-# How text becomes scored tokens (gb10exp.data.eval_windows; docs/notes/evalproto.md says why the default).
+# How text becomes scored tokens (gb10exp.data.eval_windows; docs/evaluation.md says why the default).
 EVAL_PROTOCOLS = ("windows", "llamacpp", "rolling")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_CACHE_QFORMATS = ("none", "fp8", "nvfp4")

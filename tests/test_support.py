@@ -11,7 +11,7 @@ from gb10exp.backends import support
 from gb10exp.backends.support import ALGOS, ARCHS, ENGINES, MATRIX, arch_of_capability, lookup, native_engines
 from gb10exp.config import ConfigError, QFormatConfig
 
-DOC = ROOT / "docs" / "notes" / "export.md"
+DOC = ROOT / "docs" / "export_and_support.md"
 
 
 def test_every_cell_exists_with_a_status_and_a_source():
@@ -98,7 +98,9 @@ def test_unsupported_combination_is_refused_in_one_line_with_what_works_instead(
     )
     assert "tensorrt_llm/quantization/mode.py" in msg
     assert (
-        "instead: engine vllm for nvfp4_wo; or qformat in ['bf16', 'fp8', 'nvfp4'] on backend=trtllm" in msg
+        "instead: engine vllm for nvfp4_wo; or qformat in ['auto', 'auto_5bit', 'bf16', 'fp8', 'nvfp4', "
+        "'nvfp4_awq_clip', 'nvfp4_four_over_six', 'nvfp4_local_hessian', 'nvfp4_mlp_only', 'nvfp4_mse', "
+        "'nvfp4_omlp_only'] on backend=trtllm" in msg
     )
     with pytest.raises(ConfigError, match=r"qformat='int4_awq' \(quant_algo W4A16_AWQ\) on gb10: W4A16 AWQ"):
         support.check("trtllm", QFORMATS["int4_awq"], "gb10")
@@ -121,5 +123,5 @@ def test_run_tag():
 def test_docs_show_the_matrix_generated_from_the_data():
     text = DOC.read_text()
     assert support.markdown() in text, (
-        "docs/notes/export.md is stale: paste gb10exp.backends.support.markdown()"
+        "docs/export_and_support.md is stale: paste gb10exp.backends.support.markdown()"
     )

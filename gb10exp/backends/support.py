@@ -33,9 +33,14 @@ ALGOS = (
     "W4A16_AWQ",
     "W4A8_AWQ",
     "MIXED_PRECISION",
+    "NVFP4_SVD",  # the recipes (conf/qformat/): rows no engine below claims, so lookups say "unsupported"
+    "W4A8_NVFP4_FP8",
+    "MXFP8",
+    "mxfp4",  # modelopt 0.47 writes this one in lower case
     "GGUF",
     "none",
 )
+MX_ALGOS = ("MXFP8", "mxfp4")
 GPUS = ARCHS[:-1]
 
 # Sources (one per claim; file paths are in the engine's GitHub repository).
@@ -152,6 +157,8 @@ def _hf() -> dict[str, dict[str, Cell]]:
     rows = {algo: _row({}, fake) for algo in ALGOS if algo not in ("GGUF", "none")}
     for algo in ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ", "MIXED_PRECISION"):
         rows[algo] = _row({"cpu": Cell(EMULATED, HF_CPU_FP4, "NVFP4 through gb10exp's CPU adapter")}, fake)
+    for algo in MX_ALGOS:  # E8M0 block scales: modelopt computes them only in its CUDA extension
+        rows[algo] = _row({"cpu": Cell(UNSUPPORTED, HF, "modelopt 0.47's MX quantizers need CUDA")}, fake)
     rows["GGUF"] = _row({}, Cell(UNSUPPORTED, HF_GGUF, "llama.cpp quantizes GGUF formats"))
     rows["none"] = _row({}, Cell(NATIVE, "https://pytorch.org (PyTorch eager / compiled)"))
     return rows
@@ -164,6 +171,12 @@ MATRIX: dict[str, dict[str, dict[str, Cell]]] = {
     "ollama": _gguf_engine(OLLAMA, "Ollama"),
     "hf": _hf(),
 }
+# Rows not checked against an engine's sources (the newer recipes on the serving engines) say so and count
+# as unsupported: preflight refuses rather than promise a kernel nobody verified.
+for _engine, _rows in MATRIX.items():
+    for _algo in ALGOS:
+        _rows.setdefault(_algo, _row({}, Cell(UNSUPPORTED, "gb10exp/backends/support.py (unchecked)",
+                                              f"{_algo} on {_engine}: not checked against its sources yet")))
 # The engine behind each backend; backend=openai talks to whichever server runs (not known here).
 BACKEND_ENGINES = {"hf": "hf", "trtllm": "trtllm", "llamacpp": "llamacpp"}
 
@@ -237,16 +250,9 @@ def _device_of(cfg: Config) -> str:
 
 def _formats_native_on(engine: str, arch: str) -> list[str]:
     """The conf/qformat names this engine serves natively on ``arch`` (read from the YAML files)."""
-    from pathlib import Path
+    from gb10exp.quant import QFORMAT_DIR, load_qformat
 
-    from omegaconf import OmegaConf
-
-    from gb10exp.config import QFormatConfig
-
-    folder = Path(__file__).resolve().parents[2] / "conf" / "qformat"
-    formats = [
-        QFormatConfig(**OmegaConf.to_container(OmegaConf.load(p))) for p in sorted(folder.glob("*.yaml"))
-    ]
+    formats = [load_qformat(p.stem) for p in sorted(QFORMAT_DIR.glob("*.yaml"))]
     return [q.name for q in formats if lookup(engine, q, arch).status == NATIVE]
 
 
@@ -289,7 +295,7 @@ def markdown() -> str:
         ]
         for algo in ALGOS:
             lines.append(
-                f"| {algo} | " + " | ".join(mark[MATRIX[engine][algo][a].status] for a in ARCHS) + " |"
+                f"| {algo} | " + " | ".join(mark[lookup(engine, algo, a).status] for a in ARCHS) + " |"
             )
         sources = sorted({c.source for row in MATRIX[engine].values() for c in row.values()})
         lines += ["", "Sources: " + "; ".join(sources), ""]

@@ -9,7 +9,7 @@ sampling, ``ignore_eos`` and ``max_tokens = output_len``; each streamed update s
 KV-cache block reuse is off: a repeated prompt must not be answered from the prefix cache, and context
 logits (engine perplexity) are only complete without it.
 
-TensorRT-LLM runs only on NVIDIA GPUs, in practice inside NVIDIA's container (install: docs/notes/export.md,
+TensorRT-LLM runs only on NVIDIA GPUs, in practice inside NVIDIA's container (install: docs/export_and_support.md,
 ``python -m gb10exp.backends.trtllm.install``); where it cannot be imported the run fails in one line saying
 how to get it, and a format it cannot run on this GPU is refused by the support matrix
 (gb10exp/backends/support.py). The calls follow TensorRT-LLM 1.x's LLM API (``LLM``, ``SamplingParams``,
