@@ -230,7 +230,7 @@ def test_backend_batch_size_limit_is_checked_in_preflight():
     assert LlamaCppBackend.max_batch_size == 1
     cfg, _ = compose([*TINY, "bench.enabled=true", "bench.batch_size=2"])
     checks.check_backend(cfg)  # hf: no limit
-    cfg.backend.name = "llamacpp"
+    cfg, _ = compose([*TINY, "backend=llamacpp", "qformat=gguf_q4_k_m", "bench.enabled=true", "bench.batch_size=2"])
     with pytest.raises(ConfigError, match=r"(bench.batch_size=2 is not allowed with backend=llamacpp: at most 1|"
                                           r"backend=llamacpp needs llama-cpp-python)"):
         checks.check_backend(cfg)
