@@ -158,7 +158,8 @@ def test_llama_cpp_python_server_echo_logprobs_are_one_position_late(server, q4_
     request = urllib.request.Request(server + "/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     answer = json.load(urllib.request.urlopen(request, timeout=60))
-    served = prompt_logprobs(answer["choices"][0], answer["usage"]["prompt_tokens"])
+    # It echoes the prompt's log-probabilities but not the generated token's: the offsets tell them apart.
+    served = prompt_logprobs(answer["choices"][0], answer["usage"]["prompt_tokens"], len(text))
 
     llm = llama_cpp.Llama(str(q4_gguf), n_ctx=64, logits_all=True, verbose=False)
     tokens = llm.tokenize(text.encode(), add_bos=False)

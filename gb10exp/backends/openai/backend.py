@@ -102,6 +102,19 @@ def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int |
         shape = "chat-style logprobs" if isinstance(logprobs, dict) and "content" in logprobs else "no logprobs"
         raise EngineAccuracyUnavailable(f"the server returned {shape}, not completion token_logprobs")
     values = logprobs["token_logprobs"]
+    offsets = logprobs.get("text_offset")
+    if prompt_chars is not None and isinstance(offsets, list) and len(offsets) == len(values):
+        # Text prompts: the offsets tell prompt entries from generated ones, whatever the server left out
+        # (llama-cpp-python echoes the prompt but not the generated token; others add it, or a BOS).
+        echoed = sum(1 for off in offsets if off < prompt_chars)
+        if prompt_tokens is not None and echoed not in (prompt_tokens, prompt_tokens - 1):
+            raise EngineAccuracyUnavailable(
+                f"the server echoed {echoed} log-probabilities for a {prompt_tokens}-token prompt: it does not "
+                "echo the prompt's log-probabilities")
+        scored = values[1:echoed]
+        if len(scored) < 1 or any(not isinstance(v, int | float) for v in scored):
+            raise EngineAccuracyUnavailable("the server's prompt log-probabilities have gaps (null entries)")
+        return [float(v) for v in scored]
     if prompt_tokens is None:
         offsets = logprobs.get("text_offset")
         if prompt_chars is None or not isinstance(offsets, list) or len(offsets) != len(values):
