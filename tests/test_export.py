@@ -68,9 +68,10 @@ def test_every_modelopt_format_exports_on_the_cpu(tmp_path, name):
     dtype = {k: v["dtype"] for k, v in tensors.items()}
     shape = {k: v["shape"] for k, v in tensors.items()}
     algo = qformat.quant_algo
-    if "NVFP4" in algo:  # two E2M1 values a byte, an E4M3 scale per 16 inputs, FP32 global scales
+    if "NVFP4" in algo:  # two E2M1 values a byte, an E4M3 scale per block (16 inputs; 32 in W4A8), FP32 global
+        block = 32 if algo == "W4A8_NVFP4_FP8" else 16
         assert (dtype[f"{LAYER}.weight"], shape[f"{LAYER}.weight"]) == ("U8", [128, 128])
-        assert (dtype[f"{LAYER}.weight_scale"], shape[f"{LAYER}.weight_scale"]) == ("F8_E4M3", [128, 16])
+        assert (dtype[f"{LAYER}.weight_scale"], shape[f"{LAYER}.weight_scale"]) == ("F8_E4M3", [128, 256 // block])
         assert (dtype[f"{LAYER}.weight_scale_2"], shape[f"{LAYER}.weight_scale_2"]) == ("F32", [])
         assert (f"{LAYER}.input_scale" in dtype) == (algo != "W4A16_NVFP4")  # W4A4 only
         if f"{LAYER}.input_scale" in dtype:
