@@ -140,8 +140,10 @@ preflight_check = check_calibration_flag  # the per-job check preflight may call
 
 def _is_nvfp4(cfg: Config) -> bool:
     """Whether any quantizer of the job is NVFP4 (FP4 E2M1 values with FP8 E4M3 block scales)."""
-    from gb10exp.quant import modelopt_config
+    from gb10exp.quant import load_qformat, modelopt_config
 
+    if cfg.qformat.kind == "auto":  # a per-layer mix: NVFP4 when any candidate is
+        return any(_is_nvfp4(dataclasses.replace(cfg, qformat=load_qformat(f))) for f in cfg.qformat.auto.formats)
     mcfg = modelopt_config(cfg.qformat, cfg.kv_cache_qformat)
     if mcfg is None:
         return False
