@@ -106,27 +106,23 @@ def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int |
     if prompt_chars is not None and isinstance(offsets, list) and len(offsets) == len(values):
         # Text prompts: the offsets tell prompt entries from generated ones, whatever the server left out
         # (llama-cpp-python echoes the prompt but not the generated token; others add it, or a BOS).
-        echoed = sum(1 for off in offsets if off < prompt_chars)
-        if prompt_tokens is not None and echoed not in (prompt_tokens, prompt_tokens - 1):
+        end = sum(1 for off in offsets if off < prompt_chars)
+        if prompt_tokens is not None and end not in (prompt_tokens, prompt_tokens - 1):
             raise EngineAccuracyUnavailable(
-                f"the server echoed {echoed} log-probabilities for a {prompt_tokens}-token prompt: it does not "
+                f"the server echoed {end} log-probabilities for a {prompt_tokens}-token prompt: it does not "
                 "echo the prompt's log-probabilities")
-        scored = values[1:echoed]
-        if len(scored) < 1 or any(not isinstance(v, int | float) for v in scored):
-            raise EngineAccuracyUnavailable("the server's prompt log-probabilities have gaps (null entries)")
-        return [float(v) for v in scored]
-    if prompt_tokens is None:
-        offsets = logprobs.get("text_offset")
-        if prompt_chars is None or not isinstance(offsets, list) or len(offsets) != len(values):
-            raise EngineAccuracyUnavailable("the server reported neither usage.prompt_tokens nor text offsets: "
-                                            "its prompt tokens cannot be told from the generated one")
-        prompt_tokens = sum(1 for off in offsets if off < prompt_chars)
-    # llama-cpp-python leaves out the BOS token it added (and counted in usage): one fewer is the whole prompt too.
-    if len(values) - generated not in (prompt_tokens, prompt_tokens - 1):
-        raise EngineAccuracyUnavailable(
-            f"the server returned {len(values)} log-probabilities for a {prompt_tokens}-token prompt and "
-            f"{generated} generated token(s): it does not echo the prompt's log-probabilities")
-    scored = values[1 : len(values) - generated]  # the first has no context; generated ones are never scored
+    elif prompt_tokens is None:
+        raise EngineAccuracyUnavailable("the server reported neither usage.prompt_tokens nor text offsets: "
+                                        "its prompt tokens cannot be told from the generated one")
+    else:
+        # llama-cpp-python leaves out the BOS token it added (and counted in usage): one fewer is the whole
+        # prompt too.
+        if len(values) - generated not in (prompt_tokens, prompt_tokens - 1):
+            raise EngineAccuracyUnavailable(
+                f"the server returned {len(values)} log-probabilities for a {prompt_tokens}-token prompt and "
+                f"{generated} generated token(s): it does not echo the prompt's log-probabilities")
+        end = len(values) - generated
+    scored = values[1:end]  # the first has no context; generated ones are never scored
     if len(scored) < 1 or any(not isinstance(v, int | float) for v in scored):
         raise EngineAccuracyUnavailable("the server's prompt log-probabilities have gaps (null entries)")
     return [float(v) for v in scored]
