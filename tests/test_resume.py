@@ -14,10 +14,11 @@ from collections import Counter
 
 import pytest
 from conftest import ROOT, TINY, store_args
-from inprocess import all_runs, client, new_store, run_job
+from inprocess import all_runs, client, fresh_cache, new_store, run_job
 
 
 def test_skips_finished_reruns_failed_and_force(tmp_path, monkeypatch):
+    fresh_cache(tmp_path / "cache", monkeypatch)  # an int4 evaluation cached by an earlier test would hide the break
     store = new_store(tmp_path)
     done = run_job(["qformat=fp8"], store)
     assert run_job(["qformat=fp8"], store) == {"skipped": True, "run_id": done["run_id"]}
