@@ -99,7 +99,10 @@ BAD = [
         ["qformat=auto", "qformat.auto.formats=[nvfp4,mxfp8]", "device=cpu"],
         "qformat='mxfp8' is not allowed on the CPU",
     ),
-    (["qformat=auto", "qformat.auto.formats=[nvfp4,nvfp5]"], "qformat option 'nvfp5' does not exist"),
+    (
+        ["qformat=auto", "qformat.auto.formats=[nvfp4,nvfp5]"],
+        "qformat.auto.formats=['nvfp4', 'nvfp5'] is not allowed: qformat option 'nvfp5' does not exist",
+    ),
 ]
 
 

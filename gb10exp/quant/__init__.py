@@ -132,6 +132,14 @@ def _cuda_only(modelopt_cfg: dict) -> bool:
     return False
 
 
+def _auto_candidate(formats: list[str], name: str) -> QFormatConfig:
+    """One candidate of qformat=auto, its error naming the key the user typed."""
+    try:
+        return load_qformat(name)
+    except ConfigError as e:
+        raise ConfigError(f"qformat.auto.formats={formats} is not allowed: {e}") from None
+
+
 def preflight_check(cfg: Config) -> None:
     """Cheap per-job checks (no model, no data): refuse, in one line, what cannot run on this machine."""
     qf = cfg.qformat
@@ -141,7 +149,7 @@ def preflight_check(cfg: Config) -> None:
             "the KV cache is quantized alongside a modelopt format (e.g. qformat=fp8 or nvfp4); use kv_cache_qformat=none"
         )
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    formats = [load_qformat(f) for f in qf.auto.formats] if qf.kind == "auto" else [qf]
+    formats = [_auto_candidate(qf.auto.formats, f) for f in qf.auto.formats] if qf.kind == "auto" else [qf]
     for f in formats:
         if qf.kind == "auto" and f.kind != "modelopt":
             raise ConfigError(
