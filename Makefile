@@ -45,7 +45,7 @@ env: $(VENV)/.core  ## create .venv with everything the main job needs
 run: $(VENV)/.core  ## run the default experiment (embedded SmolLM2-135M, nvfp4); ARGS="qformat=fp8,nvfp4 ..."
 	$(PY) -m gb10exp $(ARGS)
 
-demo: $(VENV)/.core  ## the README's table: bf16, fp8, nvfp4, nvfp4_wo, int4, int4_awq on the embedded model
+demo: $(VENV)/.core  ## the README's table: every format (bf16, fp8, nvfp4, nvfp4_wo, nvfp4_awq, int4, int4_awq, w4a8_awq) on the embedded model, ~30 min
 	$(PY) -m gb10exp +experiment=readme_table $(ARGS)
 
 test: $(VENV)/.core $(VENV)/.llamacpp  ## the whole CPU suite, end-to-end runs included (what CI runs)
