@@ -64,7 +64,7 @@ format: $(VENV)/.core  ## ruff format + fix
 	$(PY) -m ruff check --fix gb10exp tests benchmarks
 	$(PY) -m ruff format gb10exp tests benchmarks
 
-claim: $(VENV)/.core  ## test NVIDIA's "<1% loss" claim on the embedded model, then report (docs/report/)
+claim: $(VENV)/.core  ## test NVIDIA's "<1% loss" claim on the embedded model (~30 min), then report (docs/report/)
 	$(PY) -m gb10exp +experiment=nvfp4_claim $(ARGS)
 	$(PY) -m gb10exp.report --experiment nvfp4-claim-smollm2_135m --out docs/report
 
