@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,9 +358,10 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
     from matplotlib.transforms import offset_copy
 
     formats = sorted({r.run.qformat for r in rows}, key=lambda q: [r.run.qformat for r in rows].index(q))
-    colors = dict(zip(formats, plt.get_cmap("tab10").colors, strict=False))
+    # More formats than a palette has colours (the recipes preset has 14): colours repeat, labels tell them apart.
+    colors = dict(zip(formats, itertools.cycle(plt.get_cmap("tab20").colors)))
     calibs = sorted({r.run.calib_size for r in rows if r.run.calib_size})
-    markers = dict(zip(calibs, "osD^v<>p", strict=False))
+    markers = dict(zip(calibs, itertools.cycle("osD^v<>p")))
     several_models = len({r.run.model for r in rows}) > 1
     labelled: set[str] = set()
     extent: list[tuple[float, float]] = []  # offset artists do not autoscale: limits come from here
