@@ -173,3 +173,32 @@ def test_cli_recommend_and_its_errors(store, tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(ConfigError, match="positive number"):
         Constraints(min_decode_tokens_per_s=0).check()
+
+
+def test_plots_more_formats_than_a_palette_has_colours(store, tmp_path):
+    # The recipes preset has 14 formats; the plots once ran out of tab10's 10 colours (KeyError).
+    log_run(store, "bf16", BASE_NLL, tags=DIGESTS, extra_metrics={"weight_gib": 1.0})
+    names = [
+        "fp8",
+        "nvfp4",
+        "nvfp4_wo",
+        "nvfp4_awq",
+        "int4",
+        "int4_awq",
+        "w4a8_awq",
+        "nvfp4_mlp_only",
+        "nvfp4_omlp_only",
+        "nvfp4_mse",
+        "nvfp4_svdquant",
+    ]
+    for i, name in enumerate(names):
+        log_run(
+            store,
+            name,
+            shifted(math.log(1.01 + i / 100)),
+            tags=DIGESTS,
+            extra_metrics={"weight_gib": 0.2 + i / 100},
+        )
+    report = build_report(store, Selection(experiment=EXPERIMENT), tmp_path / "r", Constraints())
+    assert report.recommendation.choice is not None
+    assert (tmp_path / "r" / "pareto.png").stat().st_size > 10_000 and (tmp_path / "r" / "loss.png").is_file()
