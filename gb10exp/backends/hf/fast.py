@@ -51,11 +51,17 @@ from gb10exp.bench import Timing, now
 # max_autotune 77% ("fast" and "fast_tuned" in benchmarks/results/hf_decode_h200.json); on an H100 the
 # latter gives 86% (hf_decode_h100.json). That tuning is now the default and the old ``tuned`` switch has
 # nothing left to add: a wider search (all directions, radius 2) did not finish compiling in 8 minutes
-# on an H100. "plain": Inductor's defaults (cuBLAS for every matrix product), for comparison.
+# on an H100. "plain": Inductor's defaults (cuBLAS for every matrix product), for comparison. "pdl": the
+# default plus Programmatic Dependent Launch (Hopper and newer): each kernel is launched while the one
+# before it drains and waits on the device only before reading that kernel's output, which hides part
+# of the fixed cost of each of the ~350 kernels of a step (that cost, ~1 ms per step on both an H100 and
+# an H200, is what keeps the H200 below 80% of its bound). Inductor ships it off by default; it is
+# measured side by side in benchmarks/hf_decode.py (mode fast_pdl). Keys with a dot name a sub-config.
 PRESETS: dict[str, dict[str, object]] = {
     "plain": {},
     "default": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
+PRESETS["pdl"] = PRESETS["default"] | {"triton.enable_pdl": True}
 PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
 
