@@ -85,7 +85,7 @@ MODES: dict[str, dict | None] = {
     "fast": {},
     "fast_tuned": {"tuned": True},  # backend.options.tuned=true: now the same compile as fast
     "fast_plain": {"preset": "plain"},
-    "fast_pdl": {"preset": "pdl"},  # the default compile + Programmatic Dependent Launch (Hopper+)
+    "fast_nopdl": {"preset": "nopdl"},  # the default compile without Programmatic Dependent Launch
     "fast_hf": {"native": False},
     "fast_nograph": {"cuda_graph": False},
 }

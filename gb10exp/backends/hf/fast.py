@@ -48,20 +48,19 @@ from gb10exp.bench import Timing, now
 # Inductor decompose every batch-1 matrix-vector product into a Triton reduction and search its block
 # sizes; max_autotune widens the set of configurations benchmarked for each reduction before that
 # search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound, with
-# max_autotune 77% ("fast" and "fast_tuned" in benchmarks/results/hf_decode_h200.json); on an H100 the
-# latter gives 86% (hf_decode_h100.json). That tuning is now the default and the old ``tuned`` switch has
-# nothing left to add: a wider search (all directions, radius 2) did not finish compiling in 8 minutes
-# on an H100. "plain": Inductor's defaults (cuBLAS for every matrix product), for comparison. "pdl": the
-# default plus Programmatic Dependent Launch (Hopper and newer): each kernel is launched while the one
-# before it drains and waits on the device only before reading that kernel's output, which hides part
-# of the fixed cost of each of the ~350 kernels of a step (that cost, ~1 ms per step on both an H100 and
-# an H200, is what keeps the H200 below 80% of its bound). Inductor ships it off by default; it is
-# measured side by side in benchmarks/hf_decode.py (mode fast_pdl). Keys with a dot name a sub-config.
+# max_autotune 77% (benchmarks/results/hf_decode_h200.json of commit 001d3be). What was left is a fixed
+# cost per kernel (~1 ms per step over ~350 kernels, on an H100 as on an H200): Programmatic Dependent
+# Launch (``triton.enable_pdl``, Hopper and newer; Inductor ships it off) launches each kernel while the
+# one before drains, and waits on the device only before reading that kernel's output. It took the
+# H200 from 75.7% to 80.9% side by side (commit 65fe2c0) and is the default; "nopdl" is the old
+# default, "plain" Inductor's defaults (cuBLAS for every matrix product), both for comparison. On a CPU
+# or a GPU older than Hopper Inductor ignores the PDL flag. A wider coordinate search (all directions,
+# radius 2) did not finish compiling in 8 minutes on an H100 and was dropped.
 PRESETS: dict[str, dict[str, object]] = {
     "plain": {},
-    "default": {"max_autotune": True, "coordinate_descent_tuning": True},
+    "nopdl": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
-PRESETS["pdl"] = PRESETS["default"] | {"triton.enable_pdl": True}
+PRESETS["default"] = PRESETS["nopdl"] | {"triton.enable_pdl": True}  # a dot names a sub-config
 PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
 
