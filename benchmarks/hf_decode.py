@@ -7,8 +7,9 @@ Builds the model with random bf16 weights directly on the device (no download, n
 prompt token ids, whose speed is that of any tokens), then times, in one process and on the same
 weights, each of ``--modes``: plain eager ``generate``, ``generate(cache_implementation="static")``, and
 gb10exp's fast path (``gb10exp/backends/hf/fast.py``): ``fast`` is the default of
-``backend=hf``, ``fast_tuned`` its ``backend.options.tuned=true``; for diagnosis, ``fast_plain`` (no
-Inductor tuning), ``fast_hf`` (the HF-forward step every non-Llama-like model gets) and
+``backend=hf`` (Programmatic Dependent Launch chosen by timing both), ``fast_pdl`` / ``fast_nopdl``
+with it forced on / off, ``fast_tuned`` its ``backend.options.tuned=true``; for diagnosis,
+``fast_plain`` (no Inductor tuning), ``fast_hf`` (the HF-forward step every non-Llama-like model gets) and
 ``fast_nograph`` (no CUDA graph). Every mode is warmed up first (compilation and capture reported as
 ``compile_s``, never as decode time), then each request decodes exactly ``--output-len`` tokens
 greedily (EOS ignored) from its own prompt.
@@ -85,7 +86,8 @@ MODES: dict[str, dict | None] = {
     "fast": {},
     "fast_tuned": {"tuned": True},  # backend.options.tuned=true: now the same compile as fast
     "fast_plain": {"preset": "plain"},
-    "fast_nopdl": {"preset": "nopdl"},  # the default compile without Programmatic Dependent Launch
+    "fast_pdl": {"pdl": True},  # the default compile, Programmatic Dependent Launch forced on
+    "fast_nopdl": {"pdl": False},  # ... forced off (the default, pdl=auto, times both and keeps the faster)
     "fast_hf": {"native": False},
     "fast_nograph": {"cuda_graph": False},
 }

@@ -144,6 +144,42 @@ def test_a_tuned_decoder_leaves_the_global_flags_as_they_were():
     assert (inductor.coordinate_descent_tuning, inductor.max_autotune) == original
 
 
+def test_pdl_is_off_where_it_cannot_act_and_a_bad_value_is_refused():
+    with FastDecoder(
+        model_of("llama"), batch_size=1, input_len=8, output_len=4, compile_step=False, cuda_graph=True
+    ) as d:
+        assert d.candidates == {False: PRESETS["default"]} and d.pdl is False
+        d.warm(PROMPT[:1, :8])
+        assert "PDL n/a: no tuned compile" in d.describe() and not d.trials
+    with pytest.raises(ValueError, match="pdl='yes' is not one of auto, true, false"):
+        FastDecoder(model_of("llama"), 1, 8, 4, compile_step=False, cuda_graph=True, pdl="yes")
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+def test_pdl_auto_times_both_compiles_and_keeps_the_faster(monkeypatch, forced):
+    """As on a Hopper GPU: PDL can act (here the step runs eagerly, so both candidates run the same
+    kernels, but each is prepared, timed and weighed exactly as on the GPU). pdl=true/false time nothing."""
+    monkeypatch.setattr(FastDecoder, "_pdl_unusable", lambda self: None)
+    model = model_of("llama")
+    expected = reference(model, PROMPT, 6)
+    pdl = "auto" if forced is None else forced
+    original = inductor.triton.enable_pdl
+    with FastDecoder(
+        model, batch_size=2, input_len=20, output_len=6, compile_step=False, cuda_graph=True, pdl=pdl
+    ) as d:
+        d.warm(PROMPT)
+        if forced is None:
+            assert set(d.trials) == {False, True} and all(t > 0 for t in d.trials.values())
+            assert d.pdl == min(d.trials, key=d.trials.get)  # the faster one runs
+            assert d.flags.get("triton.enable_pdl", False) is d.pdl
+            assert f"PDL {'on' if d.pdl else 'off'} (faster of off " in d.describe()
+        else:
+            assert not d.trials and d.pdl is forced and f"PDL {'on' if forced else 'off'}," in d.describe()
+        d.generate(PROMPT)
+        assert torch.equal(d.tokens, expected)  # the timing trials left nothing behind in the cache
+    assert inductor.triton.enable_pdl == original
+
+
 @pytest.mark.slow  # three Python processes that each import torch and transformers: minutes on 2 busy cores
 def test_hf_decode_reports_medians_and_ranges_over_separate_processes(tmp_path):
     out = tmp_path / "hf_decode_{gpu}.json"

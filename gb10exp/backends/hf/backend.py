@@ -29,14 +29,16 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, mode: str = "fast", compare: list[str] | None = None, compile: str | bool = "auto",
-                 cuda_graph: bool = True, tuned: bool = False):
+                 cuda_graph: bool = True, tuned: bool = False, pdl: str | bool = "auto"):
         for m in [mode, *(compare or [])]:
             if m not in MODES:
                 raise ConfigError(f"backend.options.mode={m!r} is not allowed: one of {list(MODES)}")
         if compile not in ("auto", True, False):
             raise ConfigError(f"backend.options.compile={compile!r} is not allowed: auto, true or false")
+        if pdl not in ("auto", True, False):
+            raise ConfigError(f"backend.options.pdl={pdl!r} is not allowed: auto, true or false")
         self.modes = [mode, *[m for m in (compare or []) if m != mode]]
-        self.compile, self.cuda_graph, self.tuned = compile, cuda_graph, tuned
+        self.compile, self.cuda_graph, self.tuned, self.pdl = compile, cuda_graph, tuned, pdl
 
     def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
         if qformat.gguf_type is not None:
@@ -84,7 +86,7 @@ class HFBackend:
             compile_step = self.compile if self.compile != "auto" else device.type == "cuda"
             # close(): the model's weights get their own storage back (the fast path fuses them in place).
             with FastDecoder(model, cfg.batch_size, length, cfg.output_len, compile_step,
-                             self.cuda_graph, tuned=self.tuned) as decoder:
+                             self.cuda_graph, tuned=self.tuned, pdl=self.pdl) as decoder:
                 compile_s = decoder.warm(warm_prompt)
                 metrics, tags = measure(lambda p: decoder.generate(batch(p)), inputs.prompt_tokens, cfg, target)
                 tags["bench.fast"] = decoder.describe()

@@ -23,7 +23,9 @@ hundreds of small kernels one by one. Here, for greedy decoding of exactly ``out
   coordinate-descent tuning, which turn every batch-1 matrix-vector product into a Triton reduction
   tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
   host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
-  global flags are set only inside ``inductor_flags`` while compiling, then restored.
+  global flags are set only inside ``inductor_flags`` while compiling, then restored. On a Hopper or
+  newer GPU the step is compiled twice, with and without Programmatic Dependent Launch, and the one
+  whose graph replays faster is kept (``pdl``; PDL_FLAGS says why).
 
 Timing stays honest without a sync per token: the first token is stamped after a device sync (a server
 must have it on the host to send it), later tokens by CUDA events recorded after each replay and read
@@ -47,21 +49,25 @@ from gb10exp.bench import Timing, now
 # compile) and set globally only inside ``inductor_flags`` while compiling. Coordinate descent makes
 # Inductor decompose every batch-1 matrix-vector product into a Triton reduction and search its block
 # sizes; max_autotune widens the set of configurations benchmarked for each reduction before that
-# search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound, with
-# max_autotune 77% (benchmarks/results/hf_decode_h200.json of commit 001d3be). What was left is a fixed
-# cost per kernel (~1 ms per step over ~350 kernels, on an H100 as on an H200): Programmatic Dependent
-# Launch (``triton.enable_pdl``, Hopper and newer; Inductor ships it off) launches each kernel while the
-# one before drains, and waits on the device only before reading that kernel's output. It took the
-# H200 from 75.7% to 80.9% side by side (commit 65fe2c0) and is the default; "nopdl" is the old
-# default, "plain" Inductor's defaults (cuBLAS for every matrix product), both for comparison. On a CPU
-# or a GPU older than Hopper Inductor ignores the PDL flag. A wider coordinate search (all directions,
-# radius 2) did not finish compiling in 8 minutes on an H100 and was dropped.
+# search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound,
+# with max_autotune 77% (commit 001d3be; hf_decode_h200.json in git history). "plain": Inductor's
+# defaults (cuBLAS for every matrix product), for comparison. A wider coordinate search (all
+# directions, radius 2) did not finish compiling in 8 minutes on an H100 and was dropped.
 PRESETS: dict[str, dict[str, object]] = {
     "plain": {},
-    "nopdl": {"max_autotune": True, "coordinate_descent_tuning": True},
+    "default": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
-PRESETS["default"] = PRESETS["nopdl"] | {"triton.enable_pdl": True}  # a dot names a sub-config
 PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
+# Programmatic Dependent Launch (Hopper and newer; Inductor ships it off): each kernel is launched while
+# the one before it drains and waits on the device only before reading that kernel's output, hiding part
+# of the fixed cost of each of the ~355 kernels of a step. Measured side by side on the 8B shape, it
+# helps one GPU and hurts another: H200 228.8 against 209.3 tokens/s (hf_decode_h200.json), H100
+# 153.0-153.3 against 156.5-158.3 (hf_decode_h100_pdl.json, both in benchmarks/results/). So
+# ``pdl="auto"`` compiles both, times a few graph replays of each and keeps the faster. A dot in a key
+# names an Inductor sub-config.
+PDL_FLAGS: dict[str, object] = {"triton.enable_pdl": True}
+PDL_CHOICES = ("auto", True, False)
+PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, the fastest round counts)
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
 
 
@@ -317,8 +323,11 @@ class FastDecoder:
     """Greedy decoding of exactly ``output_len`` tokens for prompts of ``input_len`` tokens.
 
     ``preset`` names a compile preset (``PRESETS``); ``tuned`` is kept for old configs and compiles
-    exactly as the default does. ``native=False`` forces the HF-forward step (for comparison). Use as a context manager, or
-    call ``close`` when done: the native step shares the model's weights until then."""
+    exactly as the default does. ``pdl``: Programmatic Dependent Launch on (True), off (False), or "auto":
+    where it can act (a compiled, tuned step on a Hopper-or-newer GPU) both are compiled and timed in
+    ``warm`` and the faster is kept; elsewhere it is off. ``native=False`` forces the HF-forward step (for
+    comparison). Use as a context manager, or call ``close`` when done: the native step shares the
+    model's weights until then."""
 
     def __init__(
         self,
@@ -331,6 +340,7 @@ class FastDecoder:
         tuned: bool = False,
         preset: str | None = None,
         native: bool = True,
+        pdl: str | bool = "auto",
     ):
         self.model, self.input_len, self.output_len = model, input_len, output_len
         self.device = next(model.parameters()).device
@@ -339,7 +349,20 @@ class FastDecoder:
         self.preset = preset or ("tuned" if tuned else "default")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
-        self.flags = PRESETS[self.preset]
+        if pdl not in PDL_CHOICES:
+            raise ValueError(f"pdl={pdl!r} is not one of auto, true, false")
+        self.compiled = compile_step
+        self.pdl_note = self._pdl_unusable()
+        base = PRESETS[self.preset]
+        if self.pdl_note is not None or pdl is False:
+            self.candidates = {False: base}
+        elif pdl is True:
+            self.candidates = {True: base | PDL_FLAGS}
+        else:  # measured in warm(): it helps one Hopper GPU and hurts another (PDL_FLAGS' comment)
+            self.candidates = {False: base, True: base | PDL_FLAGS}
+        self.pdl = next(iter(self.candidates))  # what runs; warm() settles it
+        self.flags = self.candidates[self.pdl]
+        self.trials: dict[bool, float] = {}  # seconds per step of each candidate timed in warm()
         max_len = _round_up(input_len + output_len)
         why = native_unsupported(model, max_len) if native else "native step switched off"
         self.method = "native Llama step" if why is None else f"HF forward ({why})"
@@ -358,18 +381,39 @@ class FastDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.seq = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.prefill_positions = torch.arange(input_len, device=self.device)
-        self.compiled = compile_step
-        self.step_fn = (
-            torch.compile(self._step, fullgraph=True, options=dict(self.flags))
-            if compile_step
-            else self._step
-        )
+        self.step_fn = self._compiled(self.flags)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_s = 0.0
 
+    def _pdl_unusable(self) -> str | None:
+        """Why PDL cannot change this decoder's kernels (None when it can)."""
+        if not self.compiled or self.preset == "plain":
+            return "no tuned compile"
+        if not self.cuda:
+            return f"not on {self.device.type}"
+        if torch.cuda.get_device_capability(self.device)[0] < 9:
+            return "GPU older than Hopper"
+        import torch._inductor.config as inductor
+
+        if not hasattr(inductor.triton, "enable_pdl"):
+            return f"torch {torch.__version__} has no triton.enable_pdl"
+        return None
+
+    def _compiled(self, flags: dict[str, object]):
+        # One torch.compile per flag set: Dynamo keeps an entry per backend, so each set compiles once.
+        return torch.compile(self._step, fullgraph=True, options=dict(flags)) if self.compiled else self._step
+
     def describe(self) -> str:
         compiled = f"compiled step ({self.preset})" if self.compiled else "eager step"
-        return f"{self.method}, static cache, {compiled}, {'CUDA graph' if self.graph is not None else 'no graph'}"
+        if self.pdl_note is not None:
+            pdl = f"PDL n/a: {self.pdl_note}"
+        elif self.trials:
+            timed = ", ".join(f"{'on' if k else 'off'} {v * 1e3:.2f} ms/step" for k, v in self.trials.items())
+            pdl = f"PDL {'on' if self.pdl else 'off'} (faster of {timed})"
+        else:
+            pdl = f"PDL {'on' if self.pdl else 'off'}"
+        graph = "CUDA graph" if self.graph is not None else "no graph"
+        return f"{self.method}, static cache, {compiled}, {pdl}, {graph}"
 
     def _next_token(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
@@ -409,8 +453,26 @@ class FastDecoder:
 
     @torch.no_grad()
     def warm(self, prompt: torch.Tensor) -> float:
-        """Compile and capture (once); returns the seconds it took, never counted as decode time."""
+        """Compile and capture (once; each PDL candidate when there are two, timed, the faster kept);
+        returns the seconds it took, never counted as decode time."""
         start = time.perf_counter()
+        best: tuple | None = None
+        for pdl, flags in self.candidates.items():
+            self.pdl, self.flags, self.graph = pdl, flags, None
+            if best is not None:  # the first candidate's compiled step was made in __init__
+                self.step_fn = self._compiled(flags)
+            self._compile_and_capture(prompt)
+            if len(self.candidates) > 1:
+                self.trials[pdl] = self._seconds_per_step(prompt)
+            if best is None or self.trials[pdl] < best[0]:
+                best = (self.trials.get(pdl, 0.0), pdl, flags, self.step_fn, self.graph)
+        _, self.pdl, self.flags, self.step_fn, self.graph = best  # the slower graph is freed here
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.compile_s = time.perf_counter() - start
+        return self.compile_s
+
+    def _compile_and_capture(self, prompt: torch.Tensor) -> None:
         with inductor_flags(self.flags):  # compilation happens lazily, in the first calls below
             self._prefill(prompt)  # allocates the cache before anything is compiled or captured
             if self.use_graph:
@@ -427,10 +489,25 @@ class FastDecoder:
             else:
                 for _ in range(2):
                     self.step_fn()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        self.compile_s = time.perf_counter() - start
-        return self.compile_s
+
+    def _seconds_per_step(self, prompt: torch.Tensor, rounds: int = 3) -> float:
+        """The fastest of ``rounds`` rounds of up to PDL_TRIAL_STEPS decode steps, after a fresh prefill
+        each (the cache holds no more than input_len + output_len positions)."""
+        steps = min(PDL_TRIAL_STEPS, self.output_len - 1)
+        if steps < 1:  # a one-token request has no decode step to time: the first candidate stays
+            return 0.0
+        best = float("inf")
+        for _ in range(rounds):
+            self._prefill(prompt)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            begin = time.perf_counter()
+            for _ in range(steps):
+                self._run_step()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            best = min(best, (time.perf_counter() - begin) / steps)
+        return best
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor) -> Timing:
