@@ -178,6 +178,7 @@ BAD_SWEEPS = [
      r"calib_size=32 is not allowed: the calibration text holds only \d+ samples of 64 tokens"),
     (["hydra.sweeper.params.qformat=bf16,int5"], r"qformat='int5' is not allowed: one of \[.*'bf16', "),
     (["hydra.sweeper.params.qformat='bf16,int5'"], r"qformat='int5' is not allowed: one of \[.*'bf16', "),
+    (["backend=hf", "backend.options.pdl=maybe"], r"backend.options.pdl='maybe' is not allowed: auto, true or false"),
 ]
 
 

@@ -177,6 +177,10 @@ def test_pdl_auto_times_both_compiles_and_keeps_the_faster(monkeypatch, forced):
             assert not d.trials and d.pdl is forced and f"PDL {'on' if forced else 'off'}," in d.describe()
         d.generate(PROMPT)
         assert torch.equal(d.tokens, expected)  # the timing trials left nothing behind in the cache
+        d.warm(PROMPT)  # a second warm reuses each candidate's step and still labels what runs
+        assert d.step_fn is d._step_fns[d.pdl] and d.flags == d.candidates[d.pdl]
+        d.generate(PROMPT)
+        assert torch.equal(d.tokens, expected)
     assert inductor.triton.enable_pdl == original
 
 

@@ -381,7 +381,8 @@ class FastDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.seq = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.prefill_positions = torch.arange(input_len, device=self.device)
-        self.step_fn = self._compiled(self.flags)
+        self._step_fns: dict[bool, object] = {}  # one compiled step per PDL candidate, made once
+        self.step_fn = self._step_for(self.pdl)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_s = 0.0
 
@@ -399,9 +400,15 @@ class FastDecoder:
             return f"torch {torch.__version__} has no triton.enable_pdl"
         return None
 
-    def _compiled(self, flags: dict[str, object]):
-        # One torch.compile per flag set: Dynamo keeps an entry per backend, so each set compiles once.
-        return torch.compile(self._step, fullgraph=True, options=dict(flags)) if self.compiled else self._step
+    def _step_for(self, pdl: bool):
+        # One torch.compile per flag set, kept: Dynamo keeps an entry per backend, so each set compiles
+        # once, and a second warm() reuses them.
+        if pdl not in self._step_fns:
+            flags = dict(self.candidates[pdl])
+            self._step_fns[pdl] = (
+                torch.compile(self._step, fullgraph=True, options=flags) if self.compiled else self._step
+            )
+        return self._step_fns[pdl]
 
     def describe(self) -> str:
         compiled = f"compiled step ({self.preset})" if self.compiled else "eager step"
@@ -458,9 +465,7 @@ class FastDecoder:
         start = time.perf_counter()
         best: tuple | None = None
         for pdl, flags in self.candidates.items():
-            self.pdl, self.flags, self.graph = pdl, flags, None
-            if best is not None:  # the first candidate's compiled step was made in __init__
-                self.step_fn = self._compiled(flags)
+            self.pdl, self.flags, self.graph, self.step_fn = pdl, flags, None, self._step_for(pdl)
             self._compile_and_capture(prompt)
             if len(self.candidates) > 1:
                 self.trials[pdl] = self._seconds_per_step(prompt)
