@@ -179,6 +179,7 @@ BAD_SWEEPS = [
     (["hydra.sweeper.params.qformat=bf16,int5"], r"qformat='int5' is not allowed: one of \[.*'bf16', "),
     (["hydra.sweeper.params.qformat='bf16,int5'"], r"qformat='int5' is not allowed: one of \[.*'bf16', "),
     (["backend=hf", "backend.options.pdl=maybe"], r"backend.options.pdl='maybe' is not allowed: auto, true or false"),
+    (["backend=hf", "backend.options.pdl=0"], r"backend.options.pdl=0 is not allowed: auto, true or false"),
 ]
 
 

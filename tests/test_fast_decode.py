@@ -151,8 +151,9 @@ def test_pdl_is_off_where_it_cannot_act_and_a_bad_value_is_refused():
         assert d.candidates == {False: PRESETS["default"]} and d.pdl is False
         d.warm(PROMPT[:1, :8])
         assert "PDL n/a: no tuned compile" in d.describe() and not d.trials
-    with pytest.raises(ValueError, match="pdl='yes' is not one of auto, true, false"):
-        FastDecoder(model_of("llama"), 1, 8, 4, compile_step=False, cuda_graph=True, pdl="yes")
+    for bad in ("yes", 0, 1):
+        with pytest.raises(ValueError, match=f"pdl={bad!r} is not one of auto, true, false"):
+            FastDecoder(model_of("llama"), 1, 8, 4, compile_step=False, cuda_graph=True, pdl=bad)
 
 
 @pytest.mark.parametrize("forced", [None, True, False])

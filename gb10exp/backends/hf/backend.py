@@ -35,7 +35,7 @@ class HFBackend:
                 raise ConfigError(f"backend.options.mode={m!r} is not allowed: one of {list(MODES)}")
         if compile not in ("auto", True, False):
             raise ConfigError(f"backend.options.compile={compile!r} is not allowed: auto, true or false")
-        if pdl not in ("auto", True, False):
+        if not (pdl == "auto" or isinstance(pdl, bool)):  # 1 and 0 would pass an `in` test
             raise ConfigError(f"backend.options.pdl={pdl!r} is not allowed: auto, true or false")
         self.modes = [mode, *[m for m in (compare or []) if m != mode]]
         self.compile, self.cuda_graph, self.tuned, self.pdl = compile, cuda_graph, tuned, pdl

@@ -66,7 +66,6 @@ PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true
 # ``pdl="auto"`` compiles both, times a few graph replays of each and keeps the faster. A dot in a key
 # names an Inductor sub-config.
 PDL_FLAGS: dict[str, object] = {"triton.enable_pdl": True}
-PDL_CHOICES = ("auto", True, False)
 PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, the fastest round counts)
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
 
@@ -349,7 +348,7 @@ class FastDecoder:
         self.preset = preset or ("tuned" if tuned else "default")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
-        if pdl not in PDL_CHOICES:
+        if not (pdl == "auto" or isinstance(pdl, bool)):  # 1 and 0 would pass an `in` test
             raise ValueError(f"pdl={pdl!r} is not one of auto, true, false")
         self.compiled = compile_step
         self.pdl_note = self._pdl_unusable()
