@@ -185,6 +185,59 @@ def test_pdl_auto_times_both_compiles_and_keeps_the_faster(monkeypatch, forced):
     assert inductor.triton.enable_pdl == original
 
 
+def test_pdl_auto_keeps_pdl_off_when_the_pdl_compile_fails(monkeypatch):
+    monkeypatch.setattr(FastDecoder, "_pdl_unusable", lambda self: None)
+    build = FastDecoder._compile_and_capture
+
+    def failing(self, prompt):
+        if self.pdl:
+            raise RuntimeError("ptxas: unsupported launch attribute")
+        build(self, prompt)
+
+    monkeypatch.setattr(FastDecoder, "_compile_and_capture", failing)
+    with FastDecoder(model_of("llama"), 2, 20, 6, compile_step=False, cuda_graph=True) as d:
+        d.warm(PROMPT)
+        assert d.pdl is False and not d.trials and d.flags == PRESETS["default"]
+        assert "PDL off (the PDL compile failed: RuntimeError: ptxas: unsupported" in d.describe()
+        d.generate(PROMPT)
+        assert torch.equal(d.tokens, reference(model_of("llama"), PROMPT, 6))
+    monkeypatch.setattr(FastDecoder, "_compile_and_capture", lambda self, prompt: 1 / 0)
+    decoder = FastDecoder(model_of("llama"), 2, 20, 6, compile_step=False, cuda_graph=True)
+    with decoder as d, pytest.raises(ZeroDivisionError):  # PDL off failing is a real failure, never hidden
+        d.warm(PROMPT)
+
+
+def test_pdl_auto_has_nothing_to_time_in_a_one_token_request(monkeypatch):
+    monkeypatch.setattr(FastDecoder, "_pdl_unusable", lambda self: None)
+    with FastDecoder(model_of("llama"), 1, 15, 1, compile_step=False, cuda_graph=True) as d:
+        assert list(d.candidates) == [False]
+        d.warm(PROMPT[:1, :15])
+        assert "one-token request" in d.describe()
+
+
+@pytest.mark.parametrize(("input_len", "output_len"), [(15, 1), (14, 2), (13, 3), (16, 1)])
+def test_the_warm_up_steps_stay_inside_the_cache_of_a_short_request(input_len, output_len):
+    model = model_of("llama")
+    prompt = PROMPT[:1, :input_len]
+    for graph in (False, True):  # 2 warm-up steps without a graph, 3 before a capture
+        with FastDecoder(model, 1, input_len, output_len, compile_step=False, cuda_graph=graph) as d:
+            d.warm(prompt)
+            d.generate(prompt)
+            assert torch.equal(d.tokens, reference(model, prompt, output_len))
+
+
+def test_each_decoder_compiles_its_own_copy_of_the_step():
+    """Dynamo's cache (8 entries, an error under fullgraph=True) lives on the code object: one shared by
+    every decoder ran out after a few models in a sweep."""
+    model = model_of("llama")
+    codes = []
+    for _ in range(2):
+        with FastDecoder(model, 1, 8, 4, compile_step=True, cuda_graph=True) as d:
+            compiled = d._step_fns[d.pdl]
+            codes.append(compiled._torchdynamo_orig_callable.__func__.__code__)
+    assert codes[0] is not codes[1] and codes[0] is not FastDecoder._step.__code__
+
+
 @pytest.mark.slow  # three Python processes that each import torch and transformers: minutes on 2 busy cores
 def test_hf_decode_reports_medians_and_ranges_over_separate_processes(tmp_path):
     out = tmp_path / "hf_decode_{gpu}.json"

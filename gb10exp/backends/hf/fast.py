@@ -23,9 +23,9 @@ hundreds of small kernels one by one. Here, for greedy decoding of exactly ``out
   coordinate-descent tuning, which turn every batch-1 matrix-vector product into a Triton reduction
   tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
   host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
-  global flags are set only inside ``inductor_flags`` while compiling, then restored. On a Hopper or
-  newer GPU the step is compiled twice, with and without Programmatic Dependent Launch, and the one
-  whose graph replays faster is kept (``pdl``; PDL_FLAGS says why).
+  global flags are set only inside ``inductor_flags`` while compiling, then restored. With
+  ``pdl="auto"`` (the default) on a Hopper or newer GPU the step is compiled twice, with and without
+  Programmatic Dependent Launch, and the one whose graph replays faster is kept (PDL_FLAGS says why).
 
 Timing stays honest without a sync per token: the first token is stamped after a device sync (a server
 must have it on the host to send it), later tokens by CUDA events recorded after each replay and read
@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,7 +67,8 @@ PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true
 # ``pdl="auto"`` compiles both, times a few graph replays of each and keeps the faster. A dot in a key
 # names an Inductor sub-config.
 PDL_FLAGS: dict[str, object] = {"triton.enable_pdl": True}
-PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, the fastest round counts)
+PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, alternating, the fastest counts)
+WARM_STEPS = 3  # decode steps run to compile and autotune before the graph is captured
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
 
 
@@ -357,12 +359,17 @@ class FastDecoder:
             self.candidates = {False: base}
         elif pdl is True:
             self.candidates = {True: base | PDL_FLAGS}
+        elif output_len < 2:  # a one-token request has no decode step: nothing to time, nothing to gain
+            self.pdl_note = "auto, and a one-token request has no decode step to time"
+            self.candidates = {False: base}
         else:  # measured in warm(): it helps one Hopper GPU and hurts another (PDL_FLAGS' comment)
             self.candidates = {False: base, True: base | PDL_FLAGS}
         self.pdl = next(iter(self.candidates))  # what runs; warm() settles it
         self.flags = self.candidates[self.pdl]
         self.trials: dict[bool, float] = {}  # seconds per step of each candidate timed in warm()
-        max_len = _round_up(input_len + output_len)
+        self.pdl_failed: str | None = None  # why the PDL candidate of "auto" could not be built
+        # Room for the warm-up steps too: they run before a request and must stay inside the cache.
+        max_len = _round_up(input_len + max(output_len, WARM_STEPS + 1))
         why = native_unsupported(model, max_len) if native else "native step switched off"
         self.method = "native Llama step" if why is None else f"HF forward ({why})"
         self.native = _NativeLlama(model, batch_size, max_len) if why is None else None
@@ -386,7 +393,8 @@ class FastDecoder:
         self.compile_s = 0.0
 
     def _pdl_unusable(self) -> str | None:
-        """Why PDL cannot change this decoder's kernels (None when it can)."""
+        """Why PDL is not tried for this decoder (None when it is): only the tuned compile on a GPU that
+        has it is measured with it."""
         if not self.compiled or self.preset == "plain":
             return "no tuned compile"
         if not self.cuda:
@@ -400,19 +408,28 @@ class FastDecoder:
         return None
 
     def _step_for(self, pdl: bool):
-        # One torch.compile per flag set, kept: Dynamo keeps an entry per backend, so each set compiles
-        # once, and a second warm() reuses them.
+        """The compiled step of one PDL candidate, made once. Each decoder compiles a copy of ``_step``
+        with its own code object: Dynamo keeps its cache, and its limit of 8 entries (an error with
+        fullgraph=True), on the code object, so decoders sharing one would run out after a few models
+        in a long sweep; this way the entries live and die with the decoder."""
         if pdl not in self._step_fns:
-            flags = dict(self.candidates[pdl])
-            self._step_fns[pdl] = (
-                torch.compile(self._step, fullgraph=True, options=flags) if self.compiled else self._step
-            )
+            if not self.compiled:
+                self._step_fns[pdl] = self._step
+            else:
+                fn = FastDecoder._step
+                own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+                flags = dict(self.candidates[pdl])
+                self._step_fns[pdl] = torch.compile(
+                    types.MethodType(own, self), fullgraph=True, options=flags
+                )
         return self._step_fns[pdl]
 
     def describe(self) -> str:
         compiled = f"compiled step ({self.preset})" if self.compiled else "eager step"
         if self.pdl_note is not None:
             pdl = f"PDL n/a: {self.pdl_note}"
+        elif self.pdl_failed is not None:
+            pdl = f"PDL off (the PDL compile failed: {self.pdl_failed})"
         elif self.trials:
             timed = ", ".join(f"{'on' if k else 'off'} {v * 1e3:.2f} ms/step" for k, v in self.trials.items())
             pdl = f"PDL {'on' if self.pdl else 'off'} (faster of {timed})"
@@ -459,22 +476,37 @@ class FastDecoder:
 
     @torch.no_grad()
     def warm(self, prompt: torch.Tensor) -> float:
-        """Compile and capture (once; each PDL candidate when there are two, timed, the faster kept);
-        returns the seconds it took, never counted as decode time."""
+        """Compile and capture (once); with two PDL candidates, both, timed in alternating rounds, the
+        faster kept and the other freed. Returns the seconds it took, never counted as decode time."""
         start = time.perf_counter()
-        best: tuple | None = None
+        built: dict[bool, tuple] = {}
         for pdl, flags in self.candidates.items():
-            self.pdl, self.flags, self.graph, self.step_fn = pdl, flags, None, self._step_for(pdl)
-            self._compile_and_capture(prompt)
-            if len(self.candidates) > 1:
-                self.trials[pdl] = self._seconds_per_step(prompt)
-            if best is None or self.trials[pdl] < best[0]:
-                best = (self.trials.get(pdl, 0.0), pdl, flags, self.step_fn, self.graph)
-        _, self.pdl, self.flags, self.step_fn, self.graph = best  # the slower graph is freed here
+            self._use(pdl, flags, self._step_for(pdl), None)
+            try:
+                self._compile_and_capture(prompt)
+            except Exception as exc:
+                if not (pdl and len(self.candidates) > 1):
+                    raise
+                # "auto" must never be worse than PDL off: a GPU or Triton that cannot build it keeps that.
+                self.pdl_failed = f"{type(exc).__name__}: {str(exc)[:200]}"
+                continue
+            built[pdl] = (flags, self.step_fn, self.graph)
+        if len(built) > 1:
+            self.trials = {pdl: float("inf") for pdl in built}
+            for _ in range(3):  # alternating, so drift in clocks or temperature weighs on both alike
+                for pdl, state in built.items():
+                    self._use(pdl, *state)
+                    self.trials[pdl] = min(self.trials[pdl], self._seconds_per_step(prompt))
+        chosen = min(built, key=lambda pdl: self.trials.get(pdl, 0.0))  # a tie keeps the first, PDL off
+        self._use(chosen, *built[chosen])
+        built.clear()  # the other graph goes with it
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - start
         return self.compile_s
+
+    def _use(self, pdl: bool, flags: dict[str, object], step_fn, graph) -> None:
+        self.pdl, self.flags, self.step_fn, self.graph = pdl, flags, step_fn, graph
 
     def _compile_and_capture(self, prompt: torch.Tensor) -> None:
         with inductor_flags(self.flags):  # compilation happens lazily, in the first calls below
@@ -483,7 +515,7 @@ class FastDecoder:
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # compile and autotune outside the capture, as graphs require
-                    for _ in range(3):
+                    for _ in range(WARM_STEPS):
                         self.step_fn()
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 self._prefill(prompt)
@@ -491,17 +523,16 @@ class FastDecoder:
                 with torch.cuda.graph(self.graph):
                     self.step_fn()
             else:
-                for _ in range(2):
+                for _ in range(WARM_STEPS - 1):
                     self.step_fn()
 
-    def _seconds_per_step(self, prompt: torch.Tensor, rounds: int = 3) -> float:
-        """The fastest of ``rounds`` rounds of up to PDL_TRIAL_STEPS decode steps, after a fresh prefill
-        each (the cache holds no more than input_len + output_len positions)."""
+    def _seconds_per_step(self, prompt: torch.Tensor) -> float:
+        """One round of up to PDL_TRIAL_STEPS decode steps after a fresh prefill (the cache holds no more
+        than the request), in seconds per step."""
         steps = min(PDL_TRIAL_STEPS, self.output_len - 1)
-        if steps < 1:  # a one-token request has no decode step to time: the first candidate stays
-            return 0.0
-        best = float("inf")
-        for _ in range(rounds):
+        # Without a graph the compiled step passes Dynamo's guards: any recompile sees the same flags.
+        scope = inductor_flags(self.flags) if self.graph is None else contextlib.nullcontext()
+        with scope:
             self._prefill(prompt)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
@@ -510,8 +541,7 @@ class FastDecoder:
                 self._run_step()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-            best = min(best, (time.perf_counter() - begin) / steps)
-        return best
+        return (time.perf_counter() - begin) / steps
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor) -> Timing:
