@@ -17,7 +17,7 @@ import time
 import torch
 
 from gb10exp.backends.base import BenchInputs
-from gb10exp.backends.hf.fast import FastDecoder, TokenStamper
+from gb10exp.backends.hf.fast import FastDecoder, TokenStamper, is_pdl_choice
 from gb10exp.bench import Target, Timing, measure, now
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
 from gb10exp.quant.bytes import in_memory_decode_bytes, tensor_bytes
@@ -35,7 +35,7 @@ class HFBackend:
                 raise ConfigError(f"backend.options.mode={m!r} is not allowed: one of {list(MODES)}")
         if compile not in ("auto", True, False):
             raise ConfigError(f"backend.options.compile={compile!r} is not allowed: auto, true or false")
-        if not (pdl == "auto" or isinstance(pdl, bool)):  # 1 and 0 would pass an `in` test
+        if not is_pdl_choice(pdl):
             raise ConfigError(f"backend.options.pdl={pdl!r} is not allowed: auto, true or false")
         self.modes = [mode, *[m for m in (compare or []) if m != mode]]
         self.compile, self.cuda_graph, self.tuned, self.pdl = compile, cuda_graph, tuned, pdl

@@ -72,6 +72,11 @@ WARM_STEPS = 3  # decode steps run to compile and autotune before the graph is c
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
 
 
+def is_pdl_choice(value: object) -> bool:
+    """auto, true or false; 1 and 0 are not (they would pass an ``in (True, False)`` test)."""
+    return value == "auto" or isinstance(value, bool)
+
+
 @contextlib.contextmanager
 def inductor_flags(flags: dict[str, object]) -> Iterator[None]:
     """Set Inductor's global config ``flags`` for the block and restore every one of them after it,
@@ -350,7 +355,7 @@ class FastDecoder:
         self.preset = preset or ("tuned" if tuned else "default")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
-        if not (pdl == "auto" or isinstance(pdl, bool)):  # 1 and 0 would pass an `in` test
+        if not is_pdl_choice(pdl):
             raise ValueError(f"pdl={pdl!r} is not one of auto, true, false")
         self.compiled = compile_step
         self.pdl_note = self._pdl_unusable()
@@ -479,9 +484,9 @@ class FastDecoder:
         """Compile and capture (once); with two PDL candidates, both, timed in alternating rounds, the
         faster kept and the other freed. Returns the seconds it took, never counted as decode time."""
         start = time.perf_counter()
-        built: dict[bool, tuple] = {}
-        for pdl, flags in self.candidates.items():
-            self._use(pdl, flags, self._step_for(pdl), None)
+        graphs: dict[bool, torch.cuda.CUDAGraph | None] = {}  # of each candidate built
+        for pdl in self.candidates:
+            self._use(pdl, None)
             try:
                 self._compile_and_capture(prompt)
             except Exception as exc:
@@ -490,23 +495,24 @@ class FastDecoder:
                 # "auto" must never be worse than PDL off: a GPU or Triton that cannot build it keeps that.
                 self.pdl_failed = f"{type(exc).__name__}: {str(exc)[:200]}"
                 continue
-            built[pdl] = (flags, self.step_fn, self.graph)
-        if len(built) > 1:
-            self.trials = {pdl: float("inf") for pdl in built}
+            graphs[pdl] = self.graph
+        if len(graphs) > 1:
+            self.trials = {pdl: float("inf") for pdl in graphs}
             for _ in range(3):  # alternating, so drift in clocks or temperature weighs on both alike
-                for pdl, state in built.items():
-                    self._use(pdl, *state)
+                for pdl, graph in graphs.items():
+                    self._use(pdl, graph)
                     self.trials[pdl] = min(self.trials[pdl], self._seconds_per_step(prompt))
-        chosen = min(built, key=lambda pdl: self.trials.get(pdl, 0.0))  # a tie keeps the first, PDL off
-        self._use(chosen, *built[chosen])
-        built.clear()  # the other graph goes with it
+        chosen = min(graphs, key=lambda pdl: self.trials.get(pdl, 0.0))  # a tie keeps the first, PDL off
+        self._use(chosen, graphs[chosen])
+        graphs.clear()  # the other graph goes with it
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - start
         return self.compile_s
 
-    def _use(self, pdl: bool, flags: dict[str, object], step_fn, graph) -> None:
-        self.pdl, self.flags, self.step_fn, self.graph = pdl, flags, step_fn, graph
+    def _use(self, pdl: bool, graph: torch.cuda.CUDAGraph | None) -> None:
+        """Make candidate ``pdl`` (and its captured graph, if any) the one that runs."""
+        self.pdl, self.flags, self.step_fn, self.graph = pdl, self.candidates[pdl], self._step_for(pdl), graph
 
     def _compile_and_capture(self, prompt: torch.Tensor) -> None:
         with inductor_flags(self.flags):  # compilation happens lazily, in the first calls below
@@ -526,13 +532,18 @@ class FastDecoder:
                 for _ in range(WARM_STEPS - 1):
                     self.step_fn()
 
+    def _step_scope(self) -> contextlib.AbstractContextManager:
+        """Where the steps of a request run. Without a graph the compiled step still passes Dynamo's
+        guards each call; a recompile there must see the same flags as the first compile."""
+        if self.graph is None and self.compiled:
+            return inductor_flags(self.flags)
+        return contextlib.nullcontext()
+
     def _seconds_per_step(self, prompt: torch.Tensor) -> float:
         """One round of up to PDL_TRIAL_STEPS decode steps after a fresh prefill (the cache holds no more
         than the request), in seconds per step."""
         steps = min(PDL_TRIAL_STEPS, self.output_len - 1)
-        # Without a graph the compiled step passes Dynamo's guards: any recompile sees the same flags.
-        scope = inductor_flags(self.flags) if self.graph is None else contextlib.nullcontext()
-        with scope:
+        with self._step_scope():
             self._prefill(prompt)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
@@ -549,12 +560,7 @@ class FastDecoder:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # nothing queued from before counts against this request
         timing = Timing(start=now(), batch_size=prompt.shape[0])
-        # Without a graph the compiled step still passes Dynamo's guards each call; a recompile there must
-        # see the same flags as the first compile.
-        flags = (
-            inductor_flags(self.flags) if self.graph is None and self.compiled else contextlib.nullcontext()
-        )
-        with flags:
+        with self._step_scope():
             self._prefill(prompt)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
