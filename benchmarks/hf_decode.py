@@ -15,7 +15,9 @@ with it forced on / off, ``fast_tuned`` its ``backend.options.tuned=true``; for 
 greedily (EOS ignored) from its own prompt.
 
 ``--runs N`` repeats the whole measurement in N separate processes (GPU figures vary from process to
-process by more than within one) and reports, per mode, the median over the runs and their range.
+process by more than within one) and reports, per mode, the median over the runs and their range;
+``--baseline-runs K`` measures the eager ``generate`` modes, minutes per run on a GPU, in the first K
+runs only, so that three runs of the fast path fit one 10-minute device call.
 The JSON (and a ``.log`` beside it with everything printed) records the command, the commit, the
 machine, the copy bandwidth, the bound, tokens/s and the fraction of the bound; ``{gpu}`` in ``--out``
 becomes the GPU's short name (h100, h200; cpu).
@@ -333,7 +335,7 @@ def aggregate(runs: list[dict], modes: list[str]) -> dict:
 def table(modes: dict) -> str:
     head = (
         f"{'mode':<13}{'tok/s':>9}{'range':>16}{'% copy':>8}{'range':>14}{'TTFT ms':>9}{'TPOT ms':>9}"
-        f"{'compile s':>11}"
+        f"{'compile s':>11}{'runs':>6}"
     )
     lines = [head, "-" * len(head)]
     for mode, r in modes.items():
@@ -341,7 +343,7 @@ def table(modes: dict) -> str:
         t_range, f_range = f"{t['min']:.1f}-{t['max']:.1f}", f"{100 * f['min']:.1f}-{100 * f['max']:.1f}"
         lines.append(
             f"{mode:<13}{t['median']:>9.1f}{t_range:>16}{100 * f['median']:>8.1f}{f_range:>14}"
-            f"{1e3 * r['ttft_s']:>9.1f}{1e3 * r['tpot_s']:>9.2f}{r['compile_s']:>11.1f}"
+            f"{1e3 * r['ttft_s']:>9.1f}{1e3 * r['tpot_s']:>9.2f}{r['compile_s']:>11.1f}{len(t['runs']):>6}"
         )
     return "\n".join(lines)
 
@@ -367,6 +369,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--modes", default="generate,static,fast", help=f"comma-separated, of {list(MODES)}")
     parser.add_argument(
+        "--baseline-runs",
+        type=int,
+        default=None,
+        help="measure the transformers generate modes (the slow reference) in the first N runs only; "
+        "default: in every run",
+    )
+    parser.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
@@ -383,6 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--modes {bad} not allowed: of {list(MODES)}")
     if args.runs < 1:
         parser.error(f"--runs {args.runs} not allowed: 1 or more")
+    if args.baseline_runs is not None and not 1 <= args.baseline_runs <= args.runs:
+        parser.error(f"--baseline-runs {args.baseline_runs} not allowed: 1 to --runs ({args.runs})")
+    fast_modes = [m for m in args.modes if MODES[m] is not None]
+    if args.baseline_runs is not None and args.baseline_runs < args.runs and not fast_modes:
+        parser.error(f"--baseline-runs {args.baseline_runs} needs a fast mode in --modes {args.modes}")
     if args.child:
         report = measure(args)
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -419,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "--out",
                     str(part),
                 ]
+                if args.baseline_runs is not None and i >= args.baseline_runs:
+                    child += ["--modes", ",".join(fast_modes)]  # the last --modes wins
                 say(f"run {i + 1}/{args.runs} (separate process), {elapsed:.0f} s in")
                 run_start = time.perf_counter()
                 # Streamed line by line, so a run cut short by a time limit still shows how far it got.

@@ -259,7 +259,9 @@ def test_hf_decode_reports_medians_and_ranges_over_separate_processes(tmp_path):
         "--runs",
         "2",
         "--modes",
-        "fast",
+        "generate,fast",
+        "--baseline-runs",
+        "1",
         "--out",
         str(out),
     ]
@@ -280,5 +282,10 @@ def test_hf_decode_reports_medians_and_ranges_over_separate_processes(tmp_path):
     assert tps["min"] <= fast["decode_tokens_per_s"] == tps["median"] <= tps["max"] and len(tps["runs"]) == 2
     assert sorted(tps["runs"]) == sorted(r["modes"]["fast"]["decode_tokens_per_s"] for r in report["per_run"])
     assert fast["detail"].startswith("native Llama step")
+    # --baseline-runs 1: the slow transformers reference only in the first process, the fast path in both
+    assert [sorted(r["modes"]) for r in report["per_run"]] == [["fast", "generate"], ["fast"]]
+    assert report["modes"]["generate"]["over_runs"]["decode_tokens_per_s"]["runs"] == [
+        report["per_run"][0]["modes"]["generate"]["decode_tokens_per_s"]
+    ]
     log = (tmp_path / "hf_decode_cpu.log").read_text()
     assert "run 2/2 (separate process)" in log and "median over 2 run(s)" in log
