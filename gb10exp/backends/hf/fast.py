@@ -61,11 +61,11 @@ PRESETS: dict[str, dict[str, object]] = {
 PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
 # Programmatic Dependent Launch (Hopper and newer; Inductor ships it off): each kernel is launched while
 # the one before it drains and waits on the device only before reading that kernel's output, hiding part
-# of the fixed cost of each of the ~355 kernels of a step. Measured side by side on the 8B shape, it
-# helps one GPU and hurts another: H200 228.8 against 209.3 tokens/s (hf_decode_h200.json), H100
-# 153.0-153.3 against 156.5-158.3 (hf_decode_h100_pdl.json, both in benchmarks/results/). So
-# ``pdl="auto"`` compiles both, times a few graph replays of each and keeps the faster. A dot in a key
-# names an Inductor sub-config.
+# of the fixed cost of each of the ~355 kernels of a step. Measured side by side on the 8B shape, what
+# it gives depends on the GPU, the machine and the block sizes each cold compile autotunes: H200s +9%
+# (hf_decode_h200.json) and +2% (hf_decode_auto_vs_forced_h200.json), an H100 -3% (hf_decode_h100_pdl.json,
+# all in benchmarks/results/). So ``pdl="auto"`` compiles both, times a few graph replays of each and
+# keeps the faster. A dot in a key names an Inductor sub-config.
 PDL_FLAGS: dict[str, object] = {"triton.enable_pdl": True}
 PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, alternating, the fastest counts)
 WARM_STEPS = 3  # decode steps run to compile and autotune before the graph is captured
