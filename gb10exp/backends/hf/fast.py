@@ -369,8 +369,6 @@ class FastDecoder:
             self.candidates = {False: base}
         else:  # measured in warm(): it helps one Hopper GPU and hurts another (PDL_FLAGS' comment)
             self.candidates = {False: base, True: base | PDL_FLAGS}
-        self.pdl = next(iter(self.candidates))  # what runs; warm() settles it
-        self.flags = self.candidates[self.pdl]
         self.trials: dict[bool, float] = {}  # seconds per step of each candidate timed in warm()
         self.pdl_failed: str | None = None  # why the PDL candidate of "auto" could not be built
         # Room for the warm-up steps too: they run before a request and must stay inside the cache.
@@ -393,8 +391,7 @@ class FastDecoder:
         self.seq = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.prefill_positions = torch.arange(input_len, device=self.device)
         self._step_fns: dict[bool, object] = {}  # one compiled step per PDL candidate, made once
-        self.step_fn = self._step_for(self.pdl)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self._use(next(iter(self.candidates)), None)  # sets pdl, flags, step_fn, graph; warm() settles them
         self.compile_s = 0.0
 
     def _pdl_unusable(self) -> str | None:
