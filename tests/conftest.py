@@ -16,6 +16,41 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+_skipped: list[tuple[str, str]] = []  # (test, reason) of this session's skips, said again at the end
+
+
+def pytest_report_header(config) -> list[str]:
+    """Which CPU this session ran on, and what llama.cpp may use on it: a green run says where it was green."""
+    from gb10exp.backends.llamacpp import loader
+
+    flags = loader.amx_flags()
+    return [f"cpu: {loader.cpu_model()}; AMX: {' '.join(flags) or 'none'} -> llama.cpp extra buffer types "
+            f"{'on' if loader.use_extra_bufts() else 'off'}"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped test fails, unless it is GPU-only: a skip there means something CI should have
+    provided (a server, llama.cpp) is missing, and a green run must not hide it."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if os.environ.get("CI") and item.get_closest_marker("gpu") is None:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (only GPU tests may skip): {reason}"
+    else:
+        _skipped.append((item.nodeid, reason))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _skipped:
+        terminalreporter.section(f"{len(_skipped)} test(s) did not run")
+        for nodeid, reason in _skipped:
+            terminalreporter.write_line(f"{nodeid}: {reason}")
+        terminalreporter.write_line("make test starts the services these need (.ci/services.sh); "
+                                    "under CI=true every skip but a GPU test's is a failure")
 
 # Small sizes for the tiny random model: a job takes seconds.
 TINY = ["model=tiny_llama", "calib_size=4", "calib.seq_len=64", "eval.seq_len=64", "eval.num_windows=4",

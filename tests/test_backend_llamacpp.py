@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, mlflow_runs, run_gb10exp
 
-from gb10exp.backends.llamacpp.worker import Engine, EngineCrashed, cpu_has_amx
+from gb10exp.backends.llamacpp.loader import amx_flags
+from gb10exp.backends.llamacpp.worker import Engine, EngineCrashed
 
 WORKER = str(ROOT / "gb10exp" / "backends" / "llamacpp" / "worker.py")
 # 4 windows of 256 tokens (prompts are cut from them), short generations, few repeats: ~1 minute a run.
@@ -40,12 +41,6 @@ def test_a_killed_child_is_reported_as_a_crash_with_its_signal():
     with pytest.raises(EngineCrashed, match=r"^llama.cpp crashed \(signal 11\) \[SIGSEGV\] during pid; its log: "):
         engine.call("pid")
     engine.close()
-
-
-def test_amx_is_read_from_the_cpu_flags():
-    sapphire = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 avx512_fp16 amx_tile amx_int8\n"
-    epyc = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
-    assert cpu_has_amx(sapphire) and not cpu_has_amx(epyc) and not cpu_has_amx("")
 
 
 def _kill_first_worker(stop: threading.Event, killed: list[int]) -> None:
@@ -108,7 +103,7 @@ def test_q4_k_m_and_f16_through_llama_cpp(tmp_path):
     assert m["perplexity"] > m["source_perplexity"] and "kl_mean" not in m
     assert 0.08 < m["engine_weight_gib"] < 0.11  # the GGUF's tensor bytes, not a 16-bit estimate
     assert q4.data.tags["bench.label"] == "pp64+tg12 @ d0"
-    assert q4.data.tags["llamacpp.extra_bufts"] == ("off (auto: this CPU has AMX)" if cpu_has_amx()
+    assert q4.data.tags["llamacpp.extra_bufts"] == ("off (auto: this CPU has AMX)" if amx_flags()
                                                     else "on (auto: this CPU has no AMX)")
 
     f16 = by_format["bf16"].data

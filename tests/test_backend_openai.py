@@ -151,7 +151,7 @@ def test_openai_streaming_run_against_a_real_server(tmp_path, server, q4_gguf):
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_llama_cpp_python_server_echo_logprobs_are_one_position_late(server, q4_gguf):
-    import llama_cpp
+    from gb10exp.backends.llamacpp.loader import load_llama
 
     text = "The quick brown fox jumps over the lazy dog."
     body = {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
@@ -161,7 +161,7 @@ def test_llama_cpp_python_server_echo_logprobs_are_one_position_late(server, q4_
     # It echoes the prompt's log-probabilities but not the generated token's: the offsets tell them apart.
     served = prompt_logprobs(answer["choices"][0], answer["usage"]["prompt_tokens"], len(text))
 
-    llm = llama_cpp.Llama(str(q4_gguf), n_ctx=64, logits_all=True, verbose=False)
+    llm = load_llama(q4_gguf, n_ctx=64, logits_all=True, verbose=False)
     tokens = llm.tokenize(text.encode(), add_bos=False)
     llm.eval(tokens)
     scores = llm.scores[: len(tokens)].astype(np.float64)

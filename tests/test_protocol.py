@@ -271,26 +271,16 @@ def _f32_copy(source, out) -> None:
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-def test_llamacpp_protocol_agrees_with_llama_cpp(tokenizer, bos_tokenizer, monkeypatch, tmp_path):
-    import llama_cpp
+def test_llamacpp_protocol_agrees_with_llama_cpp(tokenizer, bos_tokenizer, tmp_path):
     import llama_cpp.llama_cpp as raw
 
+    from gb10exp.backends.llamacpp.loader import load_llama
     from gb10exp.models import EMBEDDED, embedded_file, load_model
 
-    original = raw.llama_model_default_params
-
-    def params():  # llama.cpp's AMX buffers segfault on some Intel CPUs (FACTS); off, as the backend does
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(raw, "llama_model_default_params", params)
     n_ctx, n_chunk = 256, 3
     text = data.tokenize(data.load_text("eval", EvalConfig(dataset="pydoc_topics")), tokenizer)
     _f32_copy(embedded_file(EMBEDDED), tmp_path / "f32.gguf")
-    llm = llama_cpp.Llama(
-        str(tmp_path / "f32.gguf"), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False
-    )
+    llm = load_llama(tmp_path / "f32.gguf", n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
     try:
         vocab = raw.llama_model_get_vocab(llm._model.model)
         gguf_adds_bos = bool(raw.llama_vocab_get_add_bos(vocab))

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from gb10exp.backends.base import BenchInputs
-from gb10exp.backends.llamacpp.worker import Engine, extra_bufts_default
+from gb10exp.backends.llamacpp.loader import describe, use_extra_bufts
+from gb10exp.backends.llamacpp.worker import Engine
 from gb10exp.backends.same_model import check_gguf
 from gb10exp.bench import Target, Timing, measure, now
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
@@ -41,15 +42,14 @@ class LlamaCppBackend:
 
     def __init__(self, gguf: str | None = None, n_gpu_layers: int = -1, n_threads: int | None = None,
                  allow_cpu: bool = False, extra_bufts: str | bool = "auto"):
-        if extra_bufts not in ("auto", True, False):
+        try:
+            self.extra_bufts = use_extra_bufts(extra_bufts)
+        except ValueError:
             raise ConfigError(f"backend.options.extra_bufts={extra_bufts!r} is not allowed: auto (off on CPUs with "
-                              "AMX, where llama-cpp-python 0.3.36 crashes with them), true or false")
+                              "AMX, where llama-cpp-python 0.3.36 crashes with them), true or false") from None
+        self.extra_bufts_tag = describe(self.extra_bufts, extra_bufts)
         self.gguf = Path(gguf).expanduser() if gguf else None
         self.n_gpu_layers, self.n_threads, self.allow_cpu = n_gpu_layers, n_threads, allow_cpu
-        self.extra_bufts = extra_bufts_default() if extra_bufts == "auto" else extra_bufts
-        self.extra_bufts_tag = ("on" if self.extra_bufts else "off") + (
-            (" (auto: this CPU has no AMX)" if self.extra_bufts else " (auto: this CPU has AMX)")
-            if extra_bufts == "auto" else " (backend.options.extra_bufts)")
         self.path: Path | None = None
         self.on_gpu = False
         self.served_model: str | None = None  # the given GGUF's model name (options.gguf)

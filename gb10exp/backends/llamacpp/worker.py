@@ -10,10 +10,8 @@ the next read finds the pipe closed and ``Engine`` raises ``EngineCrashed``: "ll
 Times are stamped in the child with ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux, one clock for every
 process), so pipe latency never enters a measurement.
 
-Intel CPUs with AMX: llama-cpp-python 0.3.36 segfaults in ``llama_decode`` on the embedded Q4_1 GGUF
-unless the model is loaded with ``use_extra_bufts = False`` (llama.cpp's AMX / weight-repacking buffer
-types). ``extra_bufts_default`` turns them off where the CPU has AMX and keeps them elsewhere, where the
-repacked Q4_K/Q4_0 kernels decode faster.
+Which CPU buffer types llama.cpp may use is decided by the project's loader (``loader.load_llama``),
+here as everywhere else.
 """
 
 from __future__ import annotations
@@ -29,45 +27,10 @@ import time
 from collections import deque
 from pathlib import Path
 
-AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu_has_amx(cpuinfo: str | None = None) -> bool:
-    """True when /proc/cpuinfo lists an AMX flag (Intel Sapphire Rapids and later)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return any(flag in line.split() for flag in AMX_FLAGS)
-    return False
-
-
-def extra_bufts_default() -> bool:
-    """llama.cpp's extra buffer types (AMX, weight repacking): on, except where the CPU has AMX."""
-    return not cpu_has_amx()
-
-
-def disable_extra_bufts() -> None:
-    """Make every ``llama_cpp.Llama`` of this process load with ``use_extra_bufts = False``.
-
-    Neither ``Llama(...)`` nor llama-cpp-python's server settings expose the field; both build their
-    parameters from ``llama_model_default_params()``, which is wrapped here."""
-    import llama_cpp.llama_cpp as raw
-
-    original = raw.llama_model_default_params
-    if getattr(original, "_gb10exp", False):
-        return
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    params._gb10exp = True
-    raw.llama_model_default_params = params
+if __package__:
+    from gb10exp.backends.llamacpp.loader import load_llama
+else:  # run by path as the child: this folder is sys.path[0], and the gb10exp package (torch) stays unimported
+    from loader import load_llama
 
 
 # ------------------------------------------------------------------------------------------------ child
@@ -86,12 +49,11 @@ class _Child:
     ) -> dict:
         import llama_cpp
 
-        if not extra_bufts:
-            disable_extra_bufts()
         if self.llm is not None:
             self.llm.close()
-        self.llm = llama_cpp.Llama(
+        self.llm = load_llama(
             path,
+            extra_bufts=extra_bufts,
             n_ctx=n_ctx,
             n_batch=n_ctx,
             logits_all=logits_all,
