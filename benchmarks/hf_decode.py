@@ -51,13 +51,10 @@ sys.path.insert(0, str(ROOT))  # the repository, without installing it
 from gb10exp.backends.hf.fast import FastDecoder, TokenStamper  # noqa: E402
 from gb10exp.bench import Timing, now, summarize  # noqa: E402
 from gb10exp.bench.monitor import Monitor  # noqa: E402
-from gb10exp.bench.roofline import (  # noqa: E402
-    decode_bound,
-    device_name,
-    measured_bandwidth_gbps,
-    peak_bandwidth_gbps,
-    torch_decode_bytes,
-)
+from gb10exp import hardware  # noqa: E402
+from gb10exp.bench.roofline import decode_bound  # noqa: E402
+from gb10exp.models import random_llama  # noqa: E402
+from gb10exp.quant import bytes as qbytes  # noqa: E402
 
 SHAPES = {  # LlamaConfig keyword arguments
     "llama3_1_8b": dict(
@@ -105,23 +102,8 @@ KEYS = (
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        **SHAPES[shape],
-        architectures=["LlamaForCausalLM"],
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise in the target dtype: an fp32 8B model would need 32 GB first
-    try:
-        with device:
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = random_llama(SHAPES[shape] | {"architectures": ["LlamaForCausalLM"], "bos_token_id": None,
+                                          "eos_token_id": None, "pad_token_id": 0}, 0, device, dtype)
     model.generation_config.eos_token_id = None  # random weights: nothing may stop a request early
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -260,9 +242,10 @@ def measure(args) -> dict:
     """One process: build the model, measure every mode, return the report of this run."""
     device = torch.device(args.device)
     model = build_model(args.shape, device, getattr(torch, args.dtype))
-    weights = torch_decode_bytes(model)
-    name = device_name(str(device))
-    peak, measured = peak_bandwidth_gbps(name), measured_bandwidth_gbps(str(device))
+    weights = qbytes.decode_step_bytes(qbytes.from_module(model, dense_bits=None))
+    name = hardware.name(device)
+    row = hardware.spec(name) if name != "cpu" else None
+    peak, measured = row.peak_gbps if row else None, hardware.measure_bandwidth(str(device)).gbps
     bound_peak = decode_bound(peak, weights, args.batch_size) if peak else None
     bound_measured = decode_bound(measured, weights, args.batch_size)
     generator = torch.Generator().manual_seed(1)

@@ -3,7 +3,8 @@
 YAML files under ``conf/`` only fill values; the schema rejects unknown keys and wrong types, and the
 ``__post_init__`` checks reject values that cannot work, with one line naming the key, the value
 received and what is allowed. Configs are pure data: nothing here touches the network, the GPU or the
-disk (checks that do, such as "does this model path exist", live in ``gb10exp.preflight``).
+disk: checks that do (does this model path exist, can this engine serve this format here) live with the
+area that knows the answer, and ``gb10exp.preflight`` runs them in one ordered list before any job.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+MISSING = "???"  # OmegaConf's marker of a required value (omegaconf.MISSING): this module imports nothing
 
 
 class ConfigError(ValueError):
@@ -30,10 +30,9 @@ DATASETS = ("pydoc_topics", "wikitext2", "cnn_dailymail", "text_file")
 EVAL_PROTOCOLS = ("windows", "llamacpp", "rolling")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_CACHE_QFORMATS = ("none", "fp8", "nvfp4")
-# llama.cpp's quantizer output types (LLAMA_FTYPE_MOSTLY_<name>) a qformat may name as gguf_type.
-QFORMAT_KINDS = ("modelopt", "auto", "gguf", "none")
 AUTO_METHODS = ("kl_div", "gradient")
-GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M",
+# llama.cpp's quantizer output types (LLAMA_FTYPE_MOSTLY_<name>) a qformat may name as gguf_type.
+GGUF_TYPES = ("F16", "BF16", "NVFP4", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M",
               "Q2_K")
 
 
@@ -84,42 +83,26 @@ class AutoConfig:
 
 @dataclass
 class QFormatConfig:
+    """A quantization format: only what cannot be derived. Everything else (quant_algo, bits per weight,
+    block size, whether it reads calibration data...) is derived from the modelopt config it names by
+    ``gb10exp.quant.formats.of``."""
+
     name: str = MISSING  # the value users type: qformat=nvfp4
-    modelopt_cfg: str | None = None  # attribute of modelopt.torch.quantization; null = no quantization
-    weight_bits: float = 16.0  # bits per weight including scales, for the weight-bytes estimate
-    description: str = ""
+    modelopt_cfg: str | None = None  # attribute of modelopt.torch.quantization (kind modelopt)
     # Quantized by llama.cpp's own quantizer, not modelopt (e.g. Q4_K_M): only engines that run GGUF files
     # can serve it, and its accuracy comes from the engine itself.
     gguf_type: str | None = None
-    # The hf_quant_config.json `quant_algo` modelopt exports this format as (FP8, NVFP4, W4A16_NVFP4, NVFP4_AWQ,
-    # W4A16_AWQ, W4A8_AWQ, MIXED_PRECISION...); null for bf16 and GGUF formats. Keys the engine support matrix
-    # (gb10exp/backends/support.py).
-    quant_algo: str | None = None
-    # False: the format's result cannot depend on calibration data (bf16, GGUF, and weight-only
-    # round-to-nearest formats whose quantizers see only weights): jobs skip calibration and leave the
-    # calibration settings out of their identity, so a calib_size sweep runs them once.
-    uses_calibration: bool = True
-    activation_bits: float | None = None  # bits per activation incl. scales; null = weights only (W*A16)
-    # modelopt (modelopt_cfg) | auto (mtq.auto_quantize over `auto.formats`) | gguf (llama.cpp) | none;
-    # left empty it follows from the other fields.
-    kind: str = ""
-    auto: AutoConfig | None = None  # the search settings of kind=auto (conf/qformat/auto.yaml)
+    description: str = ""
+    auto: AutoConfig | None = None  # mtq.auto_quantize's search over other formats (conf/qformat/auto.yaml)
 
     def __post_init__(self) -> None:
-        if not self.kind:
-            self.kind = "gguf" if self.gguf_type else "modelopt" if self.modelopt_cfg else "none"
-        _require(self.kind in QFORMAT_KINDS, "qformat.kind", self.kind, f"one of {list(QFORMAT_KINDS)}")
-        _require((self.kind == "modelopt") == (self.modelopt_cfg is not None), "qformat.modelopt_cfg",
-                 self.modelopt_cfg, f"a modelopt config name exactly when kind=modelopt (kind={self.kind})")
-        _require((self.kind == "auto") == (self.auto is not None), "qformat.auto", self.auto,
-                 "search settings exactly when kind=auto (qformat=auto sets them)")
-        if self.activation_bits is not None:
-            _require(0 < self.activation_bits <= 16, "qformat.activation_bits", self.activation_bits,
-                     "bits per activation in (0, 16], or null for weight-only formats")
+        given = [k for k in ("modelopt_cfg", "gguf_type", "auto") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"qformat.{given[1]}={getattr(self, given[1])!r} is not allowed with "
+                              f"qformat.{given[0]}={getattr(self, given[0])!r}: a format is quantized one way "
+                              "(modelopt_cfg, gguf_type or auto)")
         if self.gguf_type is not None:
             _require(self.gguf_type in GGUF_TYPES, "qformat.gguf_type", self.gguf_type, f"one of {list(GGUF_TYPES)}")
-            _require(self.modelopt_cfg is None, "qformat.modelopt_cfg", self.modelopt_cfg,
-                     "null when gguf_type is set (llama.cpp quantizes GGUF formats, not modelopt)")
 
 
 @dataclass
@@ -196,8 +179,11 @@ class BenchConfig:
 
 @dataclass
 class BackendConfig:
+    """A backend: its name and its typed options, each backend's own schema (gb10exp/backends/<name>/config.py,
+    registered as ``backend_schema/<name>``, which conf/backend/<name>.yaml names in its defaults list)."""
+
     name: str = MISSING  # hf | llamacpp | openai | trtllm
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
+    options: Any = None
 
 
 @dataclass
@@ -242,9 +228,3 @@ class Config:
         if self.export_dir is not None:
             _require(self.export and bool(self.export_dir.strip()), "export_dir", self.export_dir,
                      "a folder, together with export=true (export=true export_dir=PATH)")
-
-
-def register_configs() -> None:
-    """Register the schemas; YAML files in conf/ are validated against them."""
-    # One schema for the whole tree: a group file merged into `model:` is checked against ModelConfig.
-    ConfigStore.instance().store(name="config_schema", node=Config)

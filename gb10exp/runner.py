@@ -1,8 +1,10 @@
-"""The recipe of one job: prepare, load, calibrate, quantize, evaluate, benchmark, record.
+"""The recipe of one job: prepare, then load, quantize, evaluate, engine, export, record.
 
-Everything cheap that can fail (config values, model path, token, data, tracking store, backend) is
-checked in ``prepare`` before an MLflow run exists, so bad input costs seconds and leaves no record.
-From ``Recorder.run`` on, any exception marks the run FAILED with its traceback.
+``prepare`` runs the job's checks (``gb10exp.preflight.check_job``) and everything cheap (tokenizer, data,
+identity) before an MLflow run exists, so bad input costs seconds and leaves no record. From
+``Recorder.run`` on, any exception marks the run FAILED with its traceback. A speed-only job
+(``eval.enabled=false``: an engine serving a model of its own) is the same recipe with the steps that
+need our model skipped.
 """
 
 from __future__ import annotations
@@ -13,25 +15,29 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from gb10exp import data
-from gb10exp.backends import Backend, BenchInputs, get_backend, support
-from gb10exp.bench import speed_only
-from gb10exp.bench.accuracy import engine_accuracy
+from gb10exp import backends as backends_
+from gb10exp import data, hardware, preflight
+from gb10exp.backends import Backend, BenchInputs, support
 from gb10exp.config import Config
-from gb10exp.evaluate import evaluate_accuracy
-from gb10exp.evaluate.tasks import check_tasks, run_tasks
+from gb10exp.evaluate import AccuracyResult, evaluate_accuracy
+from gb10exp.evaluate import cache as eval_cache
+from gb10exp.evaluate.engine import engine_accuracy
+from gb10exp.evaluate.tasks import run_tasks
 from gb10exp.isolation import restored_globals
-from gb10exp.models import check_model, load_model, load_tokenizer, resolve_device, resolve_dtype
-from gb10exp.quant import auto, cache, export, quantizes
-from gb10exp.quant.bytes import deployed_decode_bytes, deployed_weight_bytes
-from gb10exp.tracking import Recorder, check_store
+from gb10exp.models import load_model, load_tokenizer, resolve_dtype
+from gb10exp.quant import auto, export, formats
+from gb10exp.quant import bytes as qbytes
+from gb10exp.quant import cache as quant_cache
+from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
+from gb10exp.tracking import Recorder
 from gb10exp.tracking.environment import environment
-from gb10exp.tracking.identity import calibrates, run_identity
+from gb10exp.tracking.identity import RunIdentity, run_identity
 from gb10exp.tracking.ui import dataset_inputs, run_note
 
 log = logging.getLogger(__name__)
@@ -41,8 +47,16 @@ class NonFiniteMetric(RuntimeError):
     """A metric came out NaN or infinite: the run fails rather than recording it."""
 
 
+class GpuOutOfMemory(RuntimeError):
+    """CUDA ran out of memory; the message says which settings to lower."""
+
+
 @dataclass
-class Prepared:
+class Job:
+    """One job, prepared: its config and format, where it runs, its data, its engine and its record."""
+
+    cfg: Config
+    fmt: formats.Format
     device: torch.device
     dtype: torch.dtype
     tokenizer: Any
@@ -50,33 +64,67 @@ class Prepared:
     windows: data.EvalWindows  # (num_windows, seq_len) tokens and the positions eval.protocol scores
     eval_tokens: torch.Tensor  # the evaluation text's tokens (no special tokens): benchmark prompts are cut from it
     backend: Backend
+    identity: RunIdentity
     recorder: Recorder
+    tags: dict[str, str] = field(default_factory=dict)  # the run's tags, set when it starts
+    metrics: dict[str, float] = field(default_factory=dict)
+    windows_sums: dict | None = None  # results.json's per-window sums
+    baseline: torch.nn.Module | None = None  # the unquantized model, kept for KL and top-1 agreement
+    cached: AccuracyResult | None = None  # this exact evaluation, from the eval cache
+    eval_entry: Path | None = None  # its folder in the eval cache (None with cache=false)
+    deployed: qbytes.Tensors | None = None  # the format's deployed tensors (the byte rule's input)
+
+    @property
+    def speed_only(self) -> bool:
+        return not self.cfg.eval.enabled
+
+    @property
+    def name(self) -> str:
+        if self.cfg.tracking.run_name:
+            return self.cfg.tracking.run_name
+        if self.speed_only:
+            return f"{self.backend.served_model}-speed-{self.cfg.backend.name}"
+        cfg = self.cfg  # every setting that tells two runs of a sweep apart, and nothing that does not
+        kv = f"-kv{cfg.kv_cache_qformat}" if cfg.kv_cache_qformat != "none" else ""
+        calib = f"-calib{cfg.calib_size}" + (f"-seed{cfg.seed}" if cfg.seed else "") if self.fmt.calibrates else ""
+        return f"{cfg.model.name}-{cfg.qformat.name}{kv}{calib}-{cfg.backend.name}"
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Time the block into metric ``key`` (seconds)."""
+        start = time.perf_counter()
+        yield
+        self.metrics[key] = time.perf_counter() - start
+
+    def run_tags(self, sweep_tags: dict[str, str]) -> dict[str, str]:
+        cfg, arch = self.cfg, hardware.arch(self.device)
+        model = {"model": str(self.backend.served_model), "served_model": str(self.backend.served_model),
+                 "accuracy": "none: eval.enabled=false (speed only)"} if self.speed_only else {"model": cfg.model.name}
+        self.tags = (environment(self.device) | sweep_tags | self.identity.tags | self.fmt.tags() | model
+                     | support.quantization_tags(cfg.backend.name, self.fmt, self.device)
+                     | {"qformat": cfg.qformat.name, "backend": cfg.backend.name,
+                        "support": support.tag(cfg.backend.name, self.fmt, arch)})
+        return self.tags
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Every cheap check, in the order a user would fix them; no MLflow run exists yet."""
-    device = resolve_device(cfg.device)
-    check_model(cfg.model)
-    check_store(cfg.tracking)
-    backend = get_backend(cfg.backend)
-    support.preflight_check(cfg)  # engine x format x GPU (gb10exp/backends/support.py)
-    export.preflight_check(cfg)
-    check_tasks(cfg.eval)
+def prepare(cfg: Config, resolved: dict | None = None) -> Job:
+    """Every check and everything cheap, in the order a user would fix them; no MLflow run exists yet.
+    ``resolved``: the resolved config as a dict (part of the run's identity)."""
+    preflight.check_job(cfg)
+    device = hardware.resolve(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
     tokenizer = load_tokenizer(cfg.model)
-    # An engine serving a model of its own compares its tokenizer with ours (speed-only runs: not needed).
-    backend.check(cfg.qformat, tokenizer if cfg.eval.enabled else None)
-    speed_only.check(cfg, backend)
+    backend = backends_.checked(cfg)
     calib = data.calib_samples(
         data.tokenize(data.load_text("calib", cfg.calib), tokenizer), cfg.calib.seq_len, cfg.calib_size, cfg.seed
-    ) if calibrates(cfg) else torch.zeros((0, cfg.calib.seq_len), dtype=torch.long)
+    ) if fmt.calibrates else torch.zeros((0, cfg.calib.seq_len), dtype=torch.long)
     eval_tokens = data.tokenize(data.load_text("eval", cfg.eval), tokenizer)
     windows = data.eval_windows(eval_tokens, cfg.eval.seq_len, cfg.eval.num_windows, cfg.eval.protocol, tokenizer)
-    return Prepared(device, resolve_dtype(cfg.model.dtype, device), tokenizer, calib, windows,
-                    eval_tokens[: windows.tokens.numel()], backend, Recorder(cfg.tracking))
-
-
-def run_name(cfg: Config) -> str:
-    return cfg.tracking.run_name or f"{cfg.model.name}-{cfg.qformat.name}-calib{cfg.calib_size}-{cfg.backend.name}"
+    identity = run_identity(cfg, resolved or {}, device, dtype, tokenizer, calib, windows, backend.engine_package,
+                            fmt.calibration_skipped)
+    return Job(cfg, fmt, device, dtype, tokenizer, calib, windows, eval_tokens[: windows.tokens.numel()], backend,
+               identity, Recorder(cfg.tracking))
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -84,10 +132,6 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     if bad:
         raise NonFiniteMetric(f"non-finite metrics {bad}: the quantized model's outputs overflowed or are NaN")
     return metrics
-
-
-class GpuOutOfMemory(RuntimeError):
-    """CUDA ran out of memory; the message says which settings to lower."""
 
 
 @contextlib.contextmanager
@@ -105,90 +149,116 @@ def oom_hint() -> Iterator[None]:
 @restored_globals()  # seeds, default dtype...: the next job of the sweep starts from the same state
 def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str, str]) -> dict[str, Any]:
     """Run one job and return its results (the same dict that is logged as results.json)."""
-    p = prepare(cfg)
-    if not cfg.eval.enabled:  # speed only, of whatever the engine serves: nothing of ours is loaded
-        return speed_only.run_speed_only(cfg, p, resolved, overrides, sweep_tags)
-    quantizing = quantizes(cfg.qformat)
-    # Resume matches the whole identity (config, hardware, dtype, code, versions, data digests): a run on
-    # another machine or other code is a new run; calibration-free formats share one across calib settings.
-    ident = run_identity(cfg, resolved, p.device, p.dtype, p.tokenizer, p.calib, p.windows)
-    if not cfg.force and (done := p.recorder.find_finished(ident.key)):
-        log.info("skipping %s: identical run %s already finished (run_identity %s; force=true reruns)",
-                 run_name(cfg), done, ident.key)
-        return {"skipped": True, "run_id": done.run_id}
-    if not cfg.force and (live := p.recorder.find_running(ident.key)):  # e.g. the same sweep on another machine
-        log.info("skipping %s: identical run %s is running now (force=true runs it anyway)", run_name(cfg), live)
-        return {"skipped": True, "run_id": live.run_id}
+    job = prepare(cfg, resolved)
+    if (skipped := already_done(job)) is not None:
+        return skipped
+    with job.recorder.run(job.name, resolved, overrides, job.run_tags(sweep_tags)) as rec, oom_hint(), cpu_nvfp4():
+        rec.log_inputs(dataset_inputs(cfg, job.identity.tags, job.calib, job.windows))
+        with job.timed("total_s"):
+            model = load(job)
+            model = quantize(job, model, rec)
+            accuracy = evaluate(job, model)
+            engine(job, model, accuracy, rec)
+            if cfg.export:  # last: the export packs the model's weights in place
+                with job.timed("export_s"):
+                    job.metrics |= export.record(model, job.tokenizer, cfg, overrides, rec)
+        return record(job, rec)
 
-    tags = environment(p.device) | sweep_tags | ident.tags | {
-        "qformat": cfg.qformat.name, "model": cfg.model.name, "backend": cfg.backend.name,
-        "support": support.tag(cfg.backend.name, cfg.qformat, support.arch_of(p.device))}
-    with p.recorder.run(run_name(cfg), resolved, overrides, tags) as rec, oom_hint():
-        rec.log_inputs(dataset_inputs(cfg, tags, p.calib, p.windows))
-        timers: dict[str, float] = {}
-        start = time.perf_counter()
 
-        model = load_model(cfg.model, p.device, p.dtype)
-        export.check_model(model, cfg)  # an export that cannot work fails before quantization
-        timers["load_s"] = time.perf_counter() - start
+def already_done(job: Job) -> dict[str, Any] | None:
+    """Resume: a FINISHED run with the same identity (config, hardware, dtype, code, versions, data digests)
+    is this job already done; a live RUNNING one (another process or machine) is it being done."""
+    if job.cfg.force:
+        return None
+    for found, state in ((job.recorder.find_finished(job.identity.key), "already finished"),
+                         (job.recorder.find_running(job.identity.key), "is running now")):
+        if found is not None:
+            log.info("skipping %s: identical run %s %s (run_identity %s; force=true reruns)", job.name, found,
+                     state, job.identity.key)
+            return {"skipped": True, "run_id": found.run_id}
+    return None
 
-        # The baseline keeps the unquantized weights for KL divergence and top-1 agreement, unless the
-        # evaluation of this exact model on these windows is cached (gb10exp/quant/cache.py).
-        eval_entry = cache.eval_entry(cfg, p.calib, p.windows, p.device, p.dtype)
-        cached = cache.load_accuracy(eval_entry)
-        baseline = copy.deepcopy(model) if quantizing and cfg.eval.compare_baseline and not cached else None
-        t = time.perf_counter()
-        model, quant_cache = cache.quantize_cached(model, cfg, p.calib, p.device, p.dtype)
-        rec.set_tags({"quant_cache": quant_cache, "eval_cache": cache.state(eval_entry, cached)})
-        timers["quantize_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        accuracy = cached or evaluate_accuracy(model, p.windows, cfg.eval.batch_size, p.device, baseline)
-        cache.save_accuracy(eval_entry, accuracy)
-        del baseline
-        timers["evaluate_s"] = time.perf_counter() - t
-        metrics = accuracy.metrics()
-        if not quantizing and not cfg.qformat.gguf_type:  # the baseline compared with itself, by definition
-            metrics |= {"kl_mean": 0.0, "top1_agreement": 1.0}
-        metrics["weight_gib"] = deployed_weight_bytes(model, cfg.qformat) / 2**30
-        if cfg.qformat.kind == "auto":  # per-layer formats: artifact layer_formats.json, achieved bits and bytes
-            metrics |= auto.record(model, rec)
-        _finite(metrics)
+def load(job: Job) -> torch.nn.Module | None:
+    """The model on its device; None for a speed-only job (nothing of ours is loaded)."""
+    if job.speed_only:
+        return None
+    with job.timed("load_s"):
+        model = load_model(job.cfg.model, job.device, job.dtype)
+        export.check_model(model, job.cfg)  # an export that cannot work fails before quantization
+    return model
 
-        if cfg.eval.tasks:
-            t = time.perf_counter()
-            metrics |= run_tasks(model, p.tokenizer, cfg.eval, p.device)
-            timers["tasks_s"] = time.perf_counter() - t
 
-        # The engine: its start-up (GGUF build, export, engine build) is timed apart from every speed figure,
-        # then it scores evaluation windows itself (speed and accuracy from the same kernels), then the speed.
-        t = time.perf_counter()
-        inputs = BenchInputs(model, p.tokenizer, p.eval_tokens, p.device, quantizing, cfg.model, cfg.qformat,
-                             metrics["weight_gib"] * 2**30, deployed_decode_bytes(model, cfg.qformat))
-        try:
-            rec.set_tags(p.backend.prepare(inputs))
-            timers["startup_s"] = time.perf_counter() - t
-            engine = engine_accuracy(p.backend, p.windows, accuracy, cfg)
-            metrics |= _finite(engine.metrics)
-            rec.set_tags(engine.tags)
-            if cfg.bench.enabled:
-                t = time.perf_counter()
-                bench, bench_tags = p.backend.benchmark(inputs, cfg.bench)
-                timers["benchmark_s"] = time.perf_counter() - t
-                metrics |= _finite(bench)
-                rec.set_tags(bench_tags)
-        finally:
-            p.backend.close()
-        if cfg.export:  # last: the export packs the model's weights in place
-            t = time.perf_counter()
-            metrics |= export.record(model, p.tokenizer, cfg, overrides, rec) | {"export_s": time.perf_counter() - t}
+def quantize(job: Job, model: torch.nn.Module | None, rec: Recorder) -> torch.nn.Module | None:
+    """The format, through the quantized-model cache. The unquantized weights are kept for KL divergence and
+    top-1 agreement, unless the evaluation of this exact model on these windows is cached."""
+    if model is None:
+        return None
+    cfg = job.cfg
+    job.eval_entry = eval_cache.entry(cfg, job.calib, job.windows, job.device, job.dtype)
+    job.cached = eval_cache.load(job.eval_entry)
+    if job.fmt.modelopt and cfg.eval.compare_baseline and not job.cached:
+        job.baseline = copy.deepcopy(model)
+    with job.timed("quantize_s"):
+        model, state = quant_cache.quantize_cached(model, cfg, job.calib, job.device, job.dtype)
+    rec.set_tags({"quant_cache": state, "eval_cache": eval_cache.state(job.eval_entry, job.cached)})
+    job.deployed = qbytes.from_module(model, job.fmt, kv_cache_qformat=cfg.kv_cache_qformat)
+    return model
 
-        timers["total_s"] = time.perf_counter() - start
-        metrics |= timers
-        rec.log_metrics(metrics)
-        rec.set_tags({"mlflow.note.content": run_note(cfg, metrics, tags)})
-        results = {"run_id": rec.run_id, "name": run_name(cfg), "metrics": metrics,
-                   "windows": engine.windows or accuracy.as_dict()["windows"], "tags": tags}
-        rec.log_dict(results, "results.json")
+
+def evaluate(job: Job, model: torch.nn.Module | None) -> AccuracyResult | None:
+    """Perplexity, KL and top-1 on the job's windows, the deployed bytes, and the lm-eval tasks."""
+    if model is None:
+        return None
+    cfg = job.cfg
+    with job.timed("evaluate_s"):
+        accuracy = job.cached or evaluate_accuracy(model, job.windows, cfg.eval.batch_size, job.device, job.baseline)
+        eval_cache.save(job.eval_entry, accuracy)
+    job.baseline = None  # its memory, back before the engine starts
+    metrics = accuracy.metrics()
+    if not job.fmt.quantized:  # the baseline compared with itself, by definition
+        metrics |= {"kl_mean": 0.0, "top1_agreement": 1.0}
+    metrics |= {"weight_gib": job.deployed.weight_bytes / 2**30,
+                "decode_gib": qbytes.decode_step_bytes(job.deployed) / 2**30}
+    if job.fmt.kind == "auto":  # per-layer formats: artifact layer_formats.json, achieved bits
+        metrics |= auto.record(model, job.recorder)
+    job.metrics |= _finite(metrics)
+    job.windows_sums = accuracy.as_dict()["windows"]
+    if cfg.eval.tasks:
+        with job.timed("tasks_s"):
+            job.metrics |= run_tasks(model, job.tokenizer, cfg.eval, job.device)
+    return accuracy
+
+
+def engine(job: Job, model: torch.nn.Module | None, accuracy: AccuracyResult | None, rec: Recorder) -> None:
+    """The engine: its start-up (GGUF build, export, engine build) timed apart from every speed figure, then
+    it scores evaluation windows itself (speed and accuracy from the same kernels), then the speed. The
+    engine is always closed."""
+    cfg = job.cfg
+    inputs = BenchInputs(model, job.tokenizer, job.eval_tokens, job.device, job.fmt, cfg.model, job.deployed)
+    try:
+        with job.timed("startup_s"):
+            rec.set_tags(job.backend.prepare(inputs))
+        if accuracy is not None:
+            scored = engine_accuracy(job.backend, job.windows, accuracy, cfg)
+            job.metrics |= _finite(scored.metrics)
+            rec.set_tags(scored.tags)
+            job.windows_sums = scored.windows or job.windows_sums
+        if cfg.bench.enabled:
+            with job.timed("benchmark_s"):
+                bench, bench_tags = job.backend.benchmark(inputs, cfg.bench)
+            job.metrics |= _finite(bench)
+            rec.set_tags(bench_tags)
+    finally:
+        job.backend.close()
+
+
+def record(job: Job, rec: Recorder) -> dict[str, Any]:
+    """The run's metrics, its one-line description and results.json."""
+    rec.log_metrics(job.metrics)
+    if not job.speed_only:
+        rec.set_tags({"mlflow.note.content": run_note(job.cfg, job.metrics, job.tags)})
+    results = {"run_id": rec.run_id, "name": job.name, "metrics": job.metrics, "windows": job.windows_sums,
+               "tags": job.tags}
+    rec.log_dict(results, "results.json")
     return results
-

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from gb10exp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 FULL_HASH_MAX_BYTES = 256 * 2**20  # hash whole files up to this; larger ones: size, mtime and samples
@@ -85,16 +87,61 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _owner() -> dict[str, str]:
-    from gb10exp.tracking.liveness import owner_tags
+# -- who owns a temporary entry or a run: a pid means one process only within one boot and pid namespace --
+def _machine() -> str:
+    """This kernel boot and pid namespace: pids mean the same process only within one of these."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: no way to know, so the pid is never trusted
+        return ""
+    return hashlib.sha256(f"{boot} {pidns}".encode()).hexdigest()[:16]
 
-    return owner_tags()
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ')' may hold spaces
+
+
+def process_identity() -> dict[str, str]:
+    """This process, as another process can later tell whether it still runs (``owner_alive``, ``owner_gone``):
+    host, pid, kernel boot and pid namespace, start time."""
+    return {
+        "owner_host": socket.gethostname(),
+        "owner_pid": str(os.getpid()),
+        "owner_machine": _machine(),
+        "owner_start": _start_ticks(os.getpid()) or "",
+    }
+
+
+def _recorded_start(tags: dict[str, str]) -> str | None:
+    """The owner's recorded start time when the tags name a process of this machine (same host, boot and pid
+    namespace); None otherwise: then nothing about it can be known from here."""
+    machine = _machine()
+    if not machine or tags.get("owner_machine") != machine or tags.get("owner_host") != socket.gethostname():
+        return None
+    pid, started = tags.get("owner_pid", ""), tags.get("owner_start", "")
+    return started if pid.isdigit() and started else None
+
+
+def owner_gone(tags: dict[str, str]) -> bool:
+    """True only when the recorded pid provably no longer names the owner: gone, or another process now."""
+    started = _recorded_start(tags)
+    return started is not None and _start_ticks(int(tags["owner_pid"])) != started
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """True when ``tags`` (from ``process_identity``) name a process that provably still runs here."""
+    started = _recorded_start(tags)
+    return started is not None and _start_ticks(int(tags["owner_pid"])) == started
 
 
 def remove_stale_tmp(root: Path, max_age_s: float = STALE_TMP_S) -> list[Path]:
     """Remove ``.tmp-*`` entries under ``root`` older than ``max_age_s`` whose writer is not alive."""
-    from gb10exp.tracking.liveness import owner_alive
-
     removed = []
     if not root.is_dir():
         return removed
@@ -128,7 +175,7 @@ def publish_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    (tmp / OWNER_FILE).write_text(json.dumps(_owner() | {"host": socket.gethostname()}))
+    (tmp / OWNER_FILE).write_text(json.dumps(process_identity()))
     try:
         yield tmp
         (tmp / OWNER_FILE).unlink()
@@ -146,8 +193,6 @@ def publish_dir(final: Path) -> Iterator[Path]:
 def check_writable(path: str | Path, key: str, value: str | None = None) -> None:
     """Raise a one-line ConfigError unless ``path`` can be created and written (checked by writing a
     probe file into its nearest existing ancestor, so nothing is left behind; os.access lies for root)."""
-    from gb10exp.config import ConfigError
-
     ancestor = Path(path).expanduser().absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent

@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import free_port, mlflow_runs, run_gb10exp, serving
 
-from gb10exp.backends.base import BenchInputs, EngineAccuracyUnavailable
+from gb10exp.backends.base import BenchInputs
+from gb10exp.evaluate.engine import EngineAccuracyUnavailable
 from gb10exp.backends.openai.backend import (
     OpenAIBackend,
     ServerError,
@@ -23,7 +24,9 @@ from gb10exp.backends.openai.backend import (
     prompt_logprobs,
     sse_data,
 )
+from gb10exp.backends.openai.config import OpenAIOptions
 from gb10exp.config import BenchConfig, QFormatConfig
+from gb10exp.quant import formats
 
 SMALL = ["calib_size=4", "calib.seq_len=128", "eval.seq_len=128", "eval.num_windows=4", "bench.input_len=64",
          "bench.output_len=12", "bench.warmup=1", "bench.repeats=3", "bench.engine_ppl_windows=1"]
@@ -111,10 +114,11 @@ def test_benchmark_prompts_share_no_prefix_with_scored_windows_or_each_other(ser
 
     text = "\n\n".join(topics[k] for k in sorted(topics))[:40000]
     windows = torch.tensor(tokenizer.encode(text, add_special_tokens=False)[: 6 * 128]).view(6, 128)
-    backend = OpenAIBackend(base_url=server)
-    backend.check(QFormatConfig(name="gguf_q4_k_m", gguf_type="Q4_K_M"), tokenizer)
+    backend = OpenAIBackend(OpenAIOptions(base_url=server))
+    q4 = formats.of(QFormatConfig(name="gguf_q4_k_m", gguf_type="Q4_K_M"))
+    backend.check(q4, tokenizer)
     assert backend.model_check.startswith("ok: probe token ids (/extras/tokenize)")
-    inputs = BenchInputs(None, tokenizer, windows.flatten(), torch.device("cpu"), False)
+    inputs = BenchInputs(None, tokenizer, windows.flatten(), torch.device("cpu"), q4)
     backend.prepare(inputs)
     backend.perplexity(windows[:2])  # the scored windows now sit in the server's caches
     seen = len(server_log.read_text())

@@ -9,53 +9,36 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_gb10exp
-from test_bench import tiny_llama
+from conftest import ROOT
 
-from gb10exp.backends import BenchInputs, get_backend
-from gb10exp.backends.trtllm.backend import checkpoint_decode_bytes
-from gb10exp.bench.roofline import torch_decode_bytes
-from gb10exp.config import BackendConfig, BenchConfig, ConfigError, QFormatConfig
+from gb10exp.backends import BenchInputs, build
+from gb10exp.backends.hf.config import HFBackendConfig
+from gb10exp.backends.trtllm.config import TRTLLMBackendConfig, TRTLLMOptions
+from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
+from gb10exp.models import random_llama
+from gb10exp.quant import formats
+
+NVFP4 = formats.of(QFormatConfig(name="nvfp4", modelopt_cfg="NVFP4_DEFAULT_CFG"))
+BF16 = formats.of(QFormatConfig(name="bf16"))
 
 NO_TRTLLM = importlib.util.find_spec("tensorrt_llm") is None
 
 
 @pytest.mark.skipif(not NO_TRTLLM, reason="TensorRT-LLM is installed here")
 def test_missing_tensorrt_llm_fails_in_one_line_saying_how_to_get_it():
-    backend = get_backend(BackendConfig(name="trtllm", options={}))
+    backend = build(TRTLLMBackendConfig())
     with pytest.raises(
         ConfigError, match=r"backend=trtllm needs tensorrt_llm.*nvcr.io/nvidia/tensorrt-llm"
     ) as info:
-        backend.check(QFormatConfig(name="nvfp4", modelopt_cfg="NVFP4_DEFAULT_CFG"))
+        backend.check(NVFP4)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.skipif(not NO_TRTLLM, reason="TensorRT-LLM is installed here")
-def test_cli_run_with_trtllm_exits_with_the_reason(tmp_path):
-    out = run_gb10exp(*TINY, "qformat=bf16", "backend=trtllm", store=tmp_path, timeout=300)
-    assert out.returncode != 0
-    assert "backend=trtllm needs tensorrt_llm" in out.stdout + out.stderr
-
-
 def test_gguf_formats_are_refused_by_engines_that_cannot_run_them():
-    gguf = QFormatConfig(name="gguf_q4_k_m", gguf_type="Q4_K_M")
-    for name in ("trtllm", "hf"):
+    gguf = formats.of(QFormatConfig(name="gguf_q4_k_m", gguf_type="Q4_K_M"))
+    for cfg in (TRTLLMBackendConfig(), HFBackendConfig()):
         with pytest.raises(ConfigError, match="qformat='gguf_q4_k_m' is not allowed with backend="):
-            get_backend(BackendConfig(name=name, options={})).check(gguf)
-
-
-def test_unknown_backend_option_is_rejected():
-    with pytest.raises(
-        ConfigError, match=r"backend.options.n_gpu_layer is not allowed for backend=llamacpp: one of"
-    ):
-        get_backend(BackendConfig(name="llamacpp", options={"n_gpu_layer": 1}))
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_checkpoint_bytes_read_from_safetensors_headers(tmp_path, tied):
-    model = tiny_llama(tied=tied).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
-    assert checkpoint_decode_bytes(tmp_path) == torch_decode_bytes(model)
+            build(cfg).check(gguf)
 
 
 # --- Contract tests against a stand-in tensorrt_llm with the 1.x LLM API's signatures (tests/fixtures) ---
@@ -87,7 +70,7 @@ def test_standin_rejects_unknown_keywords_like_the_real_api(standin, tmp_path):
         SamplingParams(max_new_tokens=4)  # a transformers name, not TensorRT-LLM's
     with pytest.raises(TypeError):
         KvCacheConfig(enable_prefix_caching=False)  # vLLM's name
-    tiny_llama(tied=False).save_pretrained(tmp_path)
+    random_llama(tie_word_embeddings=False).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         LLM(model=str(tmp_path), gpu_memory_utilization=0.5)  # vLLM's name
     llm = LLM(model=str(tmp_path), max_batch_size=2)
@@ -95,21 +78,21 @@ def test_standin_rejects_unknown_keywords_like_the_real_api(standin, tmp_path):
         llm.generate_async([1, 2, 3], SamplingParams(max_tokens=1), stream=True)
 
 
-def _inputs(model, quantized=False):
+def _inputs(model, fmt=BF16):
     prompt_tokens = torch.randint(0, 1000, (512,), generator=torch.Generator().manual_seed(2))
-    return BenchInputs(model, None, prompt_tokens, torch.device("cpu"), quantized)
+    return BenchInputs(model, None, prompt_tokens, torch.device("cpu"), fmt)
 
 
 def test_backend_calls_match_the_llm_api_and_score_the_windows(standin):
     """prepare / perplexity / benchmark / close through the stand-in: every call our backend makes exists
     with these keywords in TensorRT-LLM 1.x, and the engine's perplexity equals PyTorch's on the same model."""
-    model = tiny_llama(tied=False)
+    model = random_llama(tie_word_embeddings=False)
     windows = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logp = torch.log_softmax(model(windows).logits.float(), dim=-1)
     offline = [-logp[i, :-1].gather(-1, windows[i, 1:, None]).sum().item() for i in range(2)]
 
-    backend = get_backend(BackendConfig(name="trtllm", options={"max_batch_size": 4}))
+    backend = build(TRTLLMBackendConfig(options=TRTLLMOptions(max_batch_size=4)))
     tags = backend.prepare(_inputs(model))
     assert tags["trtllm.checkpoint"] == "save_pretrained (unquantized)"
     assert tags["trtllm.version"] == "1.0.0+standin"
@@ -128,8 +111,8 @@ def test_backend_calls_match_the_llm_api_and_score_the_windows(standin):
 
 def test_missing_context_logits_are_tagged(standin, monkeypatch):
     monkeypatch.setattr(standin.llmapi, "CONTEXT_LOGITS", False)  # TensorRT-LLM 1.0's behaviour
-    model = tiny_llama(tied=False)
-    backend = get_backend(BackendConfig(name="trtllm", options={}))
+    model = random_llama(tie_word_embeddings=False)
+    backend = build(TRTLLMBackendConfig())
     backend.prepare(_inputs(model))
     assert backend.perplexity(torch.randint(0, 1000, (1, 16))) is None
     _, tags = backend.benchmark(_inputs(model), BenchConfig(input_len=8, output_len=2, warmup=0, repeats=1))
@@ -143,39 +126,32 @@ def test_quantized_export_for_trtllm_uses_the_shared_export(tmp_path):
 
     from gb10exp.backends.trtllm.backend import export_checkpoint
 
-    model = tiny_llama(tied=False)
+    model = random_llama(tie_word_embeddings=False)
     tokens = torch.randint(0, 1000, (2, 32))
     model = mtq.quantize(model, copy.deepcopy(mtq.FP8_DEFAULT_CFG), lambda m: m(tokens))
-    how = export_checkpoint(_inputs(model, quantized=True), tmp_path)
+    how = export_checkpoint(_inputs(model, formats.of(QFormatConfig(name="fp8", modelopt_cfg="FP8_DEFAULT_CFG"))),
+                            tmp_path)
     assert how == "modelopt export_hf_checkpoint (FP8)"
     assert json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
 
 
-@pytest.mark.parametrize(
-    "batch,options,ok", [(8, {}, True), (9, {}, False), (16, {"max_batch_size": 16}, True)]
-)
-def test_bench_batch_above_max_batch_size_is_refused(batch, options, ok):
-    from gb10exp.backends.trtllm.backend import preflight_check
-    from gb10exp.config import Config
+@pytest.mark.parametrize("batch,limit,ok", [(8, 8, True), (9, 8, False), (16, 16, True)])
+def test_bench_batch_above_max_batch_size_is_refused(batch, limit, ok, monkeypatch):
+    """TensorRT-LLM queues requests beyond max_batch_size: the one batch-size check refuses, in preflight."""
+    from inprocess import compose
 
-    cfg = Config(
-        model=None,
-        qformat=None,
-        calib=None,
-        eval=None,
-        tracking=None,
-        backend=BackendConfig(name="trtllm", options=options),
-        bench=BenchConfig(batch_size=batch),
-    )
+    import gb10exp.backends as backends
+    from gb10exp.backends.trtllm.backend import TRTLLMBackend
+
+    monkeypatch.setattr(TRTLLMBackend, "check", lambda self, fmt, tokenizer=None: None)  # no TensorRT-LLM here
+    cfg, _ = compose(["model=tiny_llama", "backend=trtllm", f"bench.batch_size={batch}",
+                      f"backend.options.max_batch_size={limit}"])
     if ok:
-        preflight_check(cfg)
+        backends.check(cfg)
     else:
-        with pytest.raises(
-            ConfigError,
-            match=r"bench.batch_size=9 is not allowed with backend=trtllm: at most "
-            r"backend.options.max_batch_size=8",
-        ):
-            preflight_check(cfg)
+        with pytest.raises(ConfigError, match=r"^bench.batch_size=9 is not allowed with backend=trtllm: at most 8 "
+                                              r"\(the engine would queue the rest\)"):
+            backends.check(cfg)
 
 
 # --- Installing gb10exp in NVIDIA's container without replacing its torch / modelopt ---

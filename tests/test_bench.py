@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gb10exp.bench import (
     LEAD,
@@ -25,24 +24,12 @@ from gb10exp.bench import (
     summarize,
     variants,
 )
-from gb10exp.bench.roofline import (
-    GB10_GBPS,
-    decode_bound,
-    peak_bandwidth_gbps,
-    roofline_metrics,
-    torch_decode_bytes,
-)
+from gb10exp.bench.roofline import decode_bound, roofline_metrics
 from gb10exp.config import BenchConfig, ConfigError
+from gb10exp.models import random_llama
+from gb10exp.quant.bytes import Tensors
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_llama(tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=tied,
-                         architectures=["LlamaForCausalLM"])
-    return LlamaForCausalLM(config).eval()
 
 
 def test_prompts_are_distinct_cuts_that_share_no_prefix():
@@ -117,15 +104,6 @@ def test_concurrent_requests_merge_into_steps_and_streams_into_tokens():
     assert stamps_from_stream([(1, 0.2), (3, 0.5), (4, 0.6)]) == [0.2, 0.5, 0.5, 0.6]
 
 
-@pytest.mark.parametrize("name, gbps", [
-    ("NVIDIA GB10", GB10_GBPS), ("NVIDIA H100 80GB HBM3", 3350.0), ("NVIDIA H100 PCIe", 2000.0),
-    ("NVIDIA H100 NVL", 3900.0), ("NVIDIA H200", 4800.0), ("NVIDIA L40S", 864.0), ("NVIDIA L4", 300.0),
-    ("Some Future GPU", None), ("cpu", None),
-])
-def test_peak_bandwidth_table(name, gbps):
-    assert peak_bandwidth_gbps(name) == gbps
-
-
 def test_llama3_8b_bound_on_h100_matches_the_issue():
     # 8.03e9 parameters in bf16, less the 1.05 GB input embedding table: ~15.0 GB read per token.
     decode_bytes = (8.03e9 - 128256 * 4096) * 2
@@ -135,18 +113,17 @@ def test_llama3_8b_bound_on_h100_matches_the_issue():
 
 def test_roofline_on_cpu_measures_bandwidth_and_makes_no_gb10_projection():
     # 0.5 tokens/s x 100 MB = 0.05 GB/s: below any copy bandwidth, even on two busy cores
-    metrics, tags = roofline_metrics(decode_tps=0.5, decode_bytes=1e8, batch_size=1, device="cpu")
+    weights = Tensors({"w": 1e8}, None, None, kv_bytes_per_token=1e4, source="test")
+    metrics, tags = roofline_metrics(0.5, weights, context=1000, batch_size=1, device="cpu")
     assert tags["roofline.bandwidth_source"] == "measured copy" and metrics["bandwidth_measured_gbps"] > 0.1
+    assert metrics["bandwidth_measured_lo_gbps"] <= metrics["bandwidth_measured_gbps"] <= metrics["bandwidth_measured_hi_gbps"]
+    assert "CUDA events" in tags["roofline.bandwidth_measured.method"]  # the one method, recorded with the run
+    assert metrics["decode_bytes_per_token"] == 1e8 and metrics["decode_kv_bytes"] == 1e7  # 1000 tokens of KV
+    bound = metrics["bandwidth_gbps"] * 1e9 / 1.1e8
+    assert metrics["decode_bound_tokens_per_s"] == pytest.approx(bound)
     assert 0 < metrics["roofline_fraction"] <= 1 and tags["roofline"] == "plausible"
     # A GB10 projection scales a GPU's fraction of its bound; a CPU run has none to give.
     assert "gb10_projected_decode_tokens_per_s" not in metrics and tags["roofline.gb10"].startswith("no projection")
-
-
-def test_torch_decode_bytes_skips_only_an_untied_embedding_table():
-    tied, untied = tiny_llama(tied=True), tiny_llama(tied=False)
-    all_tied = sum(p.numel() for p in tied.parameters()) * 4
-    assert torch_decode_bytes(tied) == all_tied  # the table is also the output head: read in full
-    assert torch_decode_bytes(untied) == all_tied  # + a separate head, - the looked-up table
 
 
 def test_monitor_never_crashes_without_nvml():
@@ -161,7 +138,7 @@ def test_monitor_never_crashes_without_nvml():
 def test_fast_decoder_matches_generate_token_for_token():
     from gb10exp.backends.hf.fast import FastDecoder
 
-    model = tiny_llama(tied=False)
+    model = random_llama(tie_word_embeddings=False)
     prompt = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
     decoder = FastDecoder(model, batch_size=2, input_len=20, output_len=12, compile_step=False, cuda_graph=True)
     decoder.warm(prompt)
@@ -194,12 +171,16 @@ def test_hf_decode_benchmark_runs_without_hydra_mlflow_modelopt(tmp_path):
 
 
 def test_preflight_refuses_a_depth_the_evaluation_text_cannot_fill():
-    from gb10exp.bench import preflight_check
+    from gb10exp.bench import check
     from gb10exp.config import Config, EvalConfig
 
     cfg = Config(eval=EvalConfig(dataset="pydoc_topics", seq_len=512, num_windows=32), bench=BenchConfig(depth=4096))
-    preflight_check(cfg)  # 4096 + 128 + 6 requests fit in 16384 tokens
+    check(cfg)  # 4096 + 128 + 6 requests fit in 16384 tokens
     cfg.bench = BenchConfig(depth=16384)
     with pytest.raises(ConfigError, match=r"bench.depth=16384 is not allowed with bench.input_len=128: 7 distinct "
                                           r"requests need 16514 tokens of evaluation text and .* = 16384; raise"):
-        preflight_check(cfg)
+        check(cfg)
+    cfg.bench = BenchConfig(input_len=16384)  # no depth: the prompt itself is what does not fit
+    with pytest.raises(ConfigError, match=r"^bench.input_len=16384 is not allowed: 7 distinct requests need 16386 "
+                                          r"tokens .*; raise eval.num_windows or lower bench.input_len$"):
+        check(cfg)

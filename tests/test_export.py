@@ -9,24 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY, mlflow_runs, run_gb10exp
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gb10exp.config import Config, ConfigError, ModelConfig, QFormatConfig
-from gb10exp.quant import _cuda_only, calibration_loop, load_qformat, modelopt_config, quantize
-from gb10exp.quant.bytes import deployed_weight_bytes
-from gb10exp.quant.export import (
-    check_model,
-    preflight_check,
-    safetensors_header,
-    serve_commands,
-    summarize,
-    write_checkpoint,
-)
+from gb10exp.models import random_llama
+from gb10exp.quant import calibration_loop, formats, quantize
+from gb10exp.quant import bytes as qbytes
+from gb10exp.quant.bytes import safetensors_header
+from gb10exp.quant.export import check, check_model, serve_commands, summarize, write_checkpoint
+from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
 
-QFORMATS = {p.stem: load_qformat(p.stem) for p in sorted((ROOT / "conf" / "qformat").glob("*.yaml"))}
+QFORMATS = {name: formats.load_qformat(name) for name in formats.options()}
+FACTS = {name: formats.of(q) for name, q in QFORMATS.items()}
 # Every modelopt format that runs on the CPU (the MX formats' E8M0 scales need modelopt's CUDA extension:
 # preflight refuses them here, tests/test_recipes.py checks that).
-MODELOPT = [n for n, q in QFORMATS.items() if q.kind == "modelopt" and not _cuda_only(modelopt_config(q))]
+MODELOPT = [n for n, f in FACTS.items() if f.kind == "modelopt" and not f.cuda_only]
 # hidden 128 / intermediate 256: every linear input is a whole number of INT4's 128-value blocks
 ARCH = dict(
     hidden_size=128,
@@ -40,26 +36,26 @@ ARCH = dict(
 LAYER = "model.layers.0.mlp.down_proj"  # in 256, out 128
 
 
-def quantized_tiny(qformat: QFormatConfig) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**ARCH)).eval()  # architectures=None, as a config built in code
+def quantized_tiny(qformat: QFormatConfig):
+    model = random_llama(ARCH)  # architectures=None, as a config built in code
     calib = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
     return quantize(model, qformat, calibration_loop(calib, 4, torch.device("cpu")))
 
 
 def test_modelopt_formats_cover_the_conf_folder():
     assert len(MODELOPT) >= 7 and {"fp8", "nvfp4", "int4_awq"} <= set(MODELOPT)
-    assert all(QFORMATS[n].quant_algo for n in MODELOPT)
+    assert all(FACTS[n].quant_algo for n in MODELOPT)
 
 
 @pytest.mark.parametrize("name", MODELOPT)
 def test_every_modelopt_format_exports_on_the_cpu(tmp_path, name):
     qformat = QFORMATS[name]
     model = quantized_tiny(qformat)
-    expected = deployed_weight_bytes(model, qformat)
+    expected = qbytes.from_module(model, FACTS[name]).weight_bytes
     ckpt = write_checkpoint(model, None, tmp_path, quantized=True)
 
-    assert ckpt.quant_algo == qformat.quant_algo  # the support matrix is keyed by the YAML's quant_algo
+    # the support matrix is keyed by the derived quant_algo: modelopt's export writes exactly that
+    assert ckpt.quant_algo == FACTS[name].quant_algo
     assert (
         json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"]
         == "modelopt"
@@ -67,7 +63,7 @@ def test_every_modelopt_format_exports_on_the_cpu(tmp_path, name):
     tensors = safetensors_header(tmp_path / "model.safetensors")
     dtype = {k: v["dtype"] for k, v in tensors.items()}
     shape = {k: v["shape"] for k, v in tensors.items()}
-    algo = qformat.quant_algo
+    algo = FACTS[name].quant_algo
     if "NVFP4" in algo:  # two E2M1 values a byte, an E4M3 scale per block (16 inputs; 32 in W4A8), FP32 global
         block = 32 if algo == "W4A8_NVFP4_FP8" else 16
         assert (dtype[f"{LAYER}.weight"], shape[f"{LAYER}.weight"]) == ("U8", [128, 128])
@@ -102,7 +98,7 @@ def test_nvfp4_checkpoint_holds_the_fake_quantized_weights(tmp_path):
 
     model = quantized_tiny(QFORMATS["nvfp4"])
     layer = dict(model.named_modules())[LAYER]
-    with torch.no_grad():
+    with torch.no_grad(), cpu_nvfp4():  # the CPU's NVFP4 numerics, as the runner's job is wrapped in
         simulated = layer.weight_quantizer(layer.weight).float()
     write_checkpoint(model, None, tmp_path, quantized=True)
     t = load_file(tmp_path / "model.safetensors")
@@ -143,16 +139,16 @@ def _cfg(qformat: str, **arch) -> Config:
 
 
 def test_preflight_refuses_exports_that_cannot_work():
-    preflight_check(_cfg("int4_awq"))  # 128 and 256 are whole blocks
+    check(_cfg("int4_awq"))  # 128 and 256 are whole blocks
     with pytest.raises(
         ConfigError,
         match=r"export=true is not allowed with qformat='int4_awq' on this model: "
         r"hidden_size .* = 64 is not a multiple of the format's weight block size 128",
     ):
-        preflight_check(_cfg("int4_awq", hidden_size=64))
-    preflight_check(_cfg("nvfp4", hidden_size=64))  # 64 is four NVFP4 blocks
+        check(_cfg("int4_awq", hidden_size=64))
+    check(_cfg("nvfp4", hidden_size=64))  # 64 is four NVFP4 blocks
     with pytest.raises(ConfigError, match=r"qformat='gguf_q4_k_m': it exports modelopt checkpoints"):
-        preflight_check(_cfg("gguf_q4_k_m"))
+        check(_cfg("gguf_q4_k_m"))
     with pytest.raises(
         ConfigError, match=r"export_dir='/x' is not allowed: a folder, together with export=true"
     ):
@@ -160,8 +156,7 @@ def test_preflight_refuses_exports_that_cannot_work():
 
 
 def test_loaded_model_is_checked_before_quantization():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**ARCH, "intermediate_size": 192}))
+    model = random_llama({**ARCH, "intermediate_size": 192})
     with pytest.raises(ConfigError, match=r"down_proj.in_features = 192 is not a multiple .* block size 128"):
         check_model(model, _cfg("w4a8_awq"))
     check_model(model, _cfg("nvfp4"))  # 192 = 12 blocks of 16

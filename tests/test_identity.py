@@ -9,28 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from inprocess import accuracy, all_runs, client, compose, new_store, run_job
+from inprocess import all_runs, client, compose, new_store, run_job
 
-from gb10exp.config import ConfigError
+from gb10exp import hardware
+from gb10exp.backends import support
 from gb10exp.data import EvalWindows
-from gb10exp.quant import modelopt_config
+from gb10exp.quant import formats
 from gb10exp.tracking import environment, identity
-
-QFORMATS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "qformat").glob("*.yaml"))
 
 
 def test_other_hardware_is_a_new_run_and_the_same_identity_is_skipped(tmp_path, monkeypatch, caplog):
     store = new_store(tmp_path)
-    real = environment.hardware(torch.device("cpu"))
+    real = hardware.describe(torch.device("cpu"))
     here = run_job(["qformat=bf16"], store)
-    monkeypatch.setattr(environment, "hardware", lambda device: "NVIDIA GB10 sm_121")
+    monkeypatch.setattr(hardware, "describe", lambda device: "NVIDIA GB10 sm_121")
     there = run_job(["qformat=bf16"], store)
     assert not there.get("skipped") and there["run_id"] != here["run_id"]
     with caplog.at_level(logging.INFO, logger="gb10exp.runner"):
         again = run_job(["qformat=bf16"], store)
     assert again == {"skipped": True, "run_id": there["run_id"]}
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping"))
-    assert f"identical run {there['run_id']} ('tiny_llama-bf16-calib4-hf', sweep inprocess" in line
+    assert f"identical run {there['run_id']} ('tiny_llama-bf16-hf', sweep inprocess" in line
 
     runs = all_runs(store)
     assert [r.data.tags["hardware"] for r in runs] == [real, "NVIDIA GB10 sm_121"]
@@ -60,16 +59,22 @@ def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrate
         "skipped": True,
         "run_id": once["run_id"],
     }
-    # Forcing calibration back on (a forward pass over 8 samples) gives bit-identical numbers.
-    calibrated = run_job(
-        ["qformat=int4", "calib_size=8", "qformat.uses_calibration=true", "cache=false"], store
-    )
-    assert accuracy(calibrated["metrics"]) == accuracy(once["metrics"])
-    assert calibrated["windows"] == once["windows"]
+    # What skipping calibration skips could not change a number: int4's quantized weights with and without
+    # a forward pass over 8 calibration samples are bit-identical.
+    from gb10exp.models import random_llama
+    from gb10exp.quant import calibration_loop, quantize
+
+    samples = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
+    calibrated, skipped = (quantize(random_llama(), formats.load_qformat("int4"), loop)
+                           for loop in (calibration_loop(samples, 4, torch.device("cpu")), None))
+    weights = [{n: m.weight_quantizer(m.weight) for n, m in model.named_modules() if hasattr(m, "weight_quantizer")}
+               for model in (calibrated, skipped)]
+    assert len(weights[0]) == 16 and all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    calibrated = run_job(["qformat=int4", "calib_size=8", "kv_cache_qformat=fp8", "cache=false"], store)
     runs = all_runs(store)
     assert [r.data.tags["calibration"] for r in runs] == [
         "skipped: weight-only round-to-nearest, max calibration reads the weights alone",
-        "8 samples of 64 tokens",
+        "8 samples of 64 tokens",  # KV-cache scales come from activations: the same int4 now calibrates
     ]
     assert runs[0].data.tags["calib_digest"] == "none" and len(runs[1].data.tags["calib_digest"]) == 16
     # The data as MLflow dataset inputs, digested like the tags; no calibration input where none ran.
@@ -83,28 +88,22 @@ def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrate
     ] == (runs[1].data.tags["calib_digest"])
 
 
-@pytest.mark.parametrize("name", QFORMATS)
-def test_uses_calibration_matches_what_the_modelopt_config_reads(name):
-    cfg, _ = compose([f"qformat={name}"])
-    mcfg = modelopt_config(cfg.qformat)
-    # auto calibrates its candidates (no single modelopt config); the others by what their config reads
-    needs = cfg.qformat.kind == "auto" or (mcfg is not None and identity.calibration_need(mcfg) is not None)
-    assert cfg.qformat.uses_calibration == needs, identity.calibration_need(mcfg) if mcfg else name
+# What each format reads, by hand from modelopt's configs: weight-only round-to-nearest reads no data.
+CALIBRATION_FREE = {"bf16", "gguf_q4_k_m", "int4", "nvfp4_wo"}
 
 
-def test_a_format_that_reads_activations_cannot_skip_calibration():
-    cfg, _ = compose(["qformat=fp8", "qformat.uses_calibration=false"])
-    with pytest.raises(
-        ConfigError,
-        match=r"qformat.uses_calibration=False is not allowed for qformat='fp8': "
-        r"FP8_DEFAULT_CFG needs calibration data \(it enables activation quantizers",
-    ):
-        identity.check_calibration_flag(cfg)
-    awq, _ = compose(["qformat=int4_awq", "qformat.uses_calibration=false"])
-    with pytest.raises(ConfigError, match="its algorithm 'awq_lite' reads activations"):
-        identity.check_calibration_flag(awq)
-    kv, _ = compose(["qformat=int4", "kv_cache_qformat=fp8"])  # KV-cache scales come from activations
-    assert identity.calibrates(kv) and not identity.calibrates(compose(["qformat=int4"])[0])
+@pytest.mark.parametrize("name", formats.options())
+def test_calibration_need_is_derived_from_what_the_modelopt_config_reads(name):
+    fmt = formats.of(formats.load_qformat(name))
+    assert (fmt.needs_data is None) == (name in CALIBRATION_FREE), fmt.needs_data
+
+
+def test_a_format_that_reads_activations_says_why_and_kv_cache_scales_need_data():
+    assert formats.of(formats.load_qformat("fp8")).needs_data.startswith("it enables activation quantizers (input")
+    assert formats.of(formats.load_qformat("int4_awq")).needs_data == "its algorithm 'awq_lite' reads activations"
+    int4 = formats.load_qformat("int4")
+    assert not formats.of(int4).calibrates and formats.of(int4, "fp8").calibrates  # KV scales: activations
+    assert "bmm_quantizer" in formats.of(int4, "fp8").needs_data
 
 
 def test_digests_follow_the_data():
@@ -179,22 +178,15 @@ def test_code_version_is_dirty_for_untracked_code_but_not_for_other_files(tmp_pa
 
 
 def test_nvfp4_is_simulated_on_the_hf_backend_even_with_fp4_tensor_cores(monkeypatch):
-    monkeypatch.setattr(environment, "fp4_tensor_cores", lambda device: True)  # as on a Blackwell GPU
-    nvfp4, _ = compose(["qformat=nvfp4"])
-    assert identity.quantization_tags(nvfp4, torch.device("cpu")) == {
-        "quantization": "simulated (modelopt fake quantization)",
-        "nvfp4": "simulated",
-    }
-    wo, _ = compose(["qformat=nvfp4_wo"])
-    assert identity.quantization_tags(wo, torch.device("cpu"))["nvfp4"] == "simulated"
-    fp8, _ = compose(["qformat=fp8"])
-    assert "nvfp4" not in identity.quantization_tags(fp8, torch.device("cpu"))  # no FP4 anywhere
-    assert (
-        identity.quantization_tags(
-            compose(["qformat=fp8", "kv_cache_qformat=nvfp4"])[0], torch.device("cpu")
-        )["nvfp4"]
-        == "simulated"
-    )
-    assert identity.quantization_tags(compose(["qformat=bf16"])[0], torch.device("cpu")) == {
-        "quantization": "none"
-    }
+    monkeypatch.setattr(hardware, "fp4_tensor_cores", lambda device: True)  # as on a Blackwell GPU
+    cpu = torch.device("cpu")
+
+    def tags(*args):
+        cfg, _ = compose(list(args))
+        return support.quantization_tags("hf", formats.of(cfg.qformat, cfg.kv_cache_qformat), cpu)
+
+    assert tags("qformat=nvfp4") == {"quantization": "simulated (modelopt fake quantization)", "nvfp4": "simulated"}
+    assert tags("qformat=nvfp4_wo")["nvfp4"] == "simulated"
+    assert "nvfp4" not in tags("qformat=fp8")  # no FP4 anywhere
+    assert tags("qformat=fp8", "kv_cache_qformat=nvfp4")["nvfp4"] == "simulated"
+    assert tags("qformat=bf16") == {"quantization": "none"}

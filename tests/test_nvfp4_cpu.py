@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4, nvfp4_fake_quant
+from gb10exp.models import random_llama
+from gb10exp.quant.nvfp4_cpu import cpu_nvfp4, nvfp4_fake_quant
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
@@ -54,33 +55,27 @@ def test_zero_tensor_stays_zero_and_dtype_is_kept():
 
 def test_modelopt_nvfp4_runs_on_cpu_through_the_adapter():
     import modelopt.torch.quantization as mtq
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    enable_cpu_nvfp4()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=512,
-        )
-    ).eval()
+    model = random_llama(num_hidden_layers=1, vocab_size=512)
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(tokens).logits
-    quantized = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), lambda m: m(tokens))
-    with torch.no_grad():
+    with cpu_nvfp4():
+        quantized = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), lambda m: m(tokens))
+    with torch.no_grad(), pytest.raises(AssertionError, match="amax must be a CUDA tensor"):
+        quantized(tokens)  # outside the block, modelopt is as installed: it refuses CPU tensors
+    with torch.no_grad(), cpu_nvfp4():
         after = quantized(tokens).logits
     assert torch.isfinite(after).all()
     assert 1e-4 < (after - before).abs().max().item() < 10.0
     # the weight the quantizer produces is exactly NVFP4 of the original weight
     layer = quantized.model.layers[0].mlp.down_proj
-    with torch.no_grad():
+    with torch.no_grad(), cpu_nvfp4():
         qw = layer.weight_quantizer(layer.weight)
     assert torch.equal(qw, reference_nvfp4(layer.weight.detach()))
+    from modelopt.torch.quantization import tensor_quant
+
+    assert tensor_quant.dynamic_block_quantize_op.__module__ == "torch._ops.tensorrt"  # modelopt's own, restored
 
 
 @pytest.mark.parametrize("shape,scale", [((64, 256), 0.02), ((8, 1024), 3.0)])
@@ -114,30 +109,19 @@ def test_static_scales_below_block_amax_clip_to_six():
 
 def test_modelopt_static_nvfp4_recipes_run_on_cpu_through_the_adapter():
     import modelopt.torch.quantization as mtq
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    enable_cpu_nvfp4()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=512,
-        )
-    ).eval()
+    model = random_llama(num_hidden_layers=1, vocab_size=512)
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(tokens).logits
     errors = {}
     for name in ("NVFP4_DEFAULT_CFG", "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", "NVFP4_FOUR_OVER_SIX_CFG"):
-        quantized = mtq.quantize(copy.deepcopy(model), copy.deepcopy(getattr(mtq, name)), lambda m: m(tokens))
-        layer = quantized.model.layers[0].mlp.down_proj
-        with torch.no_grad():
-            after = quantized(tokens).logits
-            qw = layer.weight_quantizer(layer.weight)
+        with cpu_nvfp4():
+            quantized = mtq.quantize(copy.deepcopy(model), copy.deepcopy(getattr(mtq, name)), lambda m: m(tokens))
+            layer = quantized.model.layers[0].mlp.down_proj
+            with torch.no_grad():
+                after = quantized(tokens).logits
+                qw = layer.weight_quantizer(layer.weight)
         assert torch.isfinite(after).all() and 1e-4 < (after - before).abs().max().item() < 10.0
         assert len(torch.unique(qw.reshape(-1, 16)[0].abs())) <= 8  # NVFP4 values in every block
         errors[name] = (qw - layer.weight).pow(2).sum().item()

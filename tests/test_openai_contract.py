@@ -24,10 +24,12 @@ import torch
 from conftest import TINY, mlflow_runs, run_gb10exp
 
 from gb10exp.backends import BenchInputs
-from gb10exp.backends.base import EngineAccuracyUnavailable
+from gb10exp.evaluate.engine import EngineAccuracyUnavailable
 from gb10exp.backends.openai.backend import OpenAIBackend, ServerError
 from gb10exp.bench import LEAD
+from gb10exp.backends.openai.config import OpenAIOptions
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
+from gb10exp.quant import formats
 from gb10exp.models import load_tokenizer
 
 MODEL = "served-model"
@@ -242,7 +244,7 @@ def serve(tokenizer):
         s.close()
 
 
-BF16 = QFormatConfig(name="bf16")
+BF16 = formats.of(QFormatConfig(name="bf16"))
 CFG = BenchConfig(input_len=24, output_len=5, warmup=1, repeats=2)
 
 
@@ -252,9 +254,9 @@ def windows(tokenizer, n=2, length=32) -> torch.Tensor:
 
 
 def backend_for(replay: Replay, tokenizer, **options) -> OpenAIBackend:
-    backend = OpenAIBackend(base_url=replay.url, **options)
+    backend = OpenAIBackend(OpenAIOptions(base_url=replay.url, **options))
     backend.check(BF16, tokenizer)
-    backend.prepare(BenchInputs(None, tokenizer, windows(tokenizer, 8).flatten(), torch.device("cpu"), False))
+    backend.prepare(BenchInputs(None, tokenizer, windows(tokenizer, 8).flatten(), torch.device("cpu"), BF16))
     return backend
 
 
@@ -286,7 +288,7 @@ def test_a_server_holding_another_model_is_refused_in_one_line(serve, tokenizer,
     with pytest.raises(
         ConfigError, match=rf"backend.options.model='{MODEL}' is not allowed: .*{shown}.*a different model"
     ):
-        OpenAIBackend(base_url=replay.url).check(BF16, tokenizer)
+        OpenAIBackend(OpenAIOptions(base_url=replay.url)).check(BF16, tokenizer)
     assert all(path != "/v1/completions" for path, _ in replay.requests)  # nothing was generated first
 
 
@@ -318,7 +320,7 @@ def test_streams_of_every_server_are_timed_from_chunks_and_counted_by_usage(serv
     backend = backend_for(replay, tokenizer, prompt_format="tokens")
     cfg = BenchConfig(input_len=24, output_len=5, warmup=1, repeats=2, batch_size=2, depth=8)
     metrics, tags = backend.benchmark(
-        BenchInputs(None, tokenizer, windows(tokenizer, 8).flatten(), torch.device("cpu"), False), cfg
+        BenchInputs(None, tokenizer, windows(tokenizer, 8).flatten(), torch.device("cpu"), BF16), cfg
     )
     assert metrics["decode_tokens_per_s"] > 0 and metrics["server_prompt_tokens"] == 32  # depth + input
     assert tags["bench.usage"].startswith("usage") and tags["bench.label"] == "pp24+tg5 @ d8, 2 concurrent"

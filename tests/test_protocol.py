@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from inprocess import fresh_cache, new_store, run_job
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gb10exp import data
-from gb10exp.bench.roofline import decode_step_bytes, roofline_metrics, torch_decode_bytes
-from gb10exp.config import ConfigError, EvalConfig, ModelConfig, QFormatConfig
+from gb10exp.config import ConfigError, EvalConfig, ModelConfig
 from gb10exp.evaluate import evaluate_accuracy
-from gb10exp.quant import cache
-from gb10exp.quant.bytes import decode_bytes, deployed_decode_bytes, deployed_weight_bytes
+from gb10exp.models import random_llama
+from gb10exp.evaluate import cache as eval_cache
+from gb10exp.utils import cache_dir
 
 CPU = torch.device("cpu")
 
@@ -37,18 +36,8 @@ def bos_tokenizer(tokenizer):
     return t
 
 
-def tiny_llama(tied: bool = True, vocab: int = 300) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(vocab: int = 300):
+    return random_llama(vocab_size=vocab)
 
 
 # -- protocols -------------------------------------------------------------------------------------------
@@ -165,9 +154,9 @@ def test_scores_only_the_protocols_positions_and_keeps_the_reference_nll(tokeniz
     assert result.metrics()["reference_nll_mean"] == pytest.approx(alone.nll_mean, rel=1e-6)
     assert "ref_nll" not in alone.as_dict()["windows"] and "reference_perplexity" not in alone.metrics()
     # ... and it survives the evaluation cache.
-    entry = cache.cache_dir("eval-test") / "entry"
-    cache.save_accuracy(entry, result)
-    loaded = cache.load_accuracy(entry)
+    entry = cache_dir("eval-test") / "entry"
+    eval_cache.save(entry, result)
+    loaded = eval_cache.load(entry)
     assert loaded.windows.ref_nll == result.windows.ref_nll and loaded.metrics() == result.metrics()
 
 
@@ -183,51 +172,6 @@ def test_in_run_reference_equals_the_bf16_run_on_the_same_windows(tmp_path, monk
     assert again["windows"]["ref_nll"] == int4["windows"]["ref_nll"]
     off = run_job(["qformat=int4", "eval.protocol=rolling", "eval.compare_baseline=false"], store)
     assert "ref_nll" not in off["windows"] and "reference_perplexity" not in off["metrics"]
-
-
-# -- bytes -----------------------------------------------------------------------------------------------
-def test_tied_embeddings_count_once_and_the_16_bit_count():
-    tied, untied = tiny_llama(tied=True), tiny_llama(tied=False)
-    # per layer: q 64x64, k and v 64x32, o 64x64, gate/up/down 64x128: 36,864 weights; 2 norms of 64
-    linear, norms, table = 2 * 36864, 2 * 2 * 64 + 64, 300 * 64
-    assert (
-        deployed_weight_bytes(tied, None) == (linear + norms + table) * 2
-    )  # float32 in memory, 16-bit deployed
-    assert deployed_weight_bytes(untied, None) == (linear + norms + 2 * table) * 2
-    # A decode step reads one row of an untied input table, all of a tied one (it is the output head).
-    assert deployed_decode_bytes(tied, None) == deployed_weight_bytes(tied, None)
-    assert deployed_decode_bytes(untied, None) == (linear + norms + table) * 2
-    assert (
-        decode_bytes(untied, None, dense_bits=None)
-        == torch_decode_bytes(untied)
-        == (linear + norms + table) * 4
-    )
-
-
-def test_quantized_tiny_model_matches_a_hand_count():
-    from gb10exp.quant import calibration_loop, quantize
-
-    int4 = QFormatConfig(name="int4", modelopt_cfg="INT4_BLOCKWISE_WEIGHT_ONLY_CFG", weight_bits=4.125)
-    model = tiny_llama(tied=False)
-    samples = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    quantize(model, int4, calibration_loop(samples, 2, CPU))
-    linear, norms, table = 2 * 36864, 2 * 2 * 64 + 64, 300 * 64
-    # The 14 decoder linears at 4.125 bits; embeddings, output head (modelopt leaves lm_head alone) and norms at 16.
-    assert deployed_weight_bytes(model, int4) == linear * 4.125 / 8 + (norms + 2 * table) * 2
-    assert deployed_decode_bytes(model, int4) == linear * 4.125 / 8 + (norms + table) * 2
-    # An engine-quantized format (no quantizers in PyTorch): every linear but the output head at its bits.
-    q4 = QFormatConfig(name="gguf_q4_k_m", gguf_type="Q4_K_M", weight_bits=4.85)
-    assert deployed_weight_bytes(tiny_llama(tied=False), q4) == pytest.approx(
-        linear * 4.85 / 8 + (norms + 2 * table) * 2
-    )
-    assert decode_step_bytes(model) == torch_decode_bytes(model)
-
-
-def test_a_rate_above_the_bound_is_flagged_not_recorded_as_plausible():
-    metrics, tags = roofline_metrics(decode_tps=1e9, decode_bytes=1e6, batch_size=1, device="cpu")
-    assert metrics["roofline_fraction"] > 1 and tags["roofline"] == "implausible"
-    assert "caches" in tags["roofline.reason"] and math.isfinite(metrics["roofline_fraction"])
-    assert "gb10_projected_decode_tokens_per_s" not in metrics
 
 
 # -- llama.cpp itself ------------------------------------------------------------------------------------

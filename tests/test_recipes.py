@@ -12,10 +12,11 @@ import pytest
 import torch
 from inprocess import client, compose, new_store, run_job
 
+from gb10exp import backends, quant
 from gb10exp.config import ConfigError
-from gb10exp.quant import QFORMAT_DIR, load_qformat, preflight_check, quantizes
+from gb10exp.quant import formats
 
-OPTIONS = sorted(p.stem for p in QFORMAT_DIR.glob("*.yaml"))
+OPTIONS = formats.options()
 # Kept small so that every option runs in seconds to a minute on 2 shared cores.
 AUTO_SIZE = ["qformat.auto.score_samples=1"]
 REFUSED_ON_CPU = {  # option -> what its one-line refusal must say
@@ -28,28 +29,27 @@ REFUSED_ON_CPU = {  # option -> what its one-line refusal must say
 
 def _check(cfg) -> None:
     """What a job checks before loading anything: the qformat's machine check, then the backend's."""
-    from gb10exp.backends import get_backend
-
-    preflight_check(cfg)
-    get_backend(cfg.backend).check(cfg.qformat)
+    quant.check(cfg)
+    backends.check(cfg)
 
 
 def test_every_option_is_listed_and_described():
     assert len(OPTIONS) >= 21
     for name in OPTIONS:
-        qf = load_qformat(name)
-        assert qf.name == name and qf.description and 0 < qf.weight_bits <= 16
-        if qf.kind == "modelopt":  # a recipe of the installed modelopt, and what it exports as
+        qf = formats.load_qformat(name)
+        fmt = formats.of(qf)
+        assert qf.name == name and qf.description and 0 < fmt.weight_bits <= 16
+        if fmt.kind == "modelopt":  # a recipe of the installed modelopt, and what it exports as
             import modelopt.torch.quantization as mtq
 
             assert qf.modelopt_cfg in mtq.config.choices, qf.modelopt_cfg
-        if qf.kind in ("none", "gguf"):
-            assert qf.quant_algo is None
+        if fmt.kind in ("none", "gguf"):
+            assert fmt.quant_algo is None
 
 
 @pytest.mark.parametrize("name", OPTIONS)
 def test_option_runs_on_cpu_or_is_refused_in_one_line(tmp_path: Path, name: str):
-    auto = load_qformat(name).kind == "auto"
+    auto = formats.of(formats.load_qformat(name)).kind == "auto"
     overrides = ["device=cpu", "cache=false", f"qformat={name}", *(AUTO_SIZE if auto else [])]
     cfg, _ = compose(["model=tiny_llama", *overrides])
     if name in REFUSED_ON_CPU:
@@ -63,7 +63,7 @@ def test_option_runs_on_cpu_or_is_refused_in_one_line(tmp_path: Path, name: str)
     metrics = results["metrics"]
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert metrics["perplexity"] > 1
-    if quantizes(cfg.qformat):
+    if formats.of(cfg.qformat).modelopt:
         assert metrics["kl_mean"] > 0 and metrics["top1_agreement"] < 1
     else:
         assert metrics["kl_mean"] == 0
@@ -101,7 +101,7 @@ BAD = [
     ),
     (
         ["qformat=auto", "qformat.auto.formats=[nvfp4,nvfp5]"],
-        "qformat.auto.formats=['nvfp4', 'nvfp5'] is not allowed: qformat option 'nvfp5' does not exist",
+        "qformat.auto.formats=['nvfp4', 'nvfp5'] is not allowed: 'nvfp5' is not a qformat option; one of [",
     ),
 ]
 
@@ -110,7 +110,7 @@ BAD = [
 def test_preflight_refuses_in_one_line(args, message):
     cfg, _ = compose(["model=tiny_llama", *args])
     with pytest.raises(ConfigError) as info:
-        preflight_check(cfg)
+        quant.check(cfg)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -122,7 +122,8 @@ def test_preflight_refuses_in_one_line(args, message):
             ["qformat=auto", "qformat.auto.effective_bits=17"],
             "qformat.auto.effective_bits=17.0 is not allowed",
         ),
-        (["qformat=fp8", "qformat.kind=auto"], "qformat.modelopt_cfg='FP8_DEFAULT_CFG' is not allowed"),
+        (["qformat=fp8", "qformat.gguf_type=Q4_K_M"], "qformat.gguf_type='Q4_K_M' is not allowed with "
+                                                       "qformat.modelopt_cfg='FP8_DEFAULT_CFG': a format is quantized one way"),
     ],
 )
 def test_schema_rejects_bad_auto_settings(args, message):
@@ -133,22 +134,12 @@ def test_schema_rejects_bad_auto_settings(args, message):
 def test_auto_weight_bits_of_each_quantizer():
     """The per-layer bits that effective_bits and weight_gib use: element bits + scale bits per block."""
     import modelopt.torch.quantization as mtq
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from gb10exp.models import random_llama
     from gb10exp.quant.auto import layer_choice
-    from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
+    from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
 
-    enable_cpu_nvfp4()
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-        )
-    ).eval()
+    model = random_llama(num_hidden_layers=1, vocab_size=256)
     tokens = torch.randint(0, 256, (1, 32))
     expected = {
         "NVFP4_DEFAULT_CFG": 4.5,
@@ -159,7 +150,8 @@ def test_auto_weight_bits_of_each_quantizer():
     import copy
 
     for name, bits in expected.items():
-        q = mtq.quantize(copy.deepcopy(model), copy.deepcopy(getattr(mtq, name)), lambda m: m(tokens))
+        with cpu_nvfp4():
+            q = mtq.quantize(copy.deepcopy(model), copy.deepcopy(getattr(mtq, name)), lambda m: m(tokens))
         assert {c["bits"] for c in layer_choice(q).values()} == {bits}, name
 
 

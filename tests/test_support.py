@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 from conftest import ROOT
-from test_export import QFORMATS
+from test_export import FACTS as QFORMATS
 
+from gb10exp import hardware
 from gb10exp.backends import support
-from gb10exp.backends.support import ALGOS, ARCHS, ENGINES, MATRIX, arch_of_capability, lookup, native_engines
-from gb10exp.config import ConfigError, QFormatConfig
+from gb10exp.backends.support import ALGOS, ARCHS, ENGINES, MATRIX, lookup, native_engines
+from gb10exp.config import ConfigError
+from gb10exp.quant.formats import Format
 
 DOC = ROOT / "docs" / "export_and_support.md"
 
@@ -76,20 +78,21 @@ def test_lookup_by_qformat_and_native_engines():
         ((8, 9), "ada"),
         ((8, 6), "ampere"),
         ((8, 0), "ampere"),
-        ((7, 5), "sm_75"),
+        ((7, 5), "turing"),  # T4: in the device table, not a column of the support matrix
+        ((7, 0), "sm_70"),
     ],
 )
 def test_arch_of_capability(cap, arch):
-    assert arch_of_capability(cap) == arch
+    assert hardware.capability_arch(cap) == arch
 
 
 def test_arch_of_cpu():
-    assert support.arch_of("cpu") == "cpu"
+    assert hardware.arch("cpu") == "cpu"
 
 
 def test_unsupported_combination_is_refused_in_one_line_with_what_works_instead():
     with pytest.raises(ConfigError) as info:
-        support.check("trtllm", QFORMATS["nvfp4_wo"], "gb10")
+        support.refuse("trtllm", QFORMATS["nvfp4_wo"], "gb10")
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(
@@ -103,13 +106,12 @@ def test_unsupported_combination_is_refused_in_one_line_with_what_works_instead(
         "'nvfp4_omlp_only'] on backend=trtllm" in msg
     )
     with pytest.raises(ConfigError, match=r"qformat='int4_awq' \(quant_algo W4A16_AWQ\) on gb10: W4A16 AWQ"):
-        support.check("trtllm", QFORMATS["int4_awq"], "gb10")
-    support.check("trtllm", QFORMATS["int4_awq"], "hopper")
-    support.check("hf", QFORMATS["nvfp4"], "cpu")  # emulated is allowed (and tagged)
-    support.check("openai", QFORMATS["nvfp4_wo"], "gb10")  # the server's engine is not known here
-    support.check(
-        "trtllm", QFormatConfig(name="x", modelopt_cfg="X_CFG"), "gb10"
-    )  # no quant_algo: not judged
+        support.refuse("trtllm", QFORMATS["int4_awq"], "gb10")
+    support.refuse("trtllm", QFORMATS["int4_awq"], "hopper")
+    support.refuse("hf", QFORMATS["nvfp4"], "cpu")  # emulated is allowed (and tagged)
+    support.refuse("openai", QFORMATS["nvfp4_wo"], "gb10")  # the server's engine is not known here
+    unknown = Format("x", "modelopt", None, 4.5, 16, False, False, None, modelopt_cfg="X_CFG")
+    support.refuse("trtllm", unknown, "gb10")  # no quant_algo: not judged
 
 
 def test_run_tag():

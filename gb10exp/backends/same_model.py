@@ -70,29 +70,21 @@ def compare_token_strings(tokens: list[str], tokenizer, key: str, what: str) -> 
         )
 
 
-def gguf_fields(path: Path) -> tuple[list[str], float, str]:
-    """(vocabulary as token strings, bytes of every tensor, general.name) of a GGUF file, from its header."""
+def gguf_fields(path: Path) -> tuple[list[str], str]:
+    """(vocabulary as token strings, general.name) of a GGUF file, from its header."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-
-    def text(field) -> str:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = [bytes(tokens.parts[i]).decode("utf-8", errors="replace") for i in tokens.data] if tokens else []
     name = reader.fields.get("general.name")
-    return vocab, float(sum(int(t.n_bytes) for t in reader.tensors)), text(name) if name else path.stem
+    return vocab, bytes(name.parts[name.data[0]]).decode("utf-8", errors="replace") if name else path.stem
 
 
-def check_gguf(path: Path, tokenizer, key: str) -> tuple[float, str, str]:
-    """Refuse a GGUF whose vocabulary is not the tokenizer's; (tensor bytes, model name, tag) otherwise."""
-    vocab, tensor_bytes, name = gguf_fields(path)
+def check_gguf(path: Path, tokenizer, key: str) -> tuple[str, str]:
+    """Refuse a GGUF whose vocabulary is not the tokenizer's; (model name, tag) otherwise."""
+    vocab, name = gguf_fields(path)
     if not vocab:
-        return tensor_bytes, name, "not checked: the GGUF holds no tokenizer.ggml.tokens"
+        return name, "not checked: the GGUF holds no tokenizer.ggml.tokens"
     compare_token_strings(vocab, tokenizer, key, f"the GGUF {path.name}")
-    return (
-        tensor_bytes,
-        name,
-        f"ok: the GGUF's vocabulary ({len(vocab)} tokens) and probe tokens match the run's tokenizer",
-    )
+    return name, f"ok: the GGUF's vocabulary ({len(vocab)} tokens) and probe tokens match the run's tokenizer"

@@ -6,10 +6,11 @@ are simulated or the kernel falls back to another scheme, so its speed is not th
 (checked 2026-11-26). The README's matrix is rendered from this table by ``markdown()``; a test keeps the
 two identical.
 
-Rows are keyed by ``QFormatConfig.quant_algo`` (what modelopt writes as hf_quant_config.json ``quant_algo``),
-``GGUF`` for llama.cpp's own formats and ``none`` for unquantized weights. Architectures: ``hopper`` (sm_90),
-``blackwell`` (datacenter sm_100/sm_103), ``gb10`` (DGX Spark's GB10, sm_121; the sm_12x family, where
-TensorRT-LLM's table has one "Blackwell (sm120)" row), ``ada`` (sm_89), ``ampere`` (sm_80/86/87), ``cpu``.
+Rows are keyed by ``Format.row`` (gb10exp/quant/formats.py: the ``quant_algo`` modelopt writes in
+hf_quant_config.json, ``GGUF`` for llama.cpp's own formats, ``none`` for unquantized weights). Columns are
+``gb10exp.hardware``'s architectures: ``hopper`` (sm_90), ``blackwell`` (datacenter sm_100/sm_103), ``gb10``
+(DGX Spark's GB10, sm_121; the sm_12x family, where TensorRT-LLM's table has one "Blackwell (sm120)" row),
+``ada`` (sm_89), ``ampere`` (sm_80/86/87), ``cpu``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gb10exp import hardware
+from gb10exp.config import ConfigError
+from gb10exp.quant import formats
+
 if TYPE_CHECKING:
     import torch
 
-    from gb10exp.config import Config, QFormatConfig
+    from gb10exp.config import Config
+    from gb10exp.quant.formats import Format
 
 NATIVE, EMULATED, UNSUPPORTED = "native", "emulated", "unsupported"
 ENGINES = ("trtllm", "vllm", "llamacpp", "ollama", "hf")
@@ -181,20 +187,9 @@ for _engine, _rows in MATRIX.items():
 BACKEND_ENGINES = {"hf": "hf", "trtllm": "trtllm", "llamacpp": "llamacpp"}
 
 
-def algo_of(qformat: QFormatConfig | str) -> str:
-    """The matrix row of a format: its quant_algo, ``GGUF`` for llama.cpp types, ``none`` when unquantized."""
-    if isinstance(qformat, str):
-        return qformat
-    if qformat.gguf_type is not None:
-        return "GGUF"
-    if qformat.kind == "none":
-        return "none"
-    return qformat.quant_algo or "unknown"
-
-
-def lookup(engine: str, qformat: QFormatConfig | str, arch: str) -> Cell:
-    """The cell for ``engine`` x ``qformat`` (a QFormatConfig, or a row key such as "NVFP4") x ``arch``."""
-    algo = algo_of(qformat)
+def lookup(engine: str, fmt: Format | str, arch: str) -> Cell:
+    """The cell for ``engine`` x ``fmt`` (a Format, or a row key such as "NVFP4") x ``arch``."""
+    algo = fmt if isinstance(fmt, str) else fmt.row
     row = MATRIX.get(engine, {}).get(algo)
     if row is None or arch not in row:
         return Cell(
@@ -203,83 +198,62 @@ def lookup(engine: str, qformat: QFormatConfig | str, arch: str) -> Cell:
     return row[arch]
 
 
-def native_engines(qformat: QFormatConfig | str, arch: str) -> list[str]:
-    return [e for e in ENGINES if lookup(e, qformat, arch).status == NATIVE]
+def native_engines(fmt: Format | str, arch: str) -> list[str]:
+    return [e for e in ENGINES if lookup(e, fmt, arch).status == NATIVE]
 
 
-def arch_of(device: torch.device | str) -> str:
-    """The matrix column of a device: cpu, or the CUDA GPU's architecture from its compute capability."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "cpu"
-    return arch_of_capability(torch.cuda.get_device_capability(device))
-
-
-def arch_of_capability(capability: tuple[int, int]) -> str:
-    major, minor = capability
-    if major >= 12:
-        return "gb10"  # sm_120/sm_121: GB10 and the consumer Blackwell parts share kernels and TRT-LLM's row
-    if major == 10 or major == 11:
-        return "blackwell"
-    if major == 9:
-        return "hopper"
-    if (major, minor) >= (8, 9):
-        return "ada"
-    if major == 8:
-        return "ampere"
-    return f"sm_{major}{minor}"  # older than the matrix: every lookup answers "not in the matrix"
-
-
-def tag(backend: str, qformat: QFormatConfig, arch: str) -> str:
+def tag(backend: str, fmt: Format, arch: str) -> str:
     """The run tag ``support``: "<engine>/<arch>: <status>"."""
     engine = BACKEND_ENGINES.get(backend)
     if engine is None:
         return f"{backend}/{arch}: unknown (the server's engine decides)"
-    return f"{engine}/{arch}: {lookup(engine, qformat, arch).status}"
+    return f"{engine}/{arch}: {lookup(engine, fmt, arch).status}"
 
 
-def _device_of(cfg: Config) -> str:
-    import torch
-
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+def quantization_tags(backend: str, fmt: Format, device: torch.device) -> dict[str, str]:
+    """``quantization``: what computed the numbers. ``nvfp4`` (NVFP4 formats only): "simulated" whenever
+    modelopt's fake quantization computed them (the hf backend always), "native" only when an engine ran
+    real FP4 kernels, which exist from Blackwell on."""
+    if fmt.kind == "gguf":
+        return {"quantization": f"by the engine ({fmt.gguf_type})"}
+    if fmt.kind == "none":
+        return {"quantization": "none"}
+    engine = BACKEND_ENGINES.get(backend)  # hf's quantized cells are all emulated: modelopt's simulation
+    native = engine is not None and lookup(engine, fmt, hardware.arch(device)).status == NATIVE
+    tags = {"quantization": f"native ({backend} kernels) for speed and engine_perplexity; simulated (modelopt fake "
+            "quantization) for perplexity, KL and top-1" if native
+            else "simulated (modelopt fake quantization)"}
+    if fmt.nvfp4:
+        tags["nvfp4"] = "native" if native and hardware.fp4_tensor_cores(device) else "simulated"
+    return tags
 
 
 def _formats_native_on(engine: str, arch: str) -> list[str]:
-    """The conf/qformat names this engine serves natively on ``arch`` (read from the YAML files)."""
-    from gb10exp.quant import QFORMAT_DIR, load_qformat
-
-    formats = [load_qformat(p.stem) for p in sorted(QFORMAT_DIR.glob("*.yaml"))]
-    return [q.name for q in formats if lookup(engine, q, arch).status == NATIVE]
+    """The conf/qformat names this engine serves natively on ``arch``."""
+    return [name for name in formats.options() if lookup(engine, formats.of(formats.load_qformat(name)), arch).status == NATIVE]
 
 
-def check(backend: str, qformat: QFormatConfig, arch: str) -> None:
+def refuse(backend: str, fmt: Format, arch: str) -> None:
     """Refuse an unsupported engine x format x GPU in one line naming what would work instead."""
-    from gb10exp.config import ConfigError
-
     engine = BACKEND_ENGINES.get(backend)
-    if engine is None or arch not in ARCHS or algo_of(qformat) not in ALGOS:
+    if engine is None or arch not in ARCHS or fmt.row not in ALGOS:
         return  # only what the matrix knows is refused (the run's `support` tag says the rest)
-    cell = lookup(engine, qformat, arch)
+    cell = lookup(engine, fmt, arch)
     if cell.status != UNSUPPORTED:
         return
-    algo = algo_of(qformat)
-    others = [e for e in native_engines(qformat, arch) if e != "hf"]
+    others = [e for e in native_engines(fmt, arch) if e != "hf"]
     instead = [f"qformat in {_formats_native_on(engine, arch)} on backend={backend}"]
     if others:
-        instead.insert(0, f"engine {' or '.join(others)} for {qformat.name}")
+        instead.insert(0, f"engine {' or '.join(others)} for {fmt.name}")
     raise ConfigError(
-        f"backend={backend} cannot serve qformat={qformat.name!r} (quant_algo {algo}) on {arch}: {cell.note} "
+        f"backend={backend} cannot serve qformat={fmt.name!r} (quant_algo {fmt.row}) on {arch}: {cell.note} "
         f"[{cell.source}]; instead: {'; or '.join(instead)}"
     )
 
 
-def preflight_check(cfg: Config) -> None:
-    """Per job, before any work: the engine x format x GPU of ``cfg`` must not be unsupported."""
-    check(cfg.backend.name, cfg.qformat, arch_of(_device_of(cfg)))
+def check(cfg: Config) -> None:
+    """Preflight, per job: the engine x format x GPU of ``cfg`` must not be unsupported."""
+    refuse(cfg.backend.name, formats.of(cfg.qformat, cfg.kv_cache_qformat), hardware.arch(hardware.resolve(cfg.device)))
 
 
 def markdown() -> str:

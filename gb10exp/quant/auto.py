@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gb10exp.config import QFormatConfig
+from gb10exp.quant.formats import load_qformat, quantizer_bits
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ EXCLUDED = ["*lm_head*"]  # what no fixed format quantizes (modelopt's default_d
 def search(model: torch.nn.Module, qformat: QFormatConfig, loop: Any) -> torch.nn.Module:
     """Run ``mtq.auto_quantize`` on ``model`` (in place) and return the quantized model."""
     import modelopt.torch.quantization as mtq
-
-    from gb10exp.quant import load_qformat
 
     auto = qformat.auto
     # By name: modelopt labels its choices (and checks them) by the config names it knows.
@@ -61,22 +60,6 @@ def search(model: torch.nn.Module, qformat: QFormatConfig, loop: Any) -> torch.n
     return model
 
 
-def weight_bits(quantizer: Any) -> float:
-    """Bits per weight of a weight quantizer, scales included: element bits plus 8 (FP8 or E8M0) or 16
-    (integer formats' scales) bits per block. Per-tensor and per-channel scales count as nothing."""
-    if not getattr(quantizer, "is_enabled", False):
-        return 16.0
-    if hasattr(quantizer, "__getitem__") and not hasattr(quantizer, "num_bits"):  # SequentialQuantizer
-        quantizer = quantizer[0]
-    num_bits = quantizer.num_bits
-    bits = float(sum(num_bits) + 1 if isinstance(num_bits, (tuple, list)) else num_bits)
-    block = (quantizer.block_sizes or {}).get(-1)
-    if block:
-        scale_bits = (quantizer.block_sizes or {}).get("scale_bits")
-        bits += (8.0 if scale_bits is not None else 16.0) / block
-    return bits
-
-
 def layer_choice(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Every linear layer the search could quantize: its format (modelopt's export name, "none" for
     16-bit), its bits per weight and its weight count. Read from the model itself, so a cached model
@@ -90,24 +73,18 @@ def layer_choice(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             continue
         choice[name] = {
             "format": get_quantization_format(module) or "none",
-            "bits": weight_bits(quantizer),
+            "bits": quantizer_bits(quantizer),
             "weights": module.weight.numel(),
         }
     return choice
 
 
 def record(model: torch.nn.Module, recorder: Any) -> dict[str, float]:
-    """Log the per-layer choice (artifact layer_formats.json: layer -> format) and return the metrics
-    ``effective_bits`` (achieved, over the searched layers) and ``weight_gib`` (every weight at its own
-    layer's bits; embeddings, norms and lm_head at 16)."""
+    """Log the per-layer choice (artifact layer_formats.json: layer -> format) and return the metric
+    ``effective_bits`` (achieved, over the searched layers). Its bytes follow the one byte rule, which reads
+    every layer's own bits from its quantizer (``gb10exp.quant.bytes.from_module``)."""
     choice = layer_choice(model)
     searched = sum(c["weights"] for c in choice.values())
-    bits = sum(c["bits"] * c["weights"] for c in choice.values())
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:  # tied embeddings count once
-            seen.add(param.data_ptr())
-            total += param.numel()
     counts: dict[str, int] = {}
     for c in choice.values():
         counts[c["format"]] = counts.get(c["format"], 0) + 1
@@ -119,4 +96,4 @@ def record(model: torch.nn.Module, recorder: Any) -> dict[str, float]:
         },
         "layer_formats.json",
     )
-    return {"effective_bits": bits / searched, "weight_gib": (bits / 8 + (total - searched) * 2) / 2**30}
+    return {"effective_bits": sum(c["bits"] * c["weights"] for c in choice.values()) / searched}

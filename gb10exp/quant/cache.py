@@ -1,5 +1,5 @@
-"""On-disk cache of quantized models and of evaluation results, so a sweep over evaluation or backend
-settings calibrates and evaluates each (model, format, calibration) once.
+"""On-disk cache of quantized models, so a sweep over evaluation or backend settings calibrates each
+(model, format, calibration) once (evaluation results: ``gb10exp.evaluate.cache``, keyed by ``quant_key``).
 
 An entry's name is a hash of everything that determines its content; an entry appears under that name
 only complete (``publish_dir``: written to a temporary folder, then renamed), so a crash leaves no
@@ -10,10 +10,6 @@ half-written entry and two processes filling the same entry both succeed.
   commit or file sizes and times), the full modelopt config (KV cache included), the calibration tokens
   themselves (they capture dataset, file content, seq_len, calib_size, seed and tokenizer), calib batch
   size, device type, dtype, library versions and the source of gb10exp/quant.
-- ``eval/<key>/accuracy.json``: perplexity, KL and top-1 agreement per window. Key: the quantized
-  model's key, the evaluation tokens, eval batch size, compare_baseline, and the evaluator's source.
-  KL needs the baseline's full logits (windows x seq_len x vocab floats, gigabytes for a 128k vocabulary),
-  so they are not cached: a miss evaluates the baseline in memory as before; a hit needs no baseline.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,16 +25,14 @@ from typing import Any
 import torch
 
 from gb10exp.config import Config, ModelConfig
-from gb10exp.data import EvalWindows
-from gb10exp.evaluate import AccuracyResult, WindowStats
-from gb10exp.quant import calibration_loop, modelopt_config, quantize, quantizes
-from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
+from gb10exp.models import embedded_file
+from gb10exp.quant import calibration_loop, formats, quantize
+from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
 from gb10exp.utils import cache_dir, content_key, publish_dir
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "modelopt.pth"
-EVAL_FILE = "accuracy.json"
 VERSIONED = ("torch", "transformers", "nvidia-modelopt")
 PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -53,7 +46,7 @@ def _str_keys(obj: Any) -> Any:
     return obj
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(_str_keys(obj), sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -61,7 +54,7 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-def _source_digest(folder: str) -> str:
+def source_digest(folder: str) -> str:
     """The code that computes an entry: a change to it must not serve stale results."""
     files = sorted((PACKAGE / folder).rglob("*.py"))
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
@@ -76,8 +69,6 @@ def model_identity(cfg: ModelConfig) -> dict[str, Any]:
     """What fixes the model's weights: its config (not its display name) and where the files came from."""
     ident: dict[str, Any] = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "path")}
     if cfg.source == "embedded":
-        from gb10exp.models import embedded_file
-
         ident["files"] = _file_stamp(embedded_file(cfg))
     elif cfg.source == "local":
         path = Path(cfg.path).expanduser()
@@ -92,17 +83,17 @@ def model_identity(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def quant_key(cfg: Config, calib: torch.Tensor, device: torch.device, dtype: torch.dtype) -> str:
-    quantizing = quantizes(cfg.qformat)
-    return _digest({
+    quantizing = formats.of(cfg.qformat, cfg.kv_cache_qformat).modelopt
+    return digest({
         "model": model_identity(cfg.model),
-        "modelopt_cfg": modelopt_config(cfg.qformat, cfg.kv_cache_qformat),
+        "modelopt_cfg": formats.modelopt_config(cfg.qformat, cfg.kv_cache_qformat),
         # An unquantized model does not depend on calibration: one key for every calib setting.
         "calib": _tensor_digest(calib) if quantizing else None,
         "calib_batch_size": cfg.calib.batch_size if quantizing else None,
         "device": device.type,
         "dtype": str(dtype),
         "versions": {p: metadata.version(p) for p in VERSIONED},
-        "code": _source_digest("quant"),
+        "code": source_digest("quant"),
     })
 
 
@@ -110,7 +101,7 @@ def quantize_cached(
     model: torch.nn.Module, cfg: Config, calib: torch.Tensor, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, str]:
     """``quantize`` through the cache: (model, "hit" | "miss" | "off" | "none" when nothing is quantized)."""
-    if not quantizes(cfg.qformat):
+    if not formats.of(cfg.qformat, cfg.kv_cache_qformat).modelopt:
         return model, "none"
     loop = calibration_loop(calib, cfg.calib.batch_size, device)
     if not cfg.cache:
@@ -126,11 +117,10 @@ def quantize_cached(
 def _restore(model: torch.nn.Module, entry: Path, device: torch.device) -> torch.nn.Module:
     import modelopt.torch.opt as mto
 
-    if device.type == "cpu":
-        enable_cpu_nvfp4()
     log.info("restoring the quantized model from %s", entry)
     try:
-        return mto.restore(model, str(entry / STATE_FILE), map_location=str(device))
+        with cpu_nvfp4():
+            return mto.restore(model, str(entry / STATE_FILE), map_location=str(device))
     except Exception as exc:  # unreadable despite the atomic publish (disk fault, manual edits)
         raise RuntimeError(
             f"cached quantized model {entry} cannot be restored ({type(exc).__name__}: {str(exc)[:160]}); "
@@ -146,37 +136,3 @@ def _save(model: torch.nn.Module, entry: Path, cfg: Config) -> None:
         meta = {"model": cfg.model.name, "qformat": cfg.qformat.name, "calib": dataclasses.asdict(cfg.calib),
                 "calib_size": cfg.calib_size, "seed": cfg.seed, "kv_cache_qformat": cfg.kv_cache_qformat}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))  # for people browsing the cache
-
-
-def eval_entry(cfg: Config, calib: torch.Tensor, windows: EvalWindows, device: torch.device,
-               dtype: torch.dtype) -> Path | None:
-    """The eval-cache folder of this job (None with cache=false)."""
-    if not cfg.cache:
-        return None
-    return cache_dir("eval") / _digest({
-        "model": quant_key(cfg, calib, device, dtype),
-        "windows": windows.digest(),  # tokens, scored positions and protocol
-        "batch_size": cfg.eval.batch_size,
-        "compare_baseline": cfg.eval.compare_baseline,
-        "code": _source_digest("evaluate"),
-    })
-
-
-def load_accuracy(entry: Path | None) -> AccuracyResult | None:
-    if entry is None or not (entry / EVAL_FILE).is_file():
-        return None
-    data = json.loads((entry / EVAL_FILE).read_text())
-    return AccuracyResult(**{**data, "windows": WindowStats(**data["windows"])})
-
-
-def state(entry: Path | None, cached: AccuracyResult | None) -> str:
-    return "off" if entry is None else "hit" if cached is not None else "miss"
-
-
-def save_accuracy(entry: Path | None, result: AccuracyResult) -> None:
-    """Publish a result once; a NaN or infinite one is never cached (the run fails on it anyway)."""
-    values = [result.perplexity, result.nll_mean, result.kl_mean, result.top1_agreement, result.reference_perplexity]
-    if entry is None or (entry / EVAL_FILE).is_file() or not all(v is None or math.isfinite(v) for v in values):
-        return
-    with publish_dir(entry) as tmp:
-        (tmp / EVAL_FILE).write_text(json.dumps(result.as_dict()))

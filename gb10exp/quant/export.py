@@ -27,26 +27,14 @@ from typing import Any
 
 import torch
 
-from gb10exp.config import Config, ConfigError, QFormatConfig
+from gb10exp.config import Config, ConfigError
+from gb10exp.quant import formats
+from gb10exp.quant.bytes import safetensors_header
+from gb10exp.quant.formats import Format
+from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
 
 log = logging.getLogger(__name__)
 
-# safetensors dtype names -> bytes per element (packed FP4 and INT4 are stored as U8, two values a byte)
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "I32": 4,
-    "U32": 4,
-    "BF16": 2,
-    "F16": 2,
-    "I16": 2,
-    "I64": 8,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U8": 1,
-    "I8": 1,
-    "BOOL": 1,
-}
 # vLLM's --quantization name per hf_quant_config quant_algo (vllm/model_executor/layers/quantization/modelopt.py:
 # ModelOptFp8Config.get_name "modelopt", ModelOptNvFp4Config.get_name "modelopt_fp4",
 # ModelOptMixedPrecisionConfig.get_name "modelopt_mixed"); vLLM also detects it from hf_quant_config.json.
@@ -90,21 +78,6 @@ def export_path(cfg: Config, job_output_dir: str | Path) -> Path:
     return Path(cfg.export_dir).expanduser() if cfg.export_dir else Path(job_output_dir) / "checkpoint"
 
 
-def _weight_block(qformat: QFormatConfig) -> int | None:
-    """The weight quantizer's block size along the input dimension (NVFP4 16, INT4 128), None if per-tensor."""
-    from gb10exp.quant import modelopt_config
-
-    cfg = modelopt_config(qformat)
-    for entry in cfg["quant_cfg"] if cfg else []:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            sub = entry.get("cfg")
-            for one in sub if isinstance(sub, list) else [sub]:  # W4A8 lists an INT4 and an FP8 stage
-                blocks = (one or {}).get("block_sizes") or {}
-                if blocks.get(-1):
-                    return int(blocks[-1])
-    return None
-
-
 def _linear_inputs(arch: dict[str, Any]) -> dict[str, int]:
     """Input widths of a Llama-style model's linear layers, from its LlamaConfig keywords."""
     hidden = int(arch.get("hidden_size", 4096))
@@ -117,47 +90,41 @@ def _linear_inputs(arch: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def _block_error(qformat: QFormatConfig, block: int, what: str, width: int) -> ConfigError:
+def _block_error(fmt: Format, block: int, what: str, width: int) -> ConfigError:
     return ConfigError(
-        f"export=true is not allowed with qformat={qformat.name!r} on this model: {what} = {width} is not a multiple "
+        f"export=true is not allowed with qformat={fmt.name!r} on this model: {what} = {width} is not a multiple "
         f"of the format's weight block size {block} (modelopt packs whole blocks only); export fp8 or an NVFP4 "
         f"format instead, or drop export=true"
     )
 
 
-def preflight_check(cfg: Config) -> None:
-    """Refuse an export that cannot work, in one line, before any work (called per job by preflight)."""
+def check(cfg: Config) -> None:
+    """Preflight, per job: refuse an export that cannot work, in one line, before any work."""
     if not cfg.export:
         return
-    q = cfg.qformat
-    if q.gguf_type is not None:
+    fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
+    if fmt.kind == "gguf":
         raise ConfigError(
-            f"export=true is not allowed with qformat={q.name!r}: it exports modelopt checkpoints, and "
-            f"{q.gguf_type} is made by llama.cpp's quantizer (backend=llamacpp builds and caches that GGUF "
+            f"export=true is not allowed with qformat={fmt.name!r}: it exports modelopt checkpoints, and "
+            f"{fmt.gguf_type} is made by llama.cpp's quantizer (backend=llamacpp builds and caches that GGUF "
             "file); pick a modelopt format (fp8, nvfp4, int4_awq...) or bf16"
         )
-    if q.kind != "modelopt" or cfg.model.source != "random":
+    if fmt.kind != "modelopt" or cfg.model.source != "random":
         return  # other models' widths are known once loaded: check_model does it before quantizing
-    block = _weight_block(q)
     for what, width in _linear_inputs(cfg.model.arch).items():
-        if block and width % block:
-            raise _block_error(q, block, what, width)
+        if fmt.weight_block and width % fmt.weight_block:
+            raise _block_error(fmt, fmt.weight_block, what, width)
 
 
 def check_model(model: torch.nn.Module, cfg: Config) -> None:
     """The same block-size check on a loaded model, before quantization spends any time."""
-    if not cfg.export or cfg.qformat.kind != "modelopt":
+    fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
+    if not cfg.export or fmt.kind != "modelopt" or not fmt.weight_block:
         return
-    block = _weight_block(cfg.qformat)
     for name, module in model.named_modules():
         # lm_head stays unquantized in every modelopt config gb10exp uses ("*lm_head*" disabled)
-        if (
-            block
-            and isinstance(module, torch.nn.Linear)
-            and "lm_head" not in name
-            and module.in_features % block
-        ):
-            raise _block_error(cfg.qformat, block, f"{name}.in_features", module.in_features)
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name and module.in_features % fmt.weight_block:
+            raise _block_error(fmt, fmt.weight_block, f"{name}.in_features", module.in_features)
 
 
 def _export_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -226,11 +193,8 @@ def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quant
     if quantized:
         from modelopt.torch.export import export_hf_checkpoint
 
-        if next(model.parameters()).device.type == "cpu":
-            from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
-
-            enable_cpu_nvfp4()  # NVFP4 on the CPU: modelopt's own numerics through the project's adapter
-        export_hf_checkpoint(model, dtype=dtype, export_dir=str(folder))
+        with cpu_nvfp4():  # NVFP4 on the CPU: modelopt's own numerics through the project's adapter
+            export_hf_checkpoint(model, dtype=dtype, export_dir=str(folder))
         method = "modelopt export_hf_checkpoint"
     else:
         model.save_pretrained(str(folder))
@@ -242,14 +206,6 @@ def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quant
     setattr(model, _EXPORTED, str(folder))
     setattr(model, _EXPORTED + "_method", method)
     return summarize(folder, method)
-
-
-def safetensors_header(file: Path) -> dict[str, Any]:
-    """The tensor table of a safetensors file (name -> dtype, shape, offsets), without loading any tensor."""
-    with open(file, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    header.pop("__metadata__", None)
-    return header
 
 
 def summarize(folder: Path, method: str) -> Checkpoint:
@@ -298,16 +254,11 @@ def export_run(
     model: torch.nn.Module, tokenizer: Any, cfg: Config, job_output_dir: str | Path, overrides: list[str]
 ) -> tuple[Checkpoint, list[str]]:
     """Write the run's checkpoint where ``export`` / ``export_dir`` say; return it and its serving commands."""
-    quantized = cfg.qformat.kind in ("modelopt", "auto")
-    ckpt = write_checkpoint(model, tokenizer, export_path(cfg, job_output_dir), quantized)
-    if quantized and ckpt.quant_algo != cfg.qformat.quant_algo:  # the support matrix is keyed by it
-        log.warning(
-            "qformat=%s exported as quant_algo %s, but conf/qformat/%s.yaml says %s",
-            cfg.qformat.name,
-            ckpt.quant_algo,
-            cfg.qformat.name,
-            cfg.qformat.quant_algo,
-        )
+    fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
+    ckpt = write_checkpoint(model, tokenizer, export_path(cfg, job_output_dir), fmt.modelopt)
+    if fmt.modelopt and ckpt.quant_algo != fmt.quant_algo:  # the support matrix is keyed by the derived one
+        log.warning("qformat=%s exported as quant_algo %s, but gb10exp.quant.formats derived %s: the engine "
+                    "support tag may be wrong", fmt.name, ckpt.quant_algo, fmt.quant_algo)
     commands = serve_commands(ckpt, overrides)
     log.info(
         "checkpoint written to %s (%.3f GiB, quant_algo %s); serve it with:\n  %s",

@@ -17,9 +17,10 @@ implementation is a CUDA extension.
 
 from __future__ import annotations
 
-import torch
+import contextlib
+from collections.abc import Iterator
 
-_installed = False
+import torch
 
 
 def nvfp4_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
@@ -79,57 +80,53 @@ def static_nvfp4_fake_quant(
     return q.reshape(x.shape).to(out_dtype or x.dtype)
 
 
-def enable_cpu_nvfp4() -> None:
-    """Wrap modelopt's dynamic block quantization operator so CPU NVFP4 tensors take the path above."""
-    global _installed
-    if _installed:
-        return
-    from modelopt.torch.quantization import tensor_quant
-
-    original = tensor_quant.dynamic_block_quantize_op
-
-    def dynamic_block_quantize_op(
-        inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits
-    ):
+def _dynamic_op(original):
+    def dynamic_block_quantize_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits,
+                                  scale_exponent_bits):
         # (num_bits, exponent_bits) = (4, 2) is E2M1; (8, 4) is the E4M3 block scale: NVFP4.
         nvfp4 = (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) == (4, 2, 8, 4)
         if nvfp4 and not inputs.is_cuda and amax is not None:
             return nvfp4_fake_quant(inputs, amax, block_size)
-        return original(
-            inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits
-        )
+        return original(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
 
-    # _dynamic_block_quantize_forward looks this module attribute up at call time.
-    tensor_quant.dynamic_block_quantize_op = dynamic_block_quantize_op
+    return dynamic_block_quantize_op
 
+
+def _static_op(original):
+    def static_blockwise_fp4_fake_quant(x, amax, global_amax=None, quantize_block_scales=True,
+                                        fp8_max_for_normalization=448.0, out_dtype=None, pass_through_bwd=False):
+        if x.is_cuda:
+            return original(x, amax, global_amax, quantize_block_scales, fp8_max_for_normalization, out_dtype,
+                            pass_through_bwd)
+        # Calibration (MSE sweeps) only runs forwards, so no straight-through backward is needed here.
+        return static_nvfp4_fake_quant(x, amax, global_amax, quantize_block_scales, fp8_max_for_normalization,
+                                       out_dtype)
+
+    return static_blockwise_fp4_fake_quant
+
+
+_depth = [0]
+
+
+@contextlib.contextmanager
+def cpu_nvfp4() -> Iterator[None]:
+    """Inside the block, modelopt's two NVFP4 operators take the CPU path above for CPU tensors (every
+    other call goes to the original); outside it, modelopt is as installed. Re-entrant: the outermost
+    block restores. Everything that runs an NVFP4 model on the CPU (quantize, restore, evaluate, export)
+    runs inside one: the runner wraps the whole job."""
+    from modelopt.torch.quantization import tensor_quant
     from modelopt.torch.quantization.nn.modules import tensor_quantizer
 
-    static_original = tensor_quantizer.static_blockwise_fp4_fake_quant
-
-    def static_blockwise_fp4_fake_quant(
-        x,
-        amax,
-        global_amax=None,
-        quantize_block_scales=True,
-        fp8_max_for_normalization=448.0,
-        out_dtype=None,
-        pass_through_bwd=False,
-    ):
-        if x.is_cuda:
-            return static_original(
-                x,
-                amax,
-                global_amax,
-                quantize_block_scales,
-                fp8_max_for_normalization,
-                out_dtype,
-                pass_through_bwd,
-            )
-        # Calibration (MSE sweeps) only runs forwards, so no straight-through backward is needed here.
-        return static_nvfp4_fake_quant(
-            x, amax, global_amax, quantize_block_scales, fp8_max_for_normalization, out_dtype
-        )
-
-    # StaticBlockScaleQuantizer._fake_quantize looks this module attribute up at call time.
-    tensor_quantizer.static_blockwise_fp4_fake_quant = static_blockwise_fp4_fake_quant
-    _installed = True
+    # modelopt looks both module attributes up at call time (_dynamic_block_quantize_forward,
+    # StaticBlockScaleQuantizer._fake_quantize), so replacing them reroutes every quantizer.
+    originals = (tensor_quant.dynamic_block_quantize_op, tensor_quantizer.static_blockwise_fp4_fake_quant)
+    if _depth[0] == 0:
+        tensor_quant.dynamic_block_quantize_op = _dynamic_op(originals[0])
+        tensor_quantizer.static_blockwise_fp4_fake_quant = _static_op(originals[1])
+    _depth[0] += 1
+    try:
+        yield
+    finally:
+        _depth[0] -= 1
+        if _depth[0] == 0:
+            tensor_quant.dynamic_block_quantize_op, tensor_quantizer.static_blockwise_fp4_fake_quant = originals

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gb10exp.report import render
+from gb10exp.report import recommend, render
 from gb10exp.report.collect import REPORT_TAG, Collected, Selection, collect
 from gb10exp.report.compare import FormatSummary, ReportRow, compare, missing_fp8, noise_floor, summarize
 from gb10exp.report.stats import Interval
@@ -169,8 +169,6 @@ def write_recommendation(
     rows: list[ReportRow], constraints: Any, out_dir: Path, label: str, meta: str
 ) -> tuple[Any, list[Path]]:
     """recommend.md, recommend.json and pareto.png in ``out_dir``."""
-    from gb10exp.report import recommend
-
     rec = recommend.recommend(rows, constraints)
     title = f"Which quantization on {rec.device_name}? — {label}"
     png = recommend.plot(rec, title, out_dir / recommend.PLOT_NAME)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from gb10exp.config import ConfigError
 from gb10exp.report import Selection, build_report, log_report
+from gb10exp.report.collect import latest_experiment
+from gb10exp.report.recommend import Constraints
 from gb10exp.tracking import secrets
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local.yaml
@@ -78,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     if selection.experiment is None and not (args.sweep or args.sweep_dir):
         from mlflow.tracking import MlflowClient
 
-        from gb10exp.report.collect import latest_experiment
-
         try:
             selection.experiment = latest_experiment(MlflowClient(tracking_uri=args.tracking_uri))
         except ConfigError as exc:
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     label = selection.label()
     constraints = None
     if args.recommend:
-        from gb10exp.report.recommend import Constraints
-
         constraints = Constraints(args.max_weight_gib, args.min_decode_tokens_per_s, args.device or "gb10")
     elif (
         args.max_weight_gib is not None or args.min_decode_tokens_per_s is not None or args.device is not None

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from gb10exp.config import ConfigError
+from gb10exp.quant import formats
+from gb10exp.tracking.ui import REPORT_TAG
+from gb10exp.tracking.ui import latest_experiment as latest_experiment_id
 
-NONE = ("None", "null", "")  # how MLflow params spell a null
-REPORT_TAG = "kind"  # report runs are tagged kind=report and never reported on
+NONE = formats.NONE  # how MLflow params spell a null
 # The params that fix the perplexity windows: runs agreeing on them were evaluated on the same tokens.
 # Only the fallback for runs recorded before the digest tags existed (old stores): params cannot see an
 # edited eval.path file, a different tokenizer or another compute dtype.
@@ -75,26 +77,20 @@ class RunRow:
         return self.tags.get("model") or self.params.get("model.name", "?")
 
     @property
+    def fmt(self) -> formats.Format:
+        """The run's format, rebuilt from its params (``gb10exp.quant.formats.from_params``)."""
+        return formats.from_params(self.params)
+
+    @property
     def calibrated(self) -> bool:
-        """Quantized by modelopt with calibration (``qformat.uses_calibration`` false: weight-only
-        round-to-nearest formats, whose result no calibration sample touches)."""
-        if self.params.get("qformat.uses_calibration") == "False":
-            return False
-        return (
-            self.params.get("qformat.modelopt_cfg", "None") not in NONE
-            or self.params.get("qformat.kind") == "auto"
-        )
+        """Quantized by modelopt with calibration data (not weight-only round-to-nearest formats, whose
+        result no calibration sample touches)."""
+        return self.fmt.calibrates
 
     @property
     def quantized(self) -> bool:
         """Quantized (modelopt, ``mtq.auto_quantize`` or llama.cpp's quantizer): not a bf16 reference."""
-        kind = self.params.get("qformat.kind")
-        if kind not in (None, *NONE):
-            return kind != "none"
-        return (
-            self.params.get("qformat.modelopt_cfg", "None") not in NONE
-            or self.params.get("qformat.gguf_type", "None") not in NONE
-        )
+        return self.fmt.quantized
 
     @property
     def calib_size(self) -> int | None:
@@ -222,15 +218,13 @@ def load_overrides(client, row: RunRow) -> list[str] | None:
 
 
 def latest_experiment(client) -> str:
-    """The name of the experiment holding the most recently started (non-report) run."""
-    experiments = client.search_experiments()
-    runs = _search(client, [e.experiment_id for e in experiments]) if experiments else []
-    if not runs:
+    """The name of the experiment holding the most recently started job run (report runs aside)."""
+    experiment_id = latest_experiment_id(client)
+    if experiment_id is None:
         raise ConfigError(
             "the tracking store holds no runs: run a sweep first (python -m gb10exp +experiment=nvfp4_claim)"
         )
-    latest = max(runs, key=lambda r: r.info.start_time or 0)
-    return client.get_experiment(latest.info.experiment_id).name
+    return client.get_experiment(experiment_id).name
 
 
 def _experiment_ids(client, selection: Selection) -> dict[str, str]:

@@ -8,8 +8,9 @@ format natively there (``gb10exp.backends.support.native_engines``).
 Decode speed is *measured* when a run's ``hardware``/``gpu`` tag names the device and its speed is valid
 (not a fake-quantized model). Otherwise it is *projected*: for GB10, a run measured on another GPU gives
 ``gb10_projected_decode_tokens_per_s`` (the same fraction of the bandwidth bound, with GB10's bandwidth);
-without a measurement, the bandwidth bound itself (device bandwidth / weight bytes, batch 1), an upper
-bound. Both are labelled "projected".
+without a measurement, the bandwidth bound itself (device bandwidth / the deployed format's bytes per
+decode step, metric ``decode_gib``: ``gb10exp.quant.bytes.decode_step_bytes``, batch 1, short context), an
+upper bound. Both are labelled "projected".
 
 The choice is the run with the smallest perplexity loss among those that meet every constraint (ties: the
 smaller one); runs whose loss intervals overlap the choice's are named as statistically indistinguishable.
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gb10exp import hardware
+from gb10exp.backends.support import native_engines
 from gb10exp.config import ConfigError
 from gb10exp.report import render
-from gb10exp.report.collect import NONE
 from gb10exp.report.compare import ReportRow
 from gb10exp.report.render import Block, pct
 from gb10exp.report.stats import Interval
@@ -34,25 +36,6 @@ from gb10exp.report.stats import Interval
 PLOT_NAME = "pareto.png"
 GIB = 2**30
 WEIGHT, SPEED, NATIVE = "--max-weight-gib", "--min-decode-tokens-per-s", "native engine"
-
-# Device name (as given to --device, matched as a substring, first match wins) -> the architecture the
-# support matrix is keyed by (CONTRACT: arch names).
-ARCH_OF_NAME: tuple[tuple[str, str], ...] = (
-    ("gb10", "gb10"),
-    ("gb200", "blackwell"),
-    ("b200", "blackwell"),
-    ("b100", "blackwell"),
-    ("rtx 50", "blackwell"),
-    ("h200", "hopper"),
-    ("h100", "hopper"),
-    ("h800", "hopper"),
-    ("l40", "ada"),
-    ("l4", "ada"),
-    ("rtx 40", "ada"),
-    ("a100", "ampere"),
-    ("a10g", "ampere"),
-)
-
 
 @dataclass
 class Constraints:
@@ -65,30 +48,17 @@ class Constraints:
         for flag, value in ((WEIGHT, self.max_weight_gib), (SPEED, self.min_decode_tokens_per_s)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{flag}={value!r} is not allowed: give a positive number or leave it out")
-        device_bandwidth(self.device)
-        device_arch(self.device)
+        device_spec(self.device)
 
 
-def device_bandwidth(device: str) -> tuple[str, float]:
-    """(the table's name for the device, its published peak GB/s)."""
-    from gb10exp.bench.roofline import PEAK_BANDWIDTH_GBPS
-
-    for key, gbps in PEAK_BANDWIDTH_GBPS:
-        if key.lower() in device.lower():
-            return key, gbps
-    names = ", ".join(k for k, _ in PEAK_BANDWIDTH_GBPS)
-    raise ConfigError(
-        f"--device={device!r} is not allowed: its memory bandwidth is unknown; one of {names} "
-        "(add it to PEAK_BANDWIDTH_GBPS in gb10exp/bench/roofline.py)"
-    )
-
-
-def device_arch(device: str) -> str:
-    for key, arch in ARCH_OF_NAME:
-        if key in device.lower():
-            return arch
-    names = ", ".join(k for k, _ in ARCH_OF_NAME)
-    raise ConfigError(f"--device={device!r} is not allowed: its GPU architecture is unknown; one of {names}")
+def device_spec(device: str) -> hardware.DeviceSpec:
+    """The device table's row for ``--device`` (gb10exp/hardware.py)."""
+    row = hardware.spec(device)
+    if row is None:
+        names = ", ".join(d.pattern for d in hardware.DEVICES)
+        raise ConfigError(f"--device={device!r} is not allowed: its bandwidth and architecture are unknown; one of "
+                          f"{names} (add a row to DEVICES in gb10exp/hardware.py)")
+    return row
 
 
 @dataclass
@@ -139,27 +109,13 @@ class Recommendation:
 
 
 def _native(run, arch: str) -> list[str] | None:
-    """Engines serving the run's format natively on ``arch``, by the support matrix row the run recorded
-    (its ``qformat.quant_algo`` param); None for runs recorded before formats carried one."""
-    from gb10exp.backends.support import native_engines
-
-    params = run.params
-    if params.get("qformat.gguf_type", "None") not in NONE:
-        algo = "GGUF"
-    elif params.get("qformat.modelopt_cfg", "None") in NONE and params.get("qformat.kind", "none") in NONE + (
-        "none",
-    ):
-        algo = "none"
-    elif params.get("qformat.quant_algo", "None") not in NONE:
-        algo = params["qformat.quant_algo"]
-    else:
-        return None
-    return list(native_engines(algo, arch))
+    """Engines serving the run's format natively on ``arch`` (the support matrix row of its format, rebuilt
+    from its params); None when the format's export is unknown."""
+    row = run.fmt.row
+    return None if row == "unknown" else list(native_engines(row, arch))
 
 
-def _speed(
-    row: ReportRow, device_name: str, bandwidth: float, weight: float | None
-) -> tuple[float | None, str, str]:
+def _speed(row: ReportRow, device_name: str, bandwidth: float) -> tuple[float | None, str, str]:
     run, m = row.run, row.run.metrics
     where = run.tags.get("hardware") or run.tags.get("gpu") or ""
     valid = run.tags.get("speed_valid", "true") != "false"
@@ -171,18 +127,19 @@ def _speed(
             "projected",
             f"projected from {where or 'another device'}: its fraction of the bandwidth bound at GB10's bandwidth",
         )
-    if weight:
+    if step := m.get("decode_gib"):
         return (
-            bandwidth * 1e9 / (weight * GIB),
+            bandwidth * 1e9 / (step * GIB),
             "projected",
-            f"projected: bandwidth bound {bandwidth:.0f} GB/s / {weight:.3f} GiB (an upper bound, batch 1)",
+            f"projected: bandwidth bound {bandwidth:.0f} GB/s / {step:.3f} GiB read per decode step (an upper "
+            "bound, batch 1, short context)",
         )
-    return None, "", "no speed: no measurement and no weight bytes"
+    return None, "", "no speed: no measurement, and the run predates the decode_gib metric"
 
 
 def candidates(rows: list[ReportRow], c: Constraints) -> tuple[list[Candidate], str, float, str]:
-    device_name, bandwidth = device_bandwidth(c.device)
-    arch = device_arch(c.device)
+    spec = device_spec(c.device)
+    device_name, bandwidth, arch = spec.pattern, spec.peak_gbps, spec.arch
     out = []
     for row in rows:
         run, comp = row.run, row.vs_bf16
@@ -191,7 +148,7 @@ def candidates(rows: list[ReportRow], c: Constraints) -> tuple[list[Candidate], 
         else:
             loss, basis = comp.judged, comp.judged_by
         weight = run.metrics.get("weight_gib")
-        speed, kind, note = _speed(row, device_name, bandwidth, weight)
+        speed, kind, note = _speed(row, device_name, bandwidth)
         tasks = {
             k.removeprefix("task/"): v for k, v in run.metrics.items() if k in render.task_metric_names([row])
         }
@@ -316,7 +273,7 @@ def recommend(rows: list[ReportRow], c: Constraints) -> Recommendation:
         limit = f" (required {c.min_decode_tokens_per_s:g})" if c.min_decode_tokens_per_s is not None else ""
         reasons.append(f"decode {choice.speed:.1f} tokens/s{limit}, {choice.speed_note}")
     if choice.native is None:
-        reasons.append("native engine support unknown (the run predates qformat.quant_algo)")
+        reasons.append("native engine support unknown (the format's export is unknown)")
     else:
         reasons.append(f"served natively on {c.device} ({arch}) by {', '.join(choice.native)}")
     if choice.kl is not None:

@@ -22,10 +22,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gb10exp.config import ConfigError, TrackingConfig
+from gb10exp.config import Config, ConfigError, TrackingConfig
 from gb10exp.tracking.liveness import heartbeat, is_stale, owner_tags
 from gb10exp.tracking.secrets import basic_auth_header, redact, tracking_uri
-from gb10exp.tracking.store import RetryingClient, check_sqlite
+from gb10exp.tracking.store import RetryingClient, check_sqlite, init_sqlite, sqlite_path
 from gb10exp.tracking.ui import ensure_view
 from gb10exp.utils import check_writable
 
@@ -53,13 +53,19 @@ def config_hash(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _local_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+_checked: set[str] = set()
+
+
+def check(cfg: Config) -> None:
+    """Preflight: the store can be written or the server reached (once per distinct tracking setting)."""
+    if repr(cfg.tracking) not in _checked:
+        check_store(cfg.tracking)
+        _checked.add(repr(cfg.tracking))
 
 
 def check_store(cfg: TrackingConfig) -> None:
     """Fail before quantizing when the store cannot be written or the server cannot be reached."""
-    if (path := _local_path(cfg.uri)) is not None:
+    if (path := sqlite_path(cfg.uri)) is not None:
         check_writable(path.parent if str(path.parent) else Path("."), "tracking.uri", cfg.uri)
         check_sqlite(cfg.uri)
         _check_artifact_root(cfg)
@@ -92,8 +98,6 @@ def _check_artifact_root(cfg: TrackingConfig) -> None:
 def _init_sqlite(uri: str) -> None:
     """Create a SQLite store's tables once, under a file lock: parallel jobs would race to create them."""
     import sqlite3
-
-    from gb10exp.tracking.store import init_sqlite
 
     try:
         init_sqlite(uri)

@@ -1,5 +1,5 @@
-"""What a run ran on: hardware, library versions, code version. Recorded as MLflow tags on every run, and
-the machine-dependent parts of a run's identity (``gb10exp.tracking.identity``).
+"""What a run ran with: library versions, code version (and, from ``gb10exp.hardware``, what it ran on).
+Recorded as MLflow tags on every run, and parts of a run's identity (``gb10exp.tracking.identity``).
 
 Only named facts are read; no environment variable is copied wholesale, so tokens and keys cannot leak.
 """
@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from gb10exp import hardware
 
 PACKAGES = (
     "torch",
@@ -80,61 +82,7 @@ def code_digest(root: Path = ROOT) -> str:
     return h.hexdigest()[:16]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return 0.0
-
-
-def hardware(device: torch.device) -> str:
-    """What computed the numbers, as one comparable string: "NVIDIA H100 80GB HBM3 sm_90", or on the CPU
-    its model and thread count ("cpu AMD EPYC 7B13 x2": float reductions split by thread can differ)."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} sm_{props.major}{props.minor}"
-    return f"cpu {_cpu_name()} x{torch.get_num_threads()}"
-
-
-def fp4_tensor_cores(device: torch.device) -> bool:
-    """NVFP4 tensor cores exist from Blackwell on (compute capability 10.x, 12.x; GB10 is 12.1). Having
-    them says nothing about whether a run used them: see ``identity.quantization_tags``."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
-
-
 def environment(device: torch.device) -> dict[str, str]:
-    env = {
-        "hardware": hardware(device),
-        "cpu": _cpu_name(),
-        "cpu_count": str(torch.get_num_threads()),
-        "memory_gib": str(_memory_gib()),
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
-        "device": device.type,
-    }
-    env |= {f"version.{p}": version(p) for p in PACKAGES}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env |= {
-            "gpu": props.name,
-            "gpu_compute_capability": f"{props.major}.{props.minor}",
-            "gpu_memory_gib": str(round(props.total_memory / 2**30, 1)),
-            "gpu_fp4_tensor_cores": str(fp4_tensor_cores(device)).lower(),
-            "cuda": str(torch.version.cuda),
-        }
-    else:
-        env |= {"gpu": "none"}
-    return env
+    """The run's tags for what it ran on (``gb10exp.hardware.facts``) and with (Python, versions, commit)."""
+    return hardware.facts(device) | {"python": platform.python_version(), "git_commit": _git_commit()} | {
+        f"version.{p}": version(p) for p in PACKAGES}

@@ -17,16 +17,14 @@ folders are removed as the stack unwinds, and the process exits with 128 + the s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
+
+from gb10exp.utils import owner_gone, process_identity
 
 log = logging.getLogger(__name__)
 
@@ -66,53 +64,8 @@ def handle_signals() -> None:
             signal.signal(sig, _raise_interrupted)
 
 
-def _machine() -> str:
-    """This kernel boot and pid namespace: pids mean the same process only within one of these."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        pidns = os.readlink("/proc/self/ns/pid")
-    except OSError:  # not Linux: no way to know, so the pid is never trusted
-        return ""
-    return hashlib.sha256(f"{boot} {pidns}".encode()).hexdigest()[:16]
-
-
-def _start_ticks(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), or None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ')' may hold spaces
-
-
 def owner_tags() -> dict[str, str]:
-    return {
-        "owner_host": socket.gethostname(),
-        "owner_pid": str(os.getpid()),
-        "owner_machine": _machine(),
-        "owner_start": _start_ticks(os.getpid()) or "",
-        "heartbeat": str(int(time.time())),
-    }
-
-
-def _owner_certainly_gone(tags: dict[str, str]) -> bool:
-    """True only when the recorded pid provably no longer names the owner (see the module docstring)."""
-    machine = _machine()
-    if not machine or tags.get("owner_machine") != machine or tags.get("owner_host") != socket.gethostname():
-        return False
-    pid, started = tags.get("owner_pid", ""), tags.get("owner_start", "")
-    if not (pid.isdigit() and started):
-        return False
-    return _start_ticks(int(pid)) != started  # gone, or the pid now belongs to another process
-
-
-def owner_alive(tags: dict[str, str]) -> bool:
-    """True when ``tags`` (from ``owner_tags``) name a process that provably still runs on this machine."""
-    machine = _machine()
-    if not machine or tags.get("owner_machine") != machine or tags.get("owner_host") != socket.gethostname():
-        return False
-    pid, started = tags.get("owner_pid", ""), tags.get("owner_start", "")
-    return pid.isdigit() and bool(started) and _start_ticks(int(pid)) == started
+    return process_identity() | {"heartbeat": str(int(time.time()))}
 
 
 def is_stale(run: Any, now: float | None = None) -> bool:
@@ -121,7 +74,7 @@ def is_stale(run: Any, now: float | None = None) -> bool:
     last = float(tags.get("heartbeat") or run.info.start_time / 1000)
     if (now or time.time()) - last > STALE_AFTER_S:
         return True
-    return _owner_certainly_gone(tags)
+    return owner_gone(tags)
 
 
 @contextlib.contextmanager

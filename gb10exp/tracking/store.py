@@ -18,22 +18,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gb10exp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
+LOCAL_URI = "sqlite:///mlruns/mlflow.db"  # the default store (conf/tracking/local.yaml), relative to the cwd
 RETRY_DELAYS_S = (0.2, 0.5, 1, 2, 4, 8, 15)  # ~30 s in all: longer than any single MLflow write
 TRANSIENT = ("database is locked", "database table is locked")
 _initialized: set[str] = set()
 
 
 def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store): the one parser of such URIs."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def check_sqlite(uri: str) -> None:
     """An existing file must be a SQLite database: MLflow would fail on it later, once per job, with two
     SQLAlchemy tracebacks ("file is not a database")."""
-    from gb10exp.config import ConfigError
-
     path = sqlite_path(uri)
     if path is None or not path.is_file() or path.stat().st_size == 0:
         return

@@ -26,6 +26,8 @@ import torch
 
 from gb10exp.config import Config
 from gb10exp.data import EvalWindows
+from gb10exp.tracking.secrets import redact
+from gb10exp.tracking.store import LOCAL_URI
 
 VIEW_KEY = "gb10exp"  # ?viewStateShareKey=gb10exp
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
@@ -150,28 +152,31 @@ def dataset_inputs(cfg: Config, tags: dict[str, str], calib: torch.Tensor, windo
     return inputs
 
 
+REPORT_TAG = "kind"  # report runs (python -m gb10exp.report) are tagged kind=report: never a job's run
+
+
 def latest_experiment(client) -> str | None:
-    """The experiment whose newest run is the newest in the store (the one a user just ran)."""
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.experiment_id if runs else None
+    """The id of the experiment whose newest job run (report runs aside) is the newest in the store: the
+    one a user just ran; None for a store without job runs."""
+    experiments, token = [e.experiment_id for e in client.search_experiments()], None
+    while experiments:  # newest first; MLflow's filter cannot say "without the tag", so it is skipped here
+        page = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=100,
+                                  page_token=token)
+        job = next((r for r in page if r.data.tags.get(REPORT_TAG) != "report"), None)
+        if job is not None or not page.token:
+            return job.info.experiment_id if job is not None else None
+        token = page.token
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MLflow UI on the runs table of the latest experiment")
-    parser.add_argument(
-        "--store", default="sqlite:///mlruns/mlflow.db", help="tracking URI (default: the local store)"
-    )
+    parser.add_argument("--store", default=LOCAL_URI, help=f"tracking URI (default: {LOCAL_URI})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--print-only", action="store_true", help="print the link, do not start the server")
     args = parser.parse_args(argv)
     from mlflow.tracking import MlflowClient
-
-    from gb10exp.tracking.secrets import redact
 
     client = MlflowClient(tracking_uri=args.store)
     experiment_id = latest_experiment(client)

@@ -17,32 +17,27 @@ import time
 import torch
 
 from gb10exp.backends.base import BenchInputs
-from gb10exp.backends.hf.fast import FastDecoder, TokenStamper, is_pdl_choice
+from gb10exp.backends.hf.config import HFOptions
+from gb10exp.backends.hf.fast import FastDecoder, TokenStamper
 from gb10exp.bench import Target, Timing, measure, now
-from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
-from gb10exp.quant.bytes import in_memory_decode_bytes, tensor_bytes
-
-MODES = ("fast", "static", "generate")
+from gb10exp.config import BenchConfig, ConfigError
+from gb10exp.quant import bytes as qbytes
+from gb10exp.quant.formats import Format
 
 
 class HFBackend:
     name = "hf"
+    max_batch_size = None
+    served_model = None  # runs the configured model
+    engine_package = None  # torch and transformers: already in every run's identity
 
-    def __init__(self, mode: str = "fast", compare: list[str] | None = None, compile: str | bool = "auto",
-                 cuda_graph: bool = True, tuned: bool = False, pdl: str | bool = "auto"):
-        for m in [mode, *(compare or [])]:
-            if m not in MODES:
-                raise ConfigError(f"backend.options.mode={m!r} is not allowed: one of {list(MODES)}")
-        if compile not in ("auto", True, False):
-            raise ConfigError(f"backend.options.compile={compile!r} is not allowed: auto, true or false")
-        if not is_pdl_choice(pdl):
-            raise ConfigError(f"backend.options.pdl={pdl!r} is not allowed: auto, true or false")
-        self.modes = [mode, *[m for m in (compare or []) if m != mode]]
-        self.compile, self.cuda_graph, self.tuned, self.pdl = compile, cuda_graph, tuned, pdl
+    def __init__(self, options: HFOptions):
+        self.modes = [options.mode, *[m for m in options.compare if m != options.mode]]
+        self.compile, self.cuda_graph, self.tuned, self.pdl = options.compile, options.cuda_graph, options.tuned, options.pdl
 
-    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
-        if qformat.gguf_type is not None:
-            raise ConfigError(f"qformat={qformat.name!r} is not allowed with backend=hf: llama.cpp quantizes it; "
+    def check(self, fmt: Format, tokenizer=None) -> None:
+        if fmt.kind == "gguf":
+            raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=hf: llama.cpp quantizes it; "
                               "use backend=llamacpp (or backend=openai on a server of that GGUF)")
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
@@ -61,13 +56,13 @@ class HFBackend:
         device = inputs.device
         # What this engine really reads: the weights as PyTorch holds them (fake quantization keeps them whole),
         # by the same rule as every engine's count (gb10exp/quant/bytes.py).
-        target = Target(str(device), in_memory_decode_bytes(inputs.model))
+        held = qbytes.from_module(inputs.model, dense_bits=None)
+        target = Target(str(device), held)
         if device.type == "cuda":
             target.reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)
             target.peak_bytes = lambda: float(torch.cuda.max_memory_allocated(device))
-        metrics = {"engine_weight_gib": sum(tensor_bytes(inputs.model, dense_bits=None).values()) / 2**30}
-        tags = {"speed_valid": str(not inputs.quantized).lower(), "bench.method": self.modes[0],
-                "roofline.bytes_source": "the in-memory PyTorch weights as stored"}
+        metrics = {"engine_weight_gib": held.weight_bytes / 2**30}
+        tags = {"speed_valid": str(not inputs.quantized).lower(), "bench.method": self.modes[0]}
         if inputs.quantized:
             tags["speed_note"] = "fake quantization: timed on request, not the format's speed"
         for i, mode in enumerate(self.modes):

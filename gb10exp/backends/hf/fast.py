@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gb10exp import hardware
+from gb10exp.backends.hf.config import is_choice
 from gb10exp.bench import Timing, now
 
 # Inductor settings of each compile preset, passed to ``torch.compile`` (Inductor scopes them to this
@@ -70,11 +72,6 @@ PDL_FLAGS: dict[str, object] = {"triton.enable_pdl": True}
 PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, alternating, the fastest counts)
 WARM_STEPS = 3  # decode steps run to compile and autotune before the graph is captured
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
-
-
-def is_pdl_choice(value: object) -> bool:
-    """auto, true or false; 1 and 0 are not (they would pass an ``in (True, False)`` test)."""
-    return value == "auto" or isinstance(value, bool)
 
 
 @contextlib.contextmanager
@@ -355,7 +352,7 @@ class FastDecoder:
         self.preset = preset or ("tuned" if tuned else "default")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
-        if not is_pdl_choice(pdl):
+        if not is_choice(pdl):
             raise ValueError(f"pdl={pdl!r} is not one of auto, true, false")
         self.compiled = compile_step
         self.pdl_note = self._pdl_unusable()
@@ -401,7 +398,7 @@ class FastDecoder:
             return "no tuned compile"
         if not self.cuda:
             return f"not on {self.device.type}"
-        if torch.cuda.get_device_capability(self.device)[0] < 9:
+        if not hardware.at_least(self.device, "hopper"):
             return "GPU older than Hopper"
         import torch._inductor.config as inductor
 

@@ -19,37 +19,38 @@ from pathlib import Path
 
 import torch
 
+from gb10exp import hardware
 from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.llamacpp.config import LlamaCppOptions
+from gb10exp.backends.llamacpp.gguf import build_gguf
 from gb10exp.backends.llamacpp.loader import describe, use_extra_bufts
 from gb10exp.backends.llamacpp.worker import Engine
 from gb10exp.backends.same_model import check_gguf
 from gb10exp.bench import Target, Timing, measure, now
-from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
+from gb10exp.config import BenchConfig, ConfigError
+from gb10exp.quant import bytes as qbytes
+from gb10exp.quant.formats import Format
 
 INSTALL_HINT = ("pip install 'llama-cpp-python[server]==0.3.*' (compiles llama.cpp, ~11 min on 2 cores; on a GPU "
                 "machine add CMAKE_ARGS=-DGGML_CUDA=on)")
 
 
-def _gguf_type(qformat: QFormatConfig) -> str | None:
-    if qformat.gguf_type is not None:
-        return qformat.gguf_type
-    return "F16" if qformat.kind == "none" else None
+def _gguf_type(fmt: Format) -> str | None:
+    if fmt.gguf_type is not None:
+        return fmt.gguf_type
+    return "F16" if fmt.kind == "none" else None
 
 
 class LlamaCppBackend:
     name = "llamacpp"
     max_batch_size = 1  # llama-cpp-python runs one sequence (preflight checks bench.batch_size against it)
+    engine_package = "llama-cpp-python"
 
-    def __init__(self, gguf: str | None = None, n_gpu_layers: int = -1, n_threads: int | None = None,
-                 allow_cpu: bool = False, extra_bufts: str | bool = "auto"):
-        try:
-            self.extra_bufts = use_extra_bufts(extra_bufts)
-        except ValueError:
-            raise ConfigError(f"backend.options.extra_bufts={extra_bufts!r} is not allowed: auto (off on CPUs with "
-                              "AMX, where llama-cpp-python 0.3.36 crashes with them), true or false") from None
-        self.extra_bufts_tag = describe(self.extra_bufts, extra_bufts)
-        self.gguf = Path(gguf).expanduser() if gguf else None
-        self.n_gpu_layers, self.n_threads, self.allow_cpu = n_gpu_layers, n_threads, allow_cpu
+    def __init__(self, options: LlamaCppOptions):
+        self.extra_bufts = use_extra_bufts(options.extra_bufts)
+        self.extra_bufts_tag = describe(self.extra_bufts, options.extra_bufts)
+        self.gguf = Path(options.gguf).expanduser() if options.gguf else None
+        self.n_gpu_layers, self.n_threads, self.allow_cpu = options.n_gpu_layers, options.n_threads, options.allow_cpu
         self.path: Path | None = None
         self.on_gpu = False
         self.served_model: str | None = None  # the given GGUF's model name (options.gguf)
@@ -58,23 +59,23 @@ class LlamaCppBackend:
         self.loaded: tuple[int, bool] | None = None
         self.info: dict = {}
 
-    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
+    def check(self, fmt: Format, tokenizer=None) -> None:
         try:
             import llama_cpp
         except ImportError as exc:
             raise ConfigError(f"backend=llamacpp needs llama-cpp-python, which is not installed: {INSTALL_HINT}") from exc
-        if self.gguf is None and _gguf_type(qformat) is None:
-            raise ConfigError(f"qformat={qformat.name!r} is not allowed with backend=llamacpp: llama.cpp runs GGUF "
+        if self.gguf is None and _gguf_type(fmt) is None:
+            raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=llamacpp: llama.cpp runs GGUF "
                               "types (qformat=gguf_q4_k_m, or bf16 as F16); or give backend.options.gguf=FILE")
         if self.gguf is not None and not self.gguf.is_file():
             raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
         if self.gguf is not None:
             key = f"backend.options.gguf={str(self.gguf)!r}"
             if tokenizer is not None:
-                _, self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
+                self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
             else:
                 self.served_model, self.model_check = self.gguf.stem, "not checked (speed only: eval.enabled=false)"
-        self.on_gpu = torch.cuda.is_available() and self.n_gpu_layers != 0
+        self.on_gpu = hardware.resolve("auto").type == "cuda" and self.n_gpu_layers != 0
         if self.on_gpu and not llama_cpp.llama_supports_gpu_offload() and not self.allow_cpu:
             raise ConfigError("backend=llamacpp: a CUDA GPU is present but this llama-cpp-python was built without "
                               "GPU support, so it would time the CPU; reinstall with CMAKE_ARGS=-DGGML_CUDA=on "
@@ -83,12 +84,10 @@ class LlamaCppBackend:
         self.on_gpu = self.on_gpu and llama_cpp.llama_supports_gpu_offload()
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
-        from gb10exp.backends.llamacpp.gguf import build_gguf
-
         if self.gguf is not None:
             self.path, origin = self.gguf, "given by backend.options.gguf"
         else:
-            gguf_type = _gguf_type(inputs.qformat)
+            gguf_type = _gguf_type(inputs.fmt)
             self.path, origin = build_gguf(inputs.model_cfg, gguf_type, inputs.model, inputs.tokenizer)
         tags = {"gguf.file": str(self.path), "gguf.origin": origin,
                 "llamacpp.extra_bufts": self.extra_bufts_tag}
@@ -115,7 +114,8 @@ class LlamaCppBackend:
     def _offload_tag(self) -> str:
         layers = self.info["n_layer"]
         if not self.on_gpu:
-            return f"none: CPU only ({'no GPU present' if not torch.cuda.is_available() else 'allow_cpu=true'})"
+            gpu = hardware.resolve("auto").type == "cuda"
+            return f"none: CPU only ({'allow_cpu=true' if gpu else 'no GPU present'})"
         offloaded = layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, layers)
         return f"{'all ' if offloaded == layers else ''}{offloaded}/{layers} layers on the GPU (+ output layer)"
 
@@ -126,12 +126,6 @@ class LlamaCppBackend:
                                                   for w, s in zip(windows.tolist(), starts, strict=True))]
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
-        from gb10exp.backends.llamacpp.gguf import decode_bytes
-
-        if cfg.batch_size != 1:
-            raise ConfigError(f"bench.batch_size={cfg.batch_size} is not allowed with backend=llamacpp: "
-                              "llama-cpp-python runs one sequence; use backend=openai on llama.cpp's server for "
-                              "concurrent requests")
         start = now()
         engine = self._load(cfg.depth + cfg.input_len + cfg.output_len, logits_all=False)
         load_s = now() - start
@@ -141,7 +135,7 @@ class LlamaCppBackend:
             return Timing(start=got["start"], token_times=got["token_times"])
 
         peak = float(self.info["model_bytes"] + self.info["state_bytes"])
-        target = Target("cuda" if self.on_gpu else "cpu", decode_bytes(self.path), peak_bytes=lambda: peak,
+        target = Target("cuda" if self.on_gpu else "cpu", qbytes.from_gguf(self.path), peak_bytes=lambda: peak,
                         depth_untimed=True)
         metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
         tags |= {"speed_valid": "true", "bench.method": "llama.cpp generate (child process)",

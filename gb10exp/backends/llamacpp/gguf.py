@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from gb10exp.config import ConfigError, ModelConfig
+from gb10exp.models import embedded_file, hub_snapshot
+from gb10exp.quant.cache import model_identity
 from gb10exp.utils import cache_dir, content_key, publish_dir, safe_name
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,6 @@ def _file_key(path: Path) -> str:
 
 def source_gguf(cfg: ModelConfig) -> Path | None:
     """The model's own GGUF file, when the model is one."""
-    from gb10exp.models import embedded_file
-
     if cfg.source == "embedded":
         return embedded_file(cfg)
     if cfg.source == "local":
@@ -123,8 +123,6 @@ def _hf_folder(cfg: ModelConfig, model: torch.nn.Module, tokenizer, key: str) ->
     if cfg.source == "local" and Path(cfg.path).expanduser().is_dir():
         return Path(cfg.path).expanduser()
     if cfg.source == "hub":
-        from gb10exp.models import hub_snapshot
-
         return hub_snapshot(cfg)  # config, tokenizer, safetensors only
     folder = cache_dir("gguf", "hf-copies") / key  # random weights: save what is in memory
     if not (folder / "config.json").is_file():
@@ -136,8 +134,6 @@ def _hf_folder(cfg: ModelConfig, model: torch.nn.Module, tokenizer, key: str) ->
 
 def _model_key(cfg: ModelConfig) -> str:
     """What fixes the converted weights: the model's identity from its content (files, hub commit)."""
-    from gb10exp.quant.cache import model_identity
-
     described = json.dumps(model_identity(cfg), sort_keys=True, default=str)
     return f"{safe_name(cfg.name)}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
 

@@ -26,6 +26,7 @@ distribution *after* token i, off by one position).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -38,12 +39,16 @@ from pathlib import Path
 
 import torch
 
+from gb10exp import hardware
 from gb10exp.backends import same_model
-from gb10exp.backends.base import BenchInputs, EngineAccuracyUnavailable
+from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.openai.config import OpenAIOptions
 from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, variants
-from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
+from gb10exp.config import BenchConfig, ConfigError
+from gb10exp.evaluate.engine import EngineAccuracyUnavailable
+from gb10exp.quant import bytes as qbytes
+from gb10exp.quant.formats import Format
 
-PROMPT_FORMATS = ("text", "tokens")
 SERVER_HINT = ("start the server first, e.g. python -m gb10exp.backends.llamacpp.serve --model F.gguf, ollama serve, "
                "trtllm-serve DIR, vllm serve MODEL")
 # How servers say "this request is fine but I cannot do that" (echo, logprobs, prompt logprobs).
@@ -131,25 +136,20 @@ def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int |
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", prompt_format: str = "text",
-                 force_length: list[str] | None = None, gguf: str | None = None, device: str = "auto",
-                 timeout_s: float = 600.0):
-        if prompt_format not in PROMPT_FORMATS:
-            raise ConfigError(f"backend.options.prompt_format={prompt_format!r} is not allowed: one of {list(PROMPT_FORMATS)}")
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            raise ConfigError(f"backend.options.device={device!r} is not allowed: auto, cpu, cuda or cuda:N")
-        self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
+    max_batch_size = None
+    engine_package = None  # the server's engine is not in this process
+
+    def __init__(self, options: OpenAIOptions):
+        self.base_url, self.model, self.api_key_env = options.base_url.rstrip("/"), options.model, options.api_key_env
         self.root = re.sub(r"/v1$", "", self.base_url)  # native endpoints (tokenize, api/show) live beside /v1
-        self.prompt_format, self.device, self.timeout_s = prompt_format, device, timeout_s
-        self.gguf = Path(gguf).expanduser() if gguf else None
-        self.force_length = ["min_tokens", "ignore_eos"] if force_length is None else list(force_length)
+        self.prompt_format, self.device, self.timeout_s = options.prompt_format, options.device, options.timeout_s
+        self.gguf = Path(options.gguf).expanduser() if options.gguf else None
+        self.force_length = list(options.force_length)
         self.tokenizer = None
         self.served_model: str | None = None
         self.meta: dict = {}  # llama.cpp's server: n_vocab, size (bytes), n_params, ... of the served model
         self.model_check = ""
         self.include_usage = True
-        self.gguf_bytes: float | None = None
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None = None, timeout: float | None = None, root: bool = False):
@@ -169,7 +169,7 @@ class OpenAIBackend:
             return None
         return got if isinstance(got, dict) and "error" not in got and got.get("object") != "error" else None
 
-    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
+    def check(self, fmt: Format, tokenizer=None) -> None:
         try:
             with self._request("/models", timeout=10) as r:
                 listed = json.load(r).get("data", [])
@@ -191,14 +191,12 @@ class OpenAIBackend:
             self.model_check = "not checked: speed only (eval.enabled=false)"
         else:
             self.model_check = self._check_same_model(tokenizer)
-        if self.gguf is not None and self.gguf_bytes is None:
-            self.gguf_bytes = same_model.gguf_fields(self.gguf)[1]
 
     def _check_same_model(self, tokenizer) -> str:
         key = f"backend.options.model={self.model!r}"
         done = []
         if self.gguf is not None:
-            self.gguf_bytes, _, _ = same_model.check_gguf(self.gguf, tokenizer, f"backend.options.gguf={str(self.gguf)!r}")
+            same_model.check_gguf(self.gguf, tokenizer, f"backend.options.gguf={str(self.gguf)!r}")
             done.append("the GGUF's vocabulary")
         tokenize = [("/tokenize", {"content": same_model.PROBE, "add_special": False}),  # llama.cpp's llama-server
                     ("/tokenize", {"model": self.model, "prompt": same_model.PROBE}),  # vLLM
@@ -298,24 +296,25 @@ class OpenAIBackend:
                                "ignore_eos)")
         return timing, usage
 
-    def _weights(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[float | None, float | None, str]:
-        """(bytes one decode step reads, bytes the engine holds, where they come from)."""
+    def _tensors(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[qbytes.Tensors | None, bool]:
+        """(what the served model's decode step reads, whether that is the engine's own count)."""
         if self.gguf is not None:
-            from gb10exp.backends.llamacpp.gguf import decode_bytes
-
-            return decode_bytes(self.gguf), self.gguf_bytes, "the served GGUF file"
-        if cfg.model_bytes is not None:
-            return cfg.model_bytes, cfg.model_bytes, "bench.model_bytes"
-        if isinstance(self.meta.get("size"), int | float):
-            return float(self.meta["size"]), float(self.meta["size"]), "the server (/v1/models meta size)"
-        if inputs.weight_bytes:
-            return inputs.weight_bytes, None, "estimate from the qformat's bits per weight (set bench.model_bytes)"
-        return None, None, "unknown (set bench.model_bytes)"
+            return qbytes.from_gguf(self.gguf), True
+        weights = cfg.model_bytes or self.meta.get("size")
+        if isinstance(weights, int | float):  # one number: the weights, read whole each step; no KV geometry
+            source = "bench.model_bytes" if cfg.model_bytes else "the server (/v1/models meta size)"
+            return qbytes.Tensors({"weights": float(weights)}, None, None, 0.0, source), True
+        if inputs.deployed is not None:
+            return dataclasses.replace(inputs.deployed, source="estimate from the qformat's bits per weight "
+                                       "(set bench.model_bytes or backend.options.gguf)"), False
+        return None, False
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         self.tokenizer = inputs.tokenizer
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        decode_bytes, engine_bytes, source = self._weights(inputs, cfg)
+        # Where the server's weights are: "auto" assumes this machine's GPU, if any; an explicit device may be
+        # one this process cannot see (a server elsewhere), so it is taken as given.
+        device = str(hardware.resolve("auto")) if self.device == "auto" else self.device
+        tensors, engines_own = self._tensors(inputs, cfg)
         pool = ThreadPoolExecutor(cfg.batch_size)
         prompt_tokens: list[int] = []
 
@@ -327,16 +326,15 @@ class OpenAIBackend:
             return merge_concurrent([t for t, _ in results])
 
         try:
-            metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, Target(device, decode_bytes))
+            metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, Target(device, tensors))
         finally:
             pool.shutdown()
-        if engine_bytes is not None:
-            metrics["engine_weight_gib"] = engine_bytes / 2**30
+        if tensors is not None and engines_own:
+            metrics["engine_weight_gib"] = tensors.weight_bytes / 2**30
         if prompt_tokens:  # the server's own count: text prompts are re-tokenized by the server
             metrics["server_prompt_tokens"] = float(statistics.median(prompt_tokens))
         tags |= {"speed_valid": "true", "bench.method": f"OpenAI /completions stream, {cfg.batch_size} concurrent",
                  "bench.usage": "usage (stream_options.include_usage)" if self.include_usage and prompt_tokens
                  else "chunks counted (the server sent no usage)",
-                 "roofline.bytes_source": source,
                  "roofline.device_assumed": f"{device}: the server's weights are assumed on this machine's {device}"}
         return metrics, tags

@@ -20,44 +20,27 @@ same signatures (tests/fixtures/tensorrt_llm), so a keyword the real API lacks f
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from gb10exp import hardware
 from gb10exp.backends import support
 from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.trtllm.config import TRTLLMOptions
 from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, stamps_from_stream
-from gb10exp.config import BenchConfig, Config, ConfigError, QFormatConfig
-from gb10exp.quant.export import DTYPE_BYTES, write_checkpoint
+from gb10exp.config import BenchConfig, ConfigError
+from gb10exp.quant import bytes as qbytes
+from gb10exp.quant.export import write_checkpoint
+from gb10exp.quant.formats import Format
 from gb10exp.utils import cache_dir
 
 INSTALL_HINT = ("TensorRT-LLM runs on NVIDIA GPUs inside NVIDIA's container: docker run --gpus all --ipc=host -it "
                 "-v $PWD:/work nvcr.io/nvidia/tensorrt-llm/release:<tag>, then pip install -e /work")
-DEFAULT_MAX_BATCH_SIZE = 8  # backend.options.max_batch_size unless set
 NO_CONTEXT_LOGITS = ("not run: TensorRT-LLM returned no context_logits (1.0 can return None), so the engine's "
                      "own perplexity could not be checked against PyTorch's")
-
-
-def checkpoint_decode_bytes(folder: Path) -> float:
-    """Bytes one decode step reads from a safetensors checkpoint: every tensor, except an input
-    embedding table that has a separate output head (one row of it is read per token)."""
-    sizes: dict[str, int] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:  # the header alone: no tensor is loaded
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                sizes[name] = count * DTYPE_BYTES.get(info["dtype"], 2)
-    total = sum(sizes.values())
-    if any(n.endswith("lm_head.weight") for n in sizes):
-        total -= sum(v for n, v in sizes.items() if n.endswith("embed_tokens.weight"))
-    return float(total)
 
 
 def export_checkpoint(inputs: BenchInputs, folder: Path) -> str:
@@ -66,34 +49,25 @@ def export_checkpoint(inputs: BenchInputs, folder: Path) -> str:
     return f"{ckpt.method} ({ckpt.quant_algo})" if ckpt.quant_algo else ckpt.method
 
 
-def preflight_check(cfg: Config) -> None:
-    """Per job, before any work: TensorRT-LLM queues requests beyond its max_batch_size silently, so a
-    bench.batch_size above it would time a queue, not a batch."""
-    if cfg.backend.name != "trtllm" or not cfg.bench.enabled:
-        return
-    limit = cfg.backend.options.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
-    if cfg.bench.batch_size > limit:
-        raise ConfigError(f"bench.batch_size={cfg.bench.batch_size} is not allowed with backend=trtllm: at most "
-                          f"backend.options.max_batch_size={limit} (the engine would queue the rest); raise "
-                          f"backend.options.max_batch_size or lower bench.batch_size")
-
-
 class TRTLLMBackend:
     name = "trtllm"
+    served_model = None  # runs the configured model (or backend.options.checkpoint, checked as it)
+    engine_package = "tensorrt-llm"
 
-    def __init__(self, checkpoint: str | None = None, free_gpu_memory_fraction: float = 0.5,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, keep_checkpoint: bool = False):
-        self.checkpoint = Path(checkpoint).expanduser() if checkpoint else None
-        self.free_gpu_memory_fraction, self.max_batch_size = free_gpu_memory_fraction, max_batch_size
-        self.keep_checkpoint = keep_checkpoint
+    def __init__(self, options: TRTLLMOptions):
+        self.checkpoint = Path(options.checkpoint).expanduser() if options.checkpoint else None
+        # TensorRT-LLM queues requests beyond its max_batch_size silently, so a bench.batch_size above it
+        # would time a queue, not a batch: preflight checks it (gb10exp.backends.check).
+        self.free_gpu_memory_fraction, self.max_batch_size = options.free_gpu_memory_fraction, options.max_batch_size
+        self.keep_checkpoint = options.keep_checkpoint
         self.llm = None
         self.folder: Path | None = None
         self._exported: Path | None = None
         self.context_logits_missing = False
 
-    def check(self, qformat: QFormatConfig, tokenizer=None) -> None:
-        if qformat.gguf_type is not None:
-            raise ConfigError(f"qformat={qformat.name!r} is not allowed with backend=trtllm: GGUF formats run on "
+    def check(self, fmt: Format, tokenizer=None) -> None:
+        if fmt.kind == "gguf":
+            raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=trtllm: GGUF formats run on "
                               "backend=llamacpp; TensorRT-LLM runs modelopt formats (nvfp4, fp8, bf16...)")
         try:
             import tensorrt_llm  # noqa: F401
@@ -101,9 +75,9 @@ class TRTLLMBackend:
             raise ConfigError(f"backend=trtllm needs tensorrt_llm, which cannot be imported here "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
                               f"{INSTALL_HINT}") from exc
-        if not torch.cuda.is_available():
+        if hardware.resolve("auto").type != "cuda":
             raise ConfigError(f"backend=trtllm needs an NVIDIA GPU and none is visible; {INSTALL_HINT}")
-        support.check(self.name, qformat, support.arch_of("cuda"))
+        support.refuse(self.name, fmt, hardware.arch("cuda"))
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         import tensorrt_llm
@@ -156,7 +130,7 @@ class TRTLLMBackend:
             return asyncio.run(self._concurrent(rotated, params))
 
         target = Target(str(inputs.device if inputs.device.type == "cuda" else "cuda"),
-                        checkpoint_decode_bytes(self.folder))
+                        qbytes.from_safetensors(self.folder))
         metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
         tags |= {"speed_valid": "true", "bench.method": "TensorRT-LLM LLM.generate_async streaming"}
         if self.context_logits_missing:  # engine_accuracy's generic "no engine scoring" would be wrong here

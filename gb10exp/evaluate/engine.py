@@ -17,10 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from gb10exp.backends.base import EngineAccuracyUnavailable
 from gb10exp.config import Config
 from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
+
+
+class EngineAccuracyUnavailable(Exception):
+    """The engine cannot score prompts (no echo, no prompt log-probabilities, not all of them): the run
+    goes on with a tag saying so, never with a number computed from what the engine did return."""
 
 
 @dataclass
@@ -36,7 +40,7 @@ def _ppl(nll: list[float], tokens: list[int]) -> float:
 
 def engine_accuracy(backend, windows: EvalWindows, offline: AccuracyResult, cfg: Config) -> EngineAccuracy:
     """Score windows through ``backend.perplexity`` and compare with ``offline`` on the same scored tokens."""
-    engine_quantized = cfg.qformat.gguf_type is not None
+    engine_quantized = cfg.qformat.gguf_type is not None  # the engine made the format: PyTorch has only the source
     count = len(windows) if engine_quantized else min(cfg.bench.engine_ppl_windows, len(windows))
     if count == 0:
         return EngineAccuracy(tags={"engine_ppl_check": "off (bench.engine_ppl_windows=0)"})

@@ -17,6 +17,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gb10exp.report.collect import RunRow, pair_differences
+from gb10exp.tracking.secrets import redact, tracking_uri
+from gb10exp.tracking.store import sqlite_path
+
 COLUMNS = [  # (metric, header, format)
     ("perplexity", "ppl", "{:.3f}"),
     ("kl_mean", "KL", "{:.4f}"),
@@ -32,8 +36,6 @@ REF_AFTER = "ppl"  # the column it follows
 
 def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
     """Per row: the relative perplexity change against the sweep's paired bf16 run, else the in-run one."""
-    from gb10exp.report.collect import RunRow, pair_differences
-
     runs = [
         RunRow(
             r.get("run_id", r["name"]),
@@ -66,8 +68,6 @@ def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def mark_failed(output_dir: str, message: str) -> None:
-    from gb10exp.tracking.secrets import redact
-
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "failed.txt").write_text(redact(message) + "\n")
 
@@ -89,13 +89,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
-def sweep_rows(tracking_uri: str, sweep_dir: str) -> list[dict[str, Any]]:
+def sweep_rows(uri: str, sweep_dir: str) -> list[dict[str, Any]]:
     """The MLflow runs of one sweep, in every experiment (a sweep over models spans several)."""
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+    if (path := sqlite_path(uri)) is not None and not path.exists():
         return []  # no job got as far as recording; don't create an empty store
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     runs = (
         client.search_runs(
@@ -120,8 +120,6 @@ def sweep_rows(tracking_uri: str, sweep_dir: str) -> list[dict[str, Any]]:
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        from gb10exp.tracking.secrets import redact, tracking_uri
-
         uri = OmegaConf.select(config, "tracking.uri")
         try:
             rows = sweep_rows(tracking_uri(uri), str(sweep_dir))
