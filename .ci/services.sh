@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # PostgreSQL and an MLflow tracking server on loopback, for the tests marked `server`.
 # Sourced by .ci/run (after the venv exists); exports GB10EXP_TEST_MLFLOW_URI and GB10EXP_TEST_PG_URI and
-# stops both servers when the calling shell exits. By hand:  source .ci/services.sh && make test
+# stops both servers when the calling shell exits. `make test` sources it; by hand:
+# source .ci/services.sh && .venv/bin/python -m pytest -m server
 set -euo pipefail
 
 GB10EXP_SERVICES_DIR=${GB10EXP_SERVICES_DIR:-/tmp/gb10exp-services}

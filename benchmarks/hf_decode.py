@@ -48,10 +48,10 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository, without installing it
 
+from gb10exp import hardware  # noqa: E402
 from gb10exp.backends.hf.fast import FastDecoder, TokenStamper  # noqa: E402
 from gb10exp.bench import Timing, now, summarize  # noqa: E402
 from gb10exp.bench.monitor import Monitor  # noqa: E402
-from gb10exp import hardware  # noqa: E402
 from gb10exp.bench.roofline import decode_bound  # noqa: E402
 from gb10exp.models import random_llama  # noqa: E402
 from gb10exp.quant import bytes as qbytes  # noqa: E402

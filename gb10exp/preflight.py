@@ -212,6 +212,10 @@ def _one_line(exc: Exception, overrides: list[str]) -> str:
     message = " ".join(lines) or type(exc).__name__
     if "Could not override" in message and "+" in message:  # Hydra says "append with +key": that fails too
         key = next((o.split("=")[0] for o in overrides if f"'{o.split('=')[0]}'" in message), None)
+        if key is not None and (CONF_DIR / key).is_dir():  # a group without a default: a preset
+            value = next(o.split("=", 1)[1] for o in overrides if o.split("=")[0] == key)
+            return (f"{key}={value}: {key} has no default to override; add it with +{key}={value} "
+                    f"(the options are the files in conf/{key}/)")
         if key is not None and not key.startswith(("+", "hydra")):
             near = _nearest_key(key)
             return (f"{key} is not a key of the config{f' (did you mean {near}?)' if near else ''}; "

@@ -78,6 +78,20 @@ def run_gb10exp(*args: str, store: Path | None = None, env: dict[str, str] | Non
                           env={**os.environ, **(env or {})})
 
 
+def cli_error(*args: str, store: Path | None = None) -> str:
+    """The one line ``python -m gb10exp ARGS`` prints before exiting 2, computed by the CLI's own check in this
+    process (seconds instead of a Python start per case); asserts that it is one line and that nothing was
+    written into ``store``. tests/test_bad_input.py::test_the_cli_prints_one_line_and_exits_2 runs the CLI."""
+    from gb10exp.__main__ import bad_input
+    from gb10exp.preflight import normalize
+
+    line = bad_input(normalize([*(store_args(store) if store else []), *args]))  # later overrides win
+    assert line is not None and line.startswith("gb10exp: error: ") and "\n" not in line, line
+    if store is not None:
+        assert not (store / "mlflow.db").exists() and not (store / "outputs").exists()
+    return line
+
+
 def mlflow_runs(store: Path):
     """Every run in the store (all experiments), oldest first."""
     from mlflow.tracking import MlflowClient

@@ -16,7 +16,6 @@ import torch
 from conftest import free_port, mlflow_runs, run_gb10exp, serving
 
 from gb10exp.backends.base import BenchInputs
-from gb10exp.evaluate.engine import EngineAccuracyUnavailable
 from gb10exp.backends.openai.backend import (
     OpenAIBackend,
     ServerError,
@@ -26,6 +25,7 @@ from gb10exp.backends.openai.backend import (
 )
 from gb10exp.backends.openai.config import OpenAIOptions
 from gb10exp.config import BenchConfig, QFormatConfig
+from gb10exp.evaluate.engine import EngineAccuracyUnavailable
 from gb10exp.quant import formats
 
 SMALL = ["calib_size=4", "calib.seq_len=128", "eval.seq_len=128", "eval.num_windows=4", "bench.input_len=64",

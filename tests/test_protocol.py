@@ -12,9 +12,9 @@ from inprocess import fresh_cache, new_store, run_job
 
 from gb10exp import data
 from gb10exp.config import ConfigError, EvalConfig, ModelConfig
+from gb10exp.evaluate import cache as eval_cache
 from gb10exp.evaluate import evaluate_accuracy
 from gb10exp.models import random_llama
-from gb10exp.evaluate import cache as eval_cache
 from gb10exp.utils import cache_dir
 
 CPU = torch.device("cpu")
