@@ -138,6 +138,7 @@ class OpenAIBackend:
 
     max_batch_size = None
     engine_package = None  # the server's engine is not in this process
+    returns_logits = False
 
     def __init__(self, options: OpenAIOptions):
         self.base_url, self.model, self.api_key_env = options.base_url.rstrip("/"), options.model, options.api_key_env
@@ -228,6 +229,9 @@ class OpenAIBackend:
         self.tokenizer = inputs.tokenizer
         return {"openai.base_url": self.base_url, "openai.model": str(self.model),
                 "engine.model_check": self.model_check}
+
+    def describe(self) -> dict[str, str]:
+        return {}  # the run's own tags already say what ran
 
     def close(self) -> None:
         pass
