@@ -9,7 +9,7 @@ weights, each of ``--modes``: plain eager ``generate``, ``generate(cache_impleme
 gb10exp's fast path (``gb10exp/backends/hf/fast.py``): ``fast`` is the default of
 ``backend=hf`` (Programmatic Dependent Launch chosen by timing both), ``fast_pdl`` / ``fast_nopdl``
 with it forced on / off, ``fast_tuned`` its ``backend.options.tuned=true``; for diagnosis,
-``fast_plain`` (no Inductor tuning), ``fast_hf`` (the HF-forward step every non-Llama-like model gets) and
+``fast_plain`` (no Inductor tuning), ``fast_regional`` (compiled by layer), ``fast_hf`` (the HF-forward step every non-Llama-like model gets) and
 ``fast_nograph`` (no CUDA graph). Every mode is warmed up first (compilation and capture reported as
 ``compile_s``, never as decode time), then each request decodes exactly ``--output-len`` tokens
 greedily (EOS ignored) from its own prompt.
@@ -99,6 +99,7 @@ MODES: dict[str, dict | None] = {
     "fast_plain": {"preset": "plain"},
     "fast_pdl": {"pdl": True},  # the default compile, Programmatic Dependent Launch forced on
     "fast_nopdl": {"pdl": False},  # ... forced off (the default, pdl=auto, times both and keeps the faster)
+    "fast_regional": {"regional": True},  # compiled by layer: half the cold compile, a slower step
     "fast_hf": {"native": False},
     "fast_nograph": {"cuda_graph": False},
 }

@@ -110,7 +110,15 @@ def test_the_compiled_step_has_one_graph_per_part_and_decodes_what_generate_deco
     model = model_of("llama")
     graphs = counters["stats"]["unique_graphs"]
     with FastDecoder(
-        model, 2, 20, 12, compile_step=True, cuda_graph=True, preset="plain", record_logits=True
+        model,
+        2,
+        20,
+        12,
+        compile_step=True,
+        cuda_graph=True,
+        preset="plain",
+        record_logits=True,
+        regional=True,
     ) as d:
         d.warm(PROMPT)
         assert "compiled step (plain, by layer)" in d.describe()
@@ -331,10 +339,12 @@ def test_each_decoder_compiles_its_own_copy_of_the_step():
     every decoder ran out after a few models in a sweep."""
     model = model_of("llama")
     codes = []
-    for native in (True, True, False):
-        with FastDecoder(model, 1, 8, 4, compile_step=True, cuda_graph=True, native=native) as d:
+    for regional, native in ((True, True), (True, True), (False, True)):
+        with FastDecoder(
+            model, 1, 8, 4, compile_step=True, cuda_graph=True, native=native, regional=regional
+        ) as d:
             step = d._step_fns[d.pdl]
-            parts = step.parts if native else (step,)  # native: embed, layer, head; HF forward: one
+            parts = step.parts if regional else (step,)  # by region: embed, layer, head; whole: one
             codes.append([part._torchdynamo_orig_callable.__func__.__code__ for part in parts])
     originals = {
         fast._NativeLlama.embed_step.__code__,

@@ -104,13 +104,14 @@ def cuda_model(arch: dict, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module
     return model
 
 
-def fast_logits(model, prompt: torch.Tensor, output_len: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(tokens, logits (B, T, V) float32, the decoder's description): the default fast path, compiled,
-    captured and replayed as when timed."""
+def fast_logits(model, prompt: torch.Tensor, output_len: int, regional: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(tokens, logits (B, T, V) float32, the decoder's description): the default fast path (or its step
+    compiled by layer), compiled, captured and replayed as when timed."""
     from gb10exp.backends.hf.fast import FastDecoder
 
     with FastDecoder(model, prompt.shape[0], prompt.shape[1], output_len, compile_step=True, cuda_graph=True,
-                     record_logits=True) as decoder:
+                     record_logits=True, regional=regional) as decoder:
         decoder.warm(prompt)
         tokens, logits = decoder.decode_logits(prompt)
         return tokens, logits, decoder.describe()
@@ -127,8 +128,9 @@ def worst(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_cuda
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "by_layer"])
 @pytest.mark.parametrize("shape", ["small", "llama3_1_8b"])
-def test_fast_path_logits_match_the_reference_at_every_step(shape):
+def test_fast_path_logits_match_the_reference_at_every_step(shape, regional):
     """bfloat16 first, then the same weights upcast to float32 (exact) for the float32 reference and for the
     fast path in float32. Each check also compares the fast path's step t with the reference's step t + 1:
     what a one-position slip would give must be far above the tolerance, or the tolerance proves nothing."""
@@ -139,8 +141,9 @@ def test_fast_path_logits_match_the_reference_at_every_step(shape):
     model = cuda_model(arch, torch.bfloat16)
     prompt = torch.randint(0, arch["vocab_size"], (batch, input_len), generator=torch.Generator().manual_seed(1))
     prompt = prompt.cuda()
-    tokens, logits, detail = fast_logits(model, prompt, output_len)
-    assert detail.startswith("native Llama step") and "compiled step (default, by layer)" in detail, detail
+    tokens, logits, detail = fast_logits(model, prompt, output_len, regional)
+    scope = "compiled step (default, by layer)" if regional else "compiled step (default)"
+    assert detail.startswith("native Llama step") and scope in detail, detail
     assert "CUDA graph" in detail and logits.shape == (batch, output_len, arch["vocab_size"])
     eager16 = reference_logits(model, prompt, tokens)
     model.float()  # every bfloat16 value is a float32 value: the same weights
@@ -155,7 +158,7 @@ def test_fast_path_logits_match_the_reference_at_every_step(shape):
     assert fast_err <= BF16_FACTOR * eager_err
     assert slip > 5 * BF16_FACTOR * eager_err
 
-    tokens32, logits32, detail32 = fast_logits(model, prompt, output_len)
+    tokens32, logits32, detail32 = fast_logits(model, prompt, output_len, regional)
     ref32 = reference_logits(model, prompt, tokens32)
     scale = float(ref32.abs().max())
     err32, slip32 = worst(logits32, ref32), worst(logits32[:, 1:], ref32[:, :-1])

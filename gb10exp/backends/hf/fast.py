@@ -24,10 +24,13 @@ hundreds of small kernels one by one. Here, for greedy decoding of exactly ``out
   tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
   host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
   global flags are set only inside ``inductor_flags`` while compiling, then restored.
-- **Regional compilation** of the native step: one decoder layer is compiled once and called for every
-  layer with that layer's weights and cache (plus a small compiled prologue and head), so Dynamo traces,
-  and Inductor lowers and autotunes, one layer instead of all of them; the CUDA graph still holds the
-  whole step.
+- **Regional compilation** of the native step, on request (``regional=True``): one decoder layer is
+  compiled once and called for every layer with that layer's weights and cache (plus a small compiled
+  prologue and head), so Dynamo traces, and Inductor lowers and autotunes, one layer instead of all of
+  them; the CUDA graph still holds the whole step. On an H100 (8B shape, bf16) it compiled cold in 48 s
+  instead of 97 s but decoded 158.8 tokens/s against the whole step's 166.8 in the same call
+  (benchmarks/results/hf_decode_cold_warm_regional_h100.json, hf_decode_base_h100.json): the default
+  stays the whole step.
 - **A persistent compile cache**: Inductor's FX-graph, autotuning and Triton caches live under
   ``$GB10EXP_CACHE/compile/<GPU, torch, Triton, CUDA>`` (``use_compile_cache``), so a process that
   finds the shape compiled before loads it instead of tuning it again.
@@ -492,7 +495,8 @@ class FastDecoder:
     exactly as the default does. ``pdl``: Programmatic Dependent Launch on (True), off (False), or "auto":
     where it can act (a compiled, tuned step on a Hopper-or-newer GPU) the remembered decision
     (``remembered_pdl``), else both compiled and timed in ``warm``, the faster kept and remembered;
-    elsewhere it is off. ``native=False`` forces the HF-forward step (for comparison). ``record_logits``:
+    elsewhere it is off. ``native=False`` forces the HF-forward step (for comparison); ``regional=True``
+    compiles the native step by layer (a cold compile about half as long, a slower step). ``record_logits``:
     the step also keeps its logits, for ``decode_logits`` (a check, never timed). Use as a context
     manager, or call ``close`` when done: the native step shares the model's weights until then."""
 
@@ -509,6 +513,7 @@ class FastDecoder:
         native: bool = True,
         pdl: str | bool = "auto",
         record_logits: bool = False,
+        regional: bool = False,
     ):
         self.model, self.input_len, self.output_len = model, input_len, output_len
         self.device = next(model.parameters()).device
@@ -521,6 +526,7 @@ class FastDecoder:
             raise ValueError(f"pdl={pdl!r} is not one of auto, true, false")
         self.compiled = compile_step
         self.record_logits = record_logits
+        self.regional = regional
         # Before anything compiles: a process that finds this GPU's and software's cache skips the tuning.
         self.compile_cache = use_compile_cache(self.device) if compile_step else None
         self.compile_stats: dict[str, object] = {}
@@ -583,16 +589,17 @@ class FastDecoder:
         return None
 
     def _step_for(self, pdl: bool) -> Callable[[], None]:
-        """The step of one PDL candidate, made once: eager; the native step compiled by regions (one
-        layer compiled once, called for every layer); or the HF-forward step compiled whole."""
+        """The step of one PDL candidate, made once: eager; compiled whole (one graph: Inductor fuses
+        across layer boundaries); or, native and ``regional``, by regions (one layer compiled once, called
+        for every layer)."""
         if pdl not in self._step_fns:
             flags = self.candidates[pdl]
             if not self.compiled:
                 self._step_fns[pdl] = self._step
-            elif self.native is None:
-                self._step_fns[pdl] = _compiled(FastDecoder._step, self, flags)
-            else:
+            elif self.native is not None and self.regional:
                 self._step_fns[pdl] = self._regional_step(flags)
+            else:
+                self._step_fns[pdl] = _compiled(FastDecoder._step, self, flags)
         return self._step_fns[pdl]
 
     def _regional_step(self, flags: dict[str, object]) -> Callable[[], None]:
@@ -615,7 +622,7 @@ class FastDecoder:
         return step
 
     def describe(self) -> str:
-        compiled = f"compiled step ({self.preset}{', by layer' if self.compiled and self.native else ''})"
+        compiled = f"compiled step ({self.preset}{', by layer' if self.regional and self.native else ''})"
         if not self.compiled:
             compiled = "eager step"
         if self.pdl_note is not None:
