@@ -29,7 +29,7 @@ hundreds of small kernels one by one. Here, for greedy decoding of exactly ``out
   prologue and head), so Dynamo traces, and Inductor lowers and autotunes, one layer instead of all of
   them; the CUDA graph still holds the whole step. On an H100 (8B shape, bf16) it compiled cold in 48 s
   instead of 97 s but decoded 158.8 tokens/s against the whole step's 166.8 in the same call
-  (benchmarks/results/hf_decode_cold_warm_regional_h100.json, hf_decode_base_h100.json): the default
+  (benchmarks/results/hf_decode_regional_cold_warm_h100.json, hf_decode_base_30b0337_h100.json): the default
   stays the whole step.
 - **A persistent compile cache**: Inductor's FX-graph, autotuning and Triton caches live under
   ``$GB10EXP_CACHE/compile/<GPU, torch, Triton, CUDA>`` (``use_compile_cache``), so a process that
