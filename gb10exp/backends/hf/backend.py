@@ -89,6 +89,11 @@ class HFBackend:
                 compile_s = decoder.warm(warm_prompt)
                 metrics, tags = measure(lambda p: decoder.generate(batch(p)), inputs.prompt_tokens, cfg, target)
                 tags["bench.fast"] = decoder.describe()
+                if stats := decoder.compile_stats:  # why compile_s is what it is: cold, or from the cache
+                    tags["bench.compile_cache"] = (
+                        f"{stats['cache_dir']}: {stats['fxgraph_cache_hit']} FX graph(s) from the cache, "
+                        f"{stats['fxgraph_cache_miss']} compiled, {stats['coordesc_tuning_bench']} kernel "
+                        "configurations timed by coordinate descent")
             return metrics | {"compile_s": compile_s}, tags
 
         extra = {"cache_implementation": "static"} if mode == "static" else {}
