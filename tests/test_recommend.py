@@ -3,7 +3,7 @@ sizes and speeds are known: the choice under each budget, "none meets the constr
 constraint, measured against projected speed, the Pareto fronts and their plot.
 
 Runs go into a real SQLite MLflow store (tests/test_report.py ``log_run``); native engine support comes
-from ``gb10exp.backends.support.native_engines`` (fp8 and nvfp4 native on GB10, int4 and nvfp4_awq not).
+from ``gb10exp.backends.support.native_engines`` (fp8 and nvfp4 native on GB10, w4a8_awq not).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def log_set(uri: str, nvfp4_measured: float | None = None) -> None:
     )
     # Larger and worse than nvfp4: dominated on both fronts.
     log_run(uri, "nvfp4_awq", shifted(math.log(1.05)), tags=DIGESTS, extra_metrics=sizes(0.30))
-    # The smallest, but no engine serves W4A16 AWQ natively on GB10.
-    log_run(uri, "int4", shifted(math.log(1.06)), tags=DIGESTS, extra_metrics=sizes(0.26))
+    # The smallest, but no engine serves W4A8 AWQ natively on GB10 (TensorRT-LLM has no sm_120/121 kernels).
+    log_run(uri, "w4a8_awq", shifted(math.log(1.06)), tags=DIGESTS, extra_metrics=sizes(0.26))
 
 
 def test_pareto_front():
@@ -73,7 +73,7 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     assert runs["known-nvfp4-calib16"]["speed_kind"] == "projected"
     assert runs["known-nvfp4-calib16"]["loss"]["point"] == pytest.approx(0.03)
     assert runs["known-bf16-calib16"]["fails"] == ["--max-weight-gib"]
-    assert runs["known-int4-calib16"]["native_engines"] == [] and runs["known-int4-calib16"]["fails"] == [
+    assert runs["known-w4a8_awq-calib16"]["native_engines"] == [] and runs["known-w4a8_awq-calib16"]["fails"] == [
         "native engine"
     ]
     on_bytes = {n for n, r in runs.items() if r["pareto_bytes"]}
@@ -93,7 +93,7 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     free = recommend(rows, Constraints())
     assert free.choice.name == "known-bf16-calib16"
     assert "Not distinguishable on this evaluation from: known-fp8-calib16" in free.uncertainty
-    # 0.3 GiB: int4 (0.26) is smaller but not native, nvfp4_awq fits but is not native either: nvfp4.
+    # 0.3 GiB: w4a8_awq (0.26) is smaller but not native, nvfp4_awq fits but is larger and worse: nvfp4.
     small = recommend(rows, Constraints(max_weight_gib=0.3))
     assert small.choice.name == "known-nvfp4-calib16" and "mini/acc 0.750" in small.reasons
     # Too fast for any run that fits: nothing, and the speed constraint binds (nvfp4 projects 975 tok/s).
@@ -105,9 +105,9 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     tiny = recommend(rows, Constraints(max_weight_gib=0.2))
     assert tiny.choice is None and tiny.binding[0].startswith("--max-weight-gib binds")
     assert "the smallest, known-nvfp4-calib16, 0.280 GiB" in tiny.binding[0]
-    # On an H100 (Hopper) nvfp4 has no native engine; int4 has one (TensorRT-LLM).
+    # On an H100 (Hopper) nvfp4 has no native engine; w4a8_awq has one (TensorRT-LLM).
     hopper = recommend(rows, Constraints(max_weight_gib=0.3, device="H100"))
-    assert hopper.choice.name == "known-int4-calib16" and hopper.arch == "hopper"
+    assert hopper.choice.name == "known-w4a8_awq-calib16" and hopper.arch == "hopper"
 
 
 def test_measured_speed_beats_the_projection(store, tmp_path):
@@ -116,13 +116,15 @@ def test_measured_speed_beats_the_projection(store, tmp_path):
         store,
         Selection(experiment=EXPERIMENT),
         tmp_path / "r",
-        Constraints(max_weight_gib=0.3, min_decode_tokens_per_s=700),
+        Constraints(max_weight_gib=0.29, min_decode_tokens_per_s=700),  # nvfp4 (0.28) fits, nvfp4_awq (0.30) not
     )
     rec = report.recommendation
     nv = next(x for x in rec.candidates if x.name == "known-nvfp4-calib16")
     assert nv.speed == 600.0 and nv.speed_kind == "measured" and nv.speed_note == "measured on NVIDIA GB10"
     assert rec.choice is None
-    assert "600.0 tokens/s (known-nvfp4-calib16, measured)" in rec.binding[0]
+    # Both bind: nvfp4 fits but is too slow as measured; nvfp4_awq would be fast enough (projected) but is too large.
+    assert any("600.0 tokens/s (known-nvfp4-calib16, measured)" in b for b in rec.binding), rec.binding
+    assert any(b.startswith("--max-weight-gib binds") and "known-nvfp4_awq-calib16" in b for b in rec.binding)
     # The same run seen from an H200: not measured there, so projected from its bytes.
     h200 = recommend(report.rows, Constraints(device="H200"))
     nv = next(x for x in h200.candidates if x.name == "known-nvfp4-calib16")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -80,7 +81,11 @@ def test_claim_preset_then_report(tmp_path):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """An MLflow tracking server on loopback (SQLite behind it, artifacts served by the server)."""
+    """An MLflow tracking server on loopback: the suite's own (PostgreSQL behind it, started by `make test`),
+    else one started here (SQLite behind it, artifacts served by the server)."""
+    if uri := os.environ.get("GB10EXP_TEST_MLFLOW_URI"):
+        yield uri
+        return
     port = free_port()
     command = [
         sys.executable,

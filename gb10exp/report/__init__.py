@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from gb10exp.report import recommend, render
 from gb10exp.report.collect import REPORT_TAG, Collected, Selection, collect
 from gb10exp.report.compare import (
+    EngineRow,
     FormatSummary,
     ReportRow,
     Resolution,
     compare,
+    engine_rows,
     missing_fp8,
     resolution,
     summarize,
@@ -84,6 +86,7 @@ def as_json(
     collected: Collected,
     fp8_command: str | None = None,
     res: Resolution | None = None,
+    engine: list[EngineRow] | None = None,
 ) -> dict[str, Any]:
     """The report's numbers, machine-readable (tests and notebooks read this rather than the Markdown)."""
     near_1 = None
@@ -94,6 +97,21 @@ def as_json(
             "recipe": _recipe(res.nearest.recipe),
         }
     return {
+        "engine": [
+            {
+                "run_id": e.run.run_id,
+                "model": e.run.model,
+                "backend": e.run.backend,
+                "qformat": e.run.qformat,
+                "calib_size": e.run.calib_size,
+                "engine_perplexity": e.engine_ppl,
+                "vs_unquantized": e.vs_unquantized and asdict(e.vs_unquantized),
+                "simulated_perplexity": e.simulated_ppl,
+                "deployed_vs_simulated": e.vs_simulated and asdict(e.vs_simulated),
+                "disagrees": e.disagrees,
+            }
+            for e in engine or []
+        ],
         "rows": [
             {
                 "run_id": r.run.run_id,
@@ -175,6 +193,7 @@ def build_report(tracking_uri: str, selection: Selection, out_dir: Path, constra
     title = f"Does NVFP4 lose less than 1%? — {selection.label()}"
     png = render.plot(rows, title, out_dir / PLOT_NAME)
     res = resolution(rows)
+    engine = engine_rows(rows)
     blocks = render.document(
         title,
         _meta(tracking_uri, collected),
@@ -184,12 +203,13 @@ def build_report(tracking_uri: str, selection: Selection, out_dir: Path, constra
         res,
         png.name if png else None,
         fp8_command,
+        engine,
     )
     files = [out_dir / "report.md", out_dir / "report.html", out_dir / "report.json"]
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(render.to_html(blocks, out_dir))
     files[2].write_text(
-        json.dumps(as_json(rows, summaries, collected, fp8_command, res), indent=2, default=str)
+        json.dumps(as_json(rows, summaries, collected, fp8_command, res, engine), indent=2, default=str)
     )
     files += [png] if png else []
     rec = None

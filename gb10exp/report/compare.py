@@ -31,6 +31,7 @@ from gb10exp.report.stats import (
     point_only,
     ppl_interval,
     recipe_change,
+    relative_change,
 )
 from gb10exp.report.verdict import THRESHOLD, Verdict, verdict
 
@@ -340,3 +341,49 @@ def _baseline_ppl(base: RunRow | None, rows: list[ReportRow]) -> Interval | None
         return ppl_interval(base.windows)
     in_run = next((r.run.ref_windows for r in rows if r.run.ref_windows is not None), None)
     return ppl_interval(in_run) if in_run is not None else None
+
+
+@dataclass
+class EngineRow:
+    """A run scored by its engine's own kernels (an engine that returns logits: llama.cpp), on the same windows
+    as PyTorch: the deployment's accuracy, beside modelopt's simulation of it where PyTorch has the format."""
+
+    run: RunRow
+    engine_ppl: float
+    vs_unquantized: Interval | None  # against the unquantized model in PyTorch on the same windows (in-run)
+    simulated_ppl: float | None = None  # modelopt's simulation (a modelopt format), else None
+    vs_simulated: Interval | None = None  # deployed / simulated - 1, paired over windows
+
+    @property
+    def disagrees(self) -> bool:
+        """The deployment and the simulation differ beyond the windows' noise (the interval excludes 0)."""
+        return self.vs_simulated is not None and (self.vs_simulated.lo > 0 or self.vs_simulated.hi < 0)
+
+
+def _paired(windows: Windows | None, ref: Windows | None) -> Interval | None:
+    if not windows or not ref:
+        return None
+    try:
+        return relative_change(windows, ref)
+    except WindowMismatch:
+        return None
+
+
+def engine_rows(rows: list[ReportRow]) -> list[EngineRow]:
+    """Every run whose engine scored the windows itself: a modelopt format deployed (``perplexity_deployed``),
+    a format only the engine has (its accuracy is the run's), or the unquantized model through the engine."""
+    out = []
+    for r in rows:
+        run, m = r.run, r.run.metrics
+        if "perplexity_deployed" in m:
+            engine, sums, simulated = m["perplexity_deployed"], run.deployed_windows, m.get("perplexity")
+        elif run.tags.get("accuracy_source", "").startswith("engine"):
+            engine, sums, simulated = m["perplexity"], run.windows, None
+        elif "engine_perplexity" in m and run.deployed_windows:
+            engine, sums, simulated = m["engine_perplexity"], run.deployed_windows, None
+        else:
+            continue
+        ref = {"nll": sums["ref_nll"], "tokens": sums["tokens"]} if sums and sums.get("ref_nll") else None
+        vs_simulated = _paired(sums, run.windows) if simulated is not None else None
+        out.append(EngineRow(run, engine, _paired(sums, ref), simulated, vs_simulated))
+    return sorted(out, key=lambda e: (e.run.model, e.run.backend, e.run.qformat, e.run.calib_size or 0))

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gb10exp.report.collect import Collected, RunRow
-from gb10exp.report.compare import SEEDS_AND_WINDOWS, Comparison, FormatSummary, ReportRow, Resolution
-from gb10exp.report.stats import BOOTSTRAP_RESAMPLES, RESOLVE
+from gb10exp.report.compare import (
+    SEEDS_AND_WINDOWS,
+    Comparison,
+    EngineRow,
+    FormatSummary,
+    ReportRow,
+    Resolution,
+)
+from gb10exp.report.stats import BOOTSTRAP_RESAMPLES, RESOLVE, Interval
 from gb10exp.report.verdict import THRESHOLD, Verdict
 
 # Optional metrics: a column appears only when some run has the metric. (metric, header, format)
@@ -164,6 +171,44 @@ def runs_table(rows: list[ReportRow]) -> Block:
         cells.append(reference_cell(r))
         body.append(tuple(cells))
     return Block("table", headers=tuple(headers), rows=tuple(body))
+
+
+def _interval_cell(i: Interval | None) -> str:
+    return "–" if i is None else f"{pct(i.point)} [{pct(i.lo)}, {pct(i.hi)}]"
+
+
+def engine_blocks(engine: list[EngineRow]) -> list[Block]:
+    """Accuracy from the engine's own kernels beside its speed, one row per run it scored; for a modelopt
+    format, its deployment against modelopt's simulation on the same windows, and a line for each pair that
+    disagrees beyond noise."""
+    if not engine:
+        return []
+    headers = ("model", "engine", "format", "calib", "perplexity (engine)", "vs 16-bit in PyTorch [95% CI]",
+               "simulated (modelopt)", "deployed vs simulated [95% CI]", "KL nats/tok", "top-1 agree",
+               "engine GiB", "TTFT s", "tok/s", "roofline")
+    body = []
+    for e in engine:
+        m, deployed = e.run.metrics, "perplexity_deployed" in e.run.metrics
+        kl, top1 = (m.get("kl_mean_deployed"), m.get("top1_agreement_deployed")) if deployed else (
+            m.get("kl_mean"), m.get("top1_agreement"))
+        body.append((e.run.model, e.run.backend, e.run.qformat, str(e.run.calib_size or "–"),
+                     _fmt(e.engine_ppl, "{:.3f}"), _interval_cell(e.vs_unquantized),
+                     _fmt(e.simulated_ppl, "{:.3f}"), _interval_cell(e.vs_simulated), _fmt(kl, "{:.4f}"),
+                     _fmt(top1, "{:.3f}"), _fmt(m.get("engine_weight_gib"), "{:.3f}"), _fmt(m.get("ttft_s"), "{:.3f}"),
+                     _fmt(m.get("decode_tokens_per_s"), "{:.1f}"), _fmt(m.get("roofline_fraction"), "{:.0%}")))
+    text = ("Each engine scored the evaluation windows with its own kernels (llama.cpp's logits), against the "
+            "unquantized model in PyTorch on the same tokens. A modelopt format is measured twice: modelopt's "
+            "simulation in PyTorch (the runs table's headline) and the checkpoint deployed in the engine; the "
+            "interval is a paired bootstrap over windows. Speeds and the roofline (bytes of the engine's own "
+            "file) are this machine's, not a GB10's.")
+    lines = [f"{e.run.qformat} ({e.run.backend}): the deployed model and modelopt's simulation of it disagree "
+             f"beyond noise: deployed perplexity {pct(e.vs_simulated.point)} vs simulated [{pct(e.vs_simulated.lo)}, "
+             f"{pct(e.vs_simulated.hi)}]." for e in engine if e.disagrees]
+    agree = [e.run.qformat for e in engine if e.vs_simulated is not None and not e.disagrees]
+    if agree:
+        lines.append(f"Within noise of the simulation: {', '.join(agree)}.")
+    return [Block("h2", "Simulated vs deployed: accuracy from the engine's own kernels"), Block("p", text),
+            Block("table", headers=headers, rows=tuple(body))] + [Block("p", line) for line in lines]
 
 
 def resolution_table(summaries: list[FormatSummary]) -> Block:
@@ -369,6 +414,7 @@ def document(
     res: Resolution | None,
     plot_name: str | None,
     fp8_command: str | None = None,
+    engine: list[EngineRow] | None = None,
 ) -> list[Block]:
     """The whole report, in order."""
     blocks = [Block("h1", title), Block("p", meta), Block("h2", "Verdict: less than 1% loss?")]
@@ -384,6 +430,7 @@ def document(
     ]
     if plot_name:
         blocks.append(Block("img", plot_name))
+    blocks += engine_blocks(engine or [])
     return blocks + unpaired_blocks(rows) + failures_blocks(collected)
 
 
