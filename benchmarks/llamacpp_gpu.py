@@ -61,8 +61,15 @@ from gb10exp.quant.nvfp4_cpu import cpu_nvfp4  # noqa: E402
 # The vendored llama.cpp of llama-cpp-python 0.3.36 (its CHANGELOG: "update llama.cpp to ggml-org/llama.cpp@0c1e57098").
 LLAMA_CPP_COMMIT = "0c1e57098"
 # The recipe that built on the device machine (issue 23, behaviour 6), plus the commit for llama-bench's JSON.
-CMAKE_FLAGS = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}"]
+CMAKE_FLAGS = [
+    "-DGGML_CUDA=ON",
+    "-DCMAKE_CUDA_ARCHITECTURES=90",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}",
+]
 NVCC = "/usr/local/cuda/bin/nvcc"
 # name -> how the GGUF is made; benchmarked in this order (the ones needing llama-quantize last)
 VARIANTS = {
@@ -70,19 +77,31 @@ VARIANTS = {
     "f16": "the bf16 checkpoint converted to F16 by convert_hf_to_gguf.py",
     "q4_k_m": "llama-quantize Q4_K_M from the F16 GGUF",
     "nvfp4_llamacpp": "llama-quantize: Q8_0 base, linear weights NVFP4, token embedding and output F16 (no "
-                      "calibration)",
+    "calibration)",
 }
 # What llama-quantize is given per variant made from the F16 GGUF (options, type).
 QUANTIZE = {
     "q4_k_m": ([], "Q4_K_M"),
     # The pinned llama-quantize has no NVFP4 ftype; overrides apply over a quantized base (see gguf._params).
-    "nvfp4_llamacpp": (["--token-embedding-type", "f16", "--output-tensor-type", "f16",
-                        "--tensor-type", f"{LINEAR_WEIGHTS.decode()}=nvfp4",
-                        "--override-kv", "general.file_type=int:39"], "Q8_0"),
+    "nvfp4_llamacpp": (
+        [
+            "--token-embedding-type",
+            "f16",
+            "--output-tensor-type",
+            "f16",
+            "--tensor-type",
+            f"{LINEAR_WEIGHTS.decode()}=nvfp4",
+            "--override-kv",
+            "general.file_type=int:39",
+        ],
+        "Q8_0",
+    ),
 }
 # Load-log lines worth keeping (llama.cpp's own account of what it used).
-LOG_LINES = re.compile(r"ggml_cuda_init|Device \d+:|- type|offloaded|buffer size|Flash Attention|flash_attn|"
-                       r"file type|CUDA Graph|graphs|system_info")
+LOG_LINES = re.compile(
+    r"ggml_cuda_init|Device \d+:|- type|offloaded|buffer size|Flash Attention|flash_attn|"
+    r"file type|CUDA Graph|graphs|system_info"
+)
 TYPE_LINE = re.compile(r"- type\s+(\w+):\s+(\d+) tensors")  # llama_model_loader's count per tensor type
 CALIB_BATCHES, CALIB_LEN = 4, 256  # random tokens: activation ranges for input_scale only; speed ignores them
 
@@ -93,11 +112,17 @@ class Report:
     def __init__(self, args: argparse.Namespace, command: str) -> None:
         self.args, self.started, self.lines = args, time.perf_counter(), []
         self.lock = threading.Lock()  # the two conversions report from their threads
-        self.data: dict = {"command": command, "commit": commit(), "shape": args.shape,
-                           "arch": SHAPES[args.shape], "llama_cpp_commit": LLAMA_CPP_COMMIT,
-                           "llama_bench": {"n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps,
-                                           "ngl": 99},
-                           "variants": {}, "steps": {}, "failed": {}}
+        self.data: dict = {
+            "command": command,
+            "commit": commit(),
+            "shape": args.shape,
+            "arch": SHAPES[args.shape],
+            "llama_cpp_commit": LLAMA_CPP_COMMIT,
+            "llama_bench": {"n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps, "ngl": 99},
+            "variants": {},
+            "steps": {},
+            "failed": {},
+        }
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -123,7 +148,8 @@ class Report:
         self.data["elapsed_s"] = round(self.elapsed(), 1)
         out.write_text(json.dumps(self.data, indent=2))
         out.with_suffix(".log").write_text(
-            f"$ {self.data['command']}\ncommit {self.data['commit']}\n" + "\n".join(self.lines) + "\n")
+            f"$ {self.data['command']}\ncommit {self.data['commit']}\n" + "\n".join(self.lines) + "\n"
+        )
         return out
 
 
@@ -134,19 +160,31 @@ def shell(command: list[str], timeout: float | None = None, **kw) -> subprocess.
 def first_line(command: list[str]) -> str:
     try:
         got = shell(command, timeout=30)
-        return (got.stdout or got.stderr).strip().splitlines()[0] if (got.stdout or got.stderr).strip() else ""
+        return (
+            (got.stdout or got.stderr).strip().splitlines()[0] if (got.stdout or got.stderr).strip() else ""
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unavailable"
 
 
 def machine(device: torch.device) -> dict:
-    info = {"gpu": hardware.name(device), "host": platform.node(), "cpu": hardware.cpu_name(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "python": platform.python_version(), "cmake": first_line(["cmake", "--version"])}
+    info = {
+        "gpu": hardware.name(device),
+        "host": platform.node(),
+        "cpu": hardware.cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cmake": first_line(["cmake", "--version"]),
+    }
     if device.type == "cuda":
-        info["nvidia_smi"] = first_line(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                         "--format=csv,noheader"])
-        info["nvcc"] = shell([NVCC, "--version"]).stdout.strip().splitlines()[-1] if Path(NVCC).is_file() else "none"
+        info["nvidia_smi"] = first_line(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        )
+        info["nvcc"] = (
+            shell([NVCC, "--version"]).stdout.strip().splitlines()[-1] if Path(NVCC).is_file() else "none"
+        )
     for package in ("transformers", "nvidia-modelopt"):
         from importlib import metadata
 
@@ -164,27 +202,42 @@ def start_build(src: Path, work: Path, jobs: int) -> tuple[subprocess.Popen, Pat
     source = next(tree.iterdir())  # the archive's one top folder
     build = work / "llama.cpp-build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    configure = ["cmake", "-S", str(source), "-B", str(build), *generator, *CMAKE_FLAGS,
-                 f"-DCMAKE_CUDA_COMPILER={NVCC}"]
+    configure = [
+        "cmake",
+        "-S",
+        str(source),
+        "-B",
+        str(build),
+        *generator,
+        *CMAKE_FLAGS,
+        f"-DCMAKE_CUDA_COMPILER={NVCC}",
+    ]
     compile_ = ["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama-bench", "llama-quantize"]
     log = open(work / "build.log", "w")  # noqa: SIM115 (the background process writes it until it ends)
-    process = subprocess.Popen(["bash", "-c", f"{shlex.join(configure)} && {shlex.join(compile_)}"],
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        ["bash", "-c", f"{shlex.join(configure)} && {shlex.join(compile_)}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     done: list[float] = []
-    threading.Thread(target=lambda: (process.wait(), done.append(time.perf_counter()), log.close()),
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: (process.wait(), done.append(time.perf_counter()), log.close()), daemon=True
+    ).start()
     return process, build / "bin", done
 
 
-def make_checkpoints(args, device: torch.device, tokenizer, work: Path, pool: ThreadPoolExecutor,
-                     report: Report) -> dict[str, Future]:
+def make_checkpoints(
+    args, device: torch.device, tokenizer, work: Path, pool: ThreadPoolExecutor, report: Report
+) -> dict[str, Future]:
     """The bf16 checkpoint and the modelopt NVFP4 export of one random model, each handed to the converter
     as soon as it is written; returns the conversions under way."""
     import modelopt.torch.quantization as mtq
 
     # The tokenizer's ids must fit the embedding; a larger vocabulary is padded by the converter ([PADn]).
-    arch = SHAPES[args.shape] | {"architectures": ["LlamaForCausalLM"],
-                                 "vocab_size": max(SHAPES[args.shape]["vocab_size"], len(tokenizer))}
+    arch = SHAPES[args.shape] | {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": max(SHAPES[args.shape]["vocab_size"], len(tokenizer)),
+    }
     t = time.perf_counter()
     model = random_llama(arch, 0, device, torch.bfloat16)
     report.data["parameters"] = sum(p.numel() for p in model.parameters())
@@ -198,8 +251,10 @@ def make_checkpoints(args, device: torch.device, tokenizer, work: Path, pool: Th
     conversions = {"f16": pool.submit(convert, folder16, work / "f16.gguf", args, report)}
 
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, len(tokenizer), (1, CALIB_LEN), generator=generator).to(device)
-               for _ in range(CALIB_BATCHES)]
+    batches = [
+        torch.randint(0, len(tokenizer), (1, CALIB_LEN), generator=generator).to(device)
+        for _ in range(CALIB_BATCHES)
+    ]
 
     def forward_loop(m: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -216,8 +271,11 @@ def make_checkpoints(args, device: torch.device, tokenizer, work: Path, pool: Th
     t = time.perf_counter()
     folder4 = work / "hf-nvfp4"
     ckpt = write_checkpoint(model, tokenizer, folder4, quantized=True)
-    report.data["nvfp4_export"] = {"quant_algo": ckpt.quant_algo, "tensor_bytes": ckpt.tensor_bytes,
-                                   "dtypes": ckpt.dtypes}
+    report.data["nvfp4_export"] = {
+        "quant_algo": ckpt.quant_algo,
+        "tensor_bytes": ckpt.tensor_bytes,
+        "dtypes": ckpt.dtypes,
+    }
     report.step("modelopt_export_nvfp4", time.perf_counter() - t)
     conversions["nvfp4_modelopt"] = pool.submit(convert, folder4, work / "nvfp4_modelopt.gguf", args, report)
     del model
@@ -240,19 +298,26 @@ def gguf_facts(path: Path, n_gen: int) -> dict:
     load log, in ``bench``)."""
     tensors = qbytes.from_gguf(path)
     # llama-bench's tg test starts from an empty cache: its tokens see n_gen / 2 tokens of context on average.
-    return {"file_bytes": path.stat().st_size, "tensor_bytes": tensors.weight_bytes,
-            "decode_step_bytes": qbytes.decode_step_bytes(tensors, context=n_gen / 2),
-            "kv_bytes_per_token": tensors.kv_bytes_per_token}
+    return {
+        "file_bytes": path.stat().st_size,
+        "tensor_bytes": tensors.weight_bytes,
+        "decode_step_bytes": qbytes.decode_step_bytes(tensors, context=n_gen / 2),
+        "kv_bytes_per_token": tensors.kv_bytes_per_token,
+    }
 
 
 def quantize(bin_dir: Path, source: Path, variant: str, work: Path, timeout: float) -> Path:
     options, base = QUANTIZE[variant]
     out = work / f"{variant}.gguf"
-    got = shell([str(bin_dir / "llama-quantize"), *options, str(source), str(out), base, str(os.cpu_count())],
-                timeout=timeout)
+    got = shell(
+        [str(bin_dir / "llama-quantize"), *options, str(source), str(out), base, str(os.cpu_count())],
+        timeout=timeout,
+    )
     (work / f"quantize_{variant}.log").write_text(got.stdout + got.stderr)
     if got.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"llama-quantize {variant} failed ({got.returncode}): {(got.stderr or got.stdout)[-300:]}")
+        raise RuntimeError(
+            f"llama-quantize {variant} failed ({got.returncode}): {(got.stderr or got.stdout)[-300:]}"
+        )
     return out
 
 
@@ -263,8 +328,22 @@ def spread(values: list[float]) -> dict:
 def bench(bin_dir: Path, path: Path, args, timeout: float, work: Path) -> dict:
     """llama-bench on one GGUF: pp and tg tokens/s (every repetition), and the load log lines that say what
     llama.cpp used."""
-    command = [str(bin_dir / "llama-bench"), "-m", str(path), "-ngl", "99", "-p", str(args.n_prompt),
-               "-n", str(args.n_gen), "-r", str(args.reps), "-o", "json", "-v"]
+    command = [
+        str(bin_dir / "llama-bench"),
+        "-m",
+        str(path),
+        "-ngl",
+        "99",
+        "-p",
+        str(args.n_prompt),
+        "-n",
+        str(args.n_gen),
+        "-r",
+        str(args.reps),
+        "-o",
+        "json",
+        "-v",
+    ]
     got = shell(command, timeout=timeout)
     (work / f"bench_{path.stem}.log").write_text(got.stderr)
     if got.returncode != 0:
@@ -275,9 +354,24 @@ def bench(bin_dir: Path, path: Path, args, timeout: float, work: Path) -> dict:
         kind = "pp" if test["n_gen"] == 0 else "tg"
         out[kind] = spread(test["samples_ts"]) | {"avg_ts": test["avg_ts"], "stddev_ts": test["stddev_ts"]}
     first = tests[0]
-    out["llama_bench"] = {k: first.get(k) for k in ("build_commit", "build_number", "backends", "gpu_info",
-                                                    "model_type", "model_size", "model_n_params", "n_batch",
-                                                    "n_ubatch", "flash_attn", "type_k", "type_v", "n_threads")}
+    out["llama_bench"] = {
+        k: first.get(k)
+        for k in (
+            "build_commit",
+            "build_number",
+            "backends",
+            "gpu_info",
+            "model_type",
+            "model_size",
+            "model_n_params",
+            "n_batch",
+            "n_ubatch",
+            "flash_attn",
+            "type_k",
+            "type_v",
+            "n_threads",
+        )
+    }
     out["load_log"] = sorted({line.strip() for line in got.stderr.splitlines() if LOG_LINES.search(line)})
     out["tensor_types"] = {t: int(n) for t, n in TYPE_LINE.findall(got.stderr)}
     return out
@@ -286,34 +380,85 @@ def bench(bin_dir: Path, path: Path, args, timeout: float, work: Path) -> dict:
 def nsys_kernels(bin_dir: Path, path: Path, nsys: str, work: Path, timeout: float) -> list[dict]:
     """The CUDA kernels of a short llama-bench run (pp 512 and tg 32) by GPU time, from Nsight Systems."""
     report = work / f"prof_{path.stem}"
-    shell([nsys, "profile", "-t", "cuda", "-o", str(report), "--force-overwrite", "true",
-           str(bin_dir / "llama-bench"), "-m", str(path), "-ngl", "99", "-p", "512", "-n", "32", "-r", "1"],
-          timeout=timeout)
-    got = shell([nsys, "stats", "-q", "-r", "cuda_gpu_kern_sum", "-f", "csv", f"{report}.nsys-rep"], timeout=timeout)
+    shell(
+        [
+            nsys,
+            "profile",
+            "-t",
+            "cuda",
+            "-s",
+            "none",
+            "--cpuctxsw",
+            "none",
+            "-o",
+            str(report),
+            "--force-overwrite",
+            "true",
+            str(bin_dir / "llama-bench"),
+            "-m",
+            str(path),
+            "-ngl",
+            "99",
+            "-p",
+            "512",
+            "-n",
+            "32",
+            "-r",
+            "1",
+        ],
+        timeout=timeout,
+    )
+    got = shell(
+        [nsys, "stats", "-q", "-r", "cuda_gpu_kern_sum", "-f", "csv", f"{report}.nsys-rep"], timeout=timeout
+    )
+    (work / f"kernels_{path.stem}.csv").write_text(got.stdout + got.stderr)
     rows = [line for line in got.stdout.splitlines() if line.strip()]
-    start = next((i for i, line in enumerate(rows) if line.startswith('"Time') or line.startswith("Time")), None)
+    start = next(
+        (i for i, line in enumerate(rows) if line.startswith('"Time') or line.startswith("Time")), None
+    )
     if start is None:
         raise RuntimeError(f"nsys stats gave no kernel table: {(got.stderr or got.stdout)[-300:]}")
     import csv
 
     table = list(csv.DictReader(rows[start:]))
-    return [{"time_pct": float(r["Time (%)"]), "instances": int(r["Instances"]), "name": r["Name"][:300]}
-            for r in table[:12]]
+    return [
+        {"time_pct": float(r["Time (%)"]), "instances": int(r["Instances"]), "name": r["Name"][:300]}
+        for r in table[:12]
+    ]
+
+
+def find_nsys() -> str | None:
+    """Nsight Systems, on the PATH or where CUDA toolkits and NVIDIA's packages put it (often not on the PATH)."""
+    places = [
+        "usr/local/cuda/bin/nsys",
+        "usr/local/cuda*/nsight-systems*/bin/nsys",
+        "opt/nvidia/nsight-systems*/*/bin/nsys",
+        "opt/nvidia/nsight-systems*/bin/nsys",
+    ]
+    found = [str(p) for place in places for p in sorted(Path("/").glob(place))]
+    return shutil.which("nsys") or next(iter(found), None)
 
 
 def table(variants: dict, gpu: str) -> str:
-    head = (f"{'GGUF':<16}{'GB':>7}{'pp t/s':>10}{'range':>17}{'tg t/s':>9}{'range':>15}{'bound':>8}"
-            f"{'% bound':>9}")
-    lines = [f"{gpu}: llama-bench, all layers on the GPU, batch 1; median and range of the repetitions", head,
-             "-" * len(head)]
+    head = (
+        f"{'GGUF':<16}{'GB':>7}{'pp t/s':>10}{'range':>17}{'tg t/s':>9}{'range':>15}{'bound':>8}"
+        f"{'% bound':>9}"
+    )
+    lines = [
+        f"{gpu}: llama-bench, all layers on the GPU, batch 1; median and range of the repetitions",
+        head,
+        "-" * len(head),
+    ]
     for name, v in variants.items():
         if "tg" not in v:
             continue
         pp, tg = v["pp"], v["tg"]
         pp_range, tg_range = f"{pp['min']:.0f}-{pp['max']:.0f}", f"{tg['min']:.1f}-{tg['max']:.1f}"
-        lines.append(f"{name:<16}{v['gguf']['file_bytes'] / 1e9:>7.2f}{pp['median']:>10.0f}{pp_range:>17}"
-                     f"{tg['median']:>9.1f}{tg_range:>15}{v['decode_bound_tokens_per_s']:>8.0f}"
-                     f"{100 * v['roofline_fraction']:>9.1f}")
+        lines.append(
+            f"{name:<16}{v['gguf']['file_bytes'] / 1e9:>7.2f}{pp['median']:>10.0f}{pp_range:>17}"
+            f"{tg['median']:>9.1f}{tg_range:>15}{v['decode_bound_tokens_per_s']:>8.0f}"
+            f"{100 * v['roofline_fraction']:>9.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -321,9 +466,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3_1_8b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--src", type=Path, help="the trimmed llama.cpp source archive to build (CUDA, sm_90)")
-    parser.add_argument("--llama-bin", type=Path, help="a folder with llama-bench and llama-quantize: no build")
-    parser.add_argument("--converter", type=Path, required=True, help="folder of convert_hf_to_gguf.py (+ gguf-py)")
+    parser.add_argument(
+        "--src", type=Path, help="the trimmed llama.cpp source archive to build (CUDA, sm_90)"
+    )
+    parser.add_argument(
+        "--llama-bin", type=Path, help="a folder with llama-bench and llama-quantize: no build"
+    )
+    parser.add_argument(
+        "--converter", type=Path, required=True, help="folder of convert_hf_to_gguf.py (+ gguf-py)"
+    )
     parser.add_argument("--tokenizer", type=Path, required=True, help="a saved tokenizer for the checkpoints")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lgpu"), help="checkpoints, GGUFs, the build")
     parser.add_argument("--out", required=True, help="folder for llamacpp_gpu_<gpu>.json and .log")
@@ -331,8 +482,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-gen", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
-    parser.add_argument("--deadline-s", type=float, default=None, help="start no step that cannot end by then")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument(
+        "--deadline-s", type=float, default=None, help="start no step that cannot end by then"
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}"
+    )
     args = parser.parse_args(argv)
     if (args.src is None) == (args.llama_bin is None):
         parser.error("give exactly one of --src (build llama.cpp here) and --llama-bin (built already)")
@@ -366,8 +521,12 @@ def main(argv: list[str] | None = None) -> dict:
         conversions = make_checkpoints(args, device, tokenizer, args.work, pool, report)
         t = time.perf_counter()
         bandwidth = hardware.measure_bandwidth(str(device))
-        report.data["bandwidth"] = {"gbps": bandwidth.gbps, "min": bandwidth.lo, "max": bandwidth.hi,
-                                    "method": bandwidth.method}
+        report.data["bandwidth"] = {
+            "gbps": bandwidth.gbps,
+            "min": bandwidth.lo,
+            "max": bandwidth.hi,
+            "method": bandwidth.method,
+        }
         report.step("measure_bandwidth", time.perf_counter() - t)
         report.say(f"copy bandwidth {bandwidth.gbps:.0f} GB/s ({bandwidth.lo:.0f}-{bandwidth.hi:.0f})")
         converted = {name: future.result() for name, future in conversions.items()}
@@ -377,14 +536,21 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             build.wait(timeout=max(left() - 60, 1))  # a minute for at least one benchmark
         except subprocess.TimeoutExpired:
-            report.say(f"llama.cpp not built {report.elapsed():.0f} s in: nothing to benchmark before the deadline")
+            report.say(
+                f"llama.cpp not built {report.elapsed():.0f} s in: nothing to benchmark before the deadline"
+            )
             report.save()
             raise SystemExit(1) from None
         seconds = (built[0] if built else time.perf_counter()) - build_start
         tail = (args.work / "build.log").read_text().strip().splitlines()[-5:]
-        report.data["build"] = {"returncode": build.returncode, "seconds": round(seconds, 1),
-                                "configure": CMAKE_FLAGS + [f"-DCMAKE_CUDA_COMPILER={NVCC}"],
-                                "targets": ["llama-bench", "llama-quantize"], "jobs": args.jobs, "log_tail": tail}
+        report.data["build"] = {
+            "returncode": build.returncode,
+            "seconds": round(seconds, 1),
+            "configure": CMAKE_FLAGS + [f"-DCMAKE_CUDA_COMPILER={NVCC}"],
+            "targets": ["llama-bench", "llama-quantize"],
+            "jobs": args.jobs,
+            "log_tail": tail,
+        }
         report.step("llama_cpp_build", seconds)
         if build.returncode != 0:
             report.say("build failed:\n" + "\n".join(tail))
@@ -411,22 +577,25 @@ def main(argv: list[str] | None = None) -> dict:
             entry["decode_bound_tokens_per_s"] = bound
             entry["roofline_fraction"] = entry["tg"]["median"] / bound
             entry["roofline_fraction_range"] = [entry["tg"]["min"] / bound, entry["tg"]["max"] / bound]
-            report.say(f"{name}: pp {entry['pp']['median']:.0f}, tg {entry['tg']['median']:.1f} tokens/s "
-                       f"({100 * entry['roofline_fraction']:.1f}% of {bound:.0f}); {entry['tensor_types']}")
+            report.say(
+                f"{name}: pp {entry['pp']['median']:.0f}, tg {entry['tg']['median']:.1f} tokens/s "
+                f"({100 * entry['roofline_fraction']:.1f}% of {bound:.0f}); {entry['tensor_types']}"
+            )
             report.save()
         except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, OSError) as exc:
             report.data["failed"][name] = f"{type(exc).__name__}: {exc}"[:500]
             report.say(f"{name} failed: {report.data['failed'][name]}")
             report.save()
 
-    nsys = shutil.which("nsys") or next(iter(sorted(Path("/").glob("opt/nvidia/nsight-systems/*/bin/nsys"))), None)
+    nsys = find_nsys()
     report.data["nsys"] = str(nsys) if nsys else "not found"
     for name in ("nvfp4_modelopt", "nvfp4_llamacpp"):
         if nsys and name in ggufs and device.type == "cuda" and left() > 60:
             try:
                 t = time.perf_counter()
-                report.data["variants"][name]["kernels"] = nsys_kernels(bin_dir, ggufs[name], str(nsys),
-                                                                        args.work, timeout=left() - 10)
+                report.data["variants"][name]["kernels"] = nsys_kernels(
+                    bin_dir, ggufs[name], str(nsys), args.work, timeout=left() - 10
+                )
                 report.step(f"nsys_{name}", time.perf_counter() - t)
             except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as exc:
                 report.data["failed"][f"nsys_{name}"] = f"{type(exc).__name__}: {exc}"[:500]
