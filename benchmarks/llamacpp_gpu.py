@@ -34,6 +34,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -218,6 +219,7 @@ def start_build(src: Path, work: Path, jobs: int) -> tuple[subprocess.Popen, Pat
         ["bash", "-c", f"{shlex.join(configure)} && {shlex.join(compile_)}"],
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # one process group: stopped together (os.killpg) at the deadline
     )
     done: list[float] = []
     threading.Thread(
@@ -536,8 +538,11 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             build.wait(timeout=max(left() - 60, 1))  # a minute for at least one benchmark
         except subprocess.TimeoutExpired:
+            tail = (args.work / "build.log").read_text().strip().splitlines()[-1:]  # how far it got
+            report.data["build"] = {"returncode": None, "seconds": None, "log_tail": tail}
+            os.killpg(build.pid, signal.SIGTERM)
             report.say(
-                f"llama.cpp not built {report.elapsed():.0f} s in: nothing to benchmark before the deadline"
+                f"llama.cpp not built {report.elapsed():.0f} s in ({tail}): nothing to benchmark before the deadline"
             )
             report.save()
             raise SystemExit(1) from None
