@@ -13,7 +13,7 @@ from inprocess import all_runs, compose, new_store, run_job, tracking
 
 from gb10exp import data
 from gb10exp.config import ConfigError, ModelConfig, TrackingConfig
-from gb10exp.models import check_model, embedded_file
+from gb10exp.models import EMBEDDED, check_model, embedded_file, load_tokenizer
 from gb10exp.runner import GpuOutOfMemory, NonFiniteMetric, prepare
 from gb10exp.tracking import check_store
 
@@ -54,6 +54,7 @@ def test_not_a_causal_lm(tmp_path):
     with pytest.raises(ConfigError, match=r"^model='local' is not a causal language model \(BertModel\); gb10exp quantizes decoder LMs"):
         check_model(ModelConfig(name="local", source="local", path=str(tmp_path / "bert")))
     LlamaForCausalLM(LlamaConfig(**tiny, architectures=["LlamaForCausalLM"])).save_pretrained(tmp_path / "llama")
+    load_tokenizer(EMBEDDED).save_pretrained(tmp_path / "llama")  # a complete folder: weights and a tokenizer
     check_model(ModelConfig(name="local", source="local", path=str(tmp_path / "llama")))  # a decoder LM passes
 
 

@@ -37,7 +37,7 @@ def test_claim_preset_then_report(tmp_path):
     sweep = run_gb10exp(*preset, "calib_size=4,8", store=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     # Calibration does not touch bf16: its calib-8 job finds the calib-4 run and skips.
-    assert "skipping tiny_llama-bf16-calib8-hf: identical run" in sweep.stdout + sweep.stderr
+    assert "skipping tiny_llama-bf16-hf: identical run" in sweep.stdout + sweep.stderr
 
     out = tmp_path / "report"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
