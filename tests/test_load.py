@@ -84,7 +84,9 @@ def test_parallel_sweep_with_a_killed_worker_is_completed_by_a_rerun(tmp_path, k
     # Three processes created the store and wrote to it at once: MLflow's table creation and writes must not collide.
     assert "database is locked" not in log and "already exists" not in log, log[-3000:]
 
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # The same command in a new sweep folder (as Hydra's default, timestamped, gives each invocation).
+    again = [a for a in command if not a.startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir={tmp_path}/rerun"]
+    rerun = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
 
     final = runs()
