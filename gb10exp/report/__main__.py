@@ -71,6 +71,11 @@ def _said(c) -> str:
     return f"{c.verdict.value} ({how})"
 
 
+def _calib(size: int | None) -> str:
+    """How a run's calibration reads in a line: a calibration-free format has none, not "calib None"."""
+    return f"calib {size}" if size else "no calibration"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in report.summaries:
         bf16, fp8 = s.row.vs_bf16, s.row.vs_fp8
         print(
-            f"{s.model} {s.qformat} (calib {s.row.run.calib_size}): "
+            f"{s.model} {s.qformat} ({_calib(s.row.run.calib_size)}): "
             f"vs bf16 {_said(bf16)}, vs fp8 {_said(fp8)}"
         )
         if bf16.recipe is not None:
