@@ -100,6 +100,9 @@ MODES: dict[str, dict | None] = {
     "fast_pdl": {"pdl": True},  # the default compile, Programmatic Dependent Launch forced on
     "fast_nopdl": {"pdl": False},  # ... forced off (the default, pdl=auto, times both and keeps the faster)
     "fast_regional": {"regional": True},  # compiled by layer: half the cold compile, a slower step
+    "fast_autotune": {"preset": "autotune"},  # cold-start candidates (issue 19): no coordinate descent
+    "fast_untuned": {"preset": "untuned"},
+    "fast_regional_autotune": {"regional": True, "preset": "autotune"},
     "fast_hf": {"native": False},
     "fast_nograph": {"cuda_graph": False},
 }

@@ -101,6 +101,28 @@ def test_recorded_logits_are_the_models_own_at_every_step():
         d.decode_logits(PROMPT)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_matvec_written_as_a_reduction_computes_the_models_logits(kind):
+    """The presets without coordinate descent (MATVEC_AS_REDUCTION) write a batch-1 matmul as Inductor's own
+    decomposition does (float32 products and sum): the same tokens and, in float32, the same logits; only a
+    compiled step of such a preset does it (batch 1 here: a larger batch keeps F.linear)."""
+    model = model_of(kind)
+    prompt = PROMPT[:1]
+    with FastDecoder(model, 1, 20, 12, compile_step=False, cuda_graph=True, record_logits=True) as d:
+        assert d.native.matvec_as_reduction is False
+        d.native.matvec_as_reduction = True  # eagerly: the compiled step's arithmetic, without the compile
+        d.warm(prompt)
+        tokens, logits = d.decode_logits(prompt)
+    assert torch.equal(tokens, reference(model, prompt, 12))
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, tokens], 1)).logits[:, 19:-1]
+    assert (logits - expected).abs().max() < 1e-5 * expected.abs().max()
+    for preset, compiled, expected_flag in [("autotune", True, True), ("untuned", True, True),
+                                            ("autotune", False, False), ("default", True, False)]:
+        with FastDecoder(model, 1, 20, 12, compile_step=compiled, cuda_graph=True, preset=preset) as d:
+            assert d.native.matvec_as_reduction is expected_flag, (preset, compiled)
+
+
 @pytest.mark.slow  # Inductor's C++ compile of the three parts: about a minute on 2 busy cores
 def test_the_compiled_step_has_one_graph_per_part_and_decodes_what_generate_decodes():
     """Regional compilation: one compiled layer serves every layer (no recompile per layer: 3 graphs in

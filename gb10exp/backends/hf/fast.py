@@ -80,6 +80,15 @@ PRESETS: dict[str, dict[str, object]] = {
     "default": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
 PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
+# Cold-start candidates (issue 19: coordinate descent compiles each configuration it tries in the main
+# process, one after another). "autotune": max_autotune's few candidate configurations per kernel, compiled
+# in parallel and benchmarked once, no coordinate descent; "untuned": Inductor's heuristic block sizes,
+# nothing benchmarked. Without coordinate descent Inductor leaves a batch-1 matmul to cuBLAS, so for these
+# the native step writes it as the multiply-and-sum Inductor's own decomposition makes of it
+# (MATVEC_AS_REDUCTION).
+PRESETS["autotune"] = {"max_autotune": True}
+PRESETS["untuned"] = {}
+MATVEC_AS_REDUCTION = frozenset({"autotune", "untuned"})
 # Programmatic Dependent Launch (Hopper and newer; Inductor ships it off): each kernel is launched while
 # the one before it drains and waits on the device only before reading that kernel's output, hiding part
 # of the fixed cost of each of the ~355 kernels of a step. Measured side by side on the 8B shape, what
@@ -328,6 +337,7 @@ class _NativeLlama:
         self.head_dim = attn0.q_proj.out_features // self.heads
         self.scale = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.dtype = dtype
+        self.matvec_as_reduction = False  # FastDecoder sets it for a compiled step of MATVEC_AS_REDUCTION
         # Shared by every layer (native_unsupported checks that they agree).
         self.eps = float(inner.layers[0].input_layernorm.variance_epsilon)
         self.act = inner.layers[0].mlp.act_fn
@@ -422,6 +432,17 @@ class _NativeLlama:
         out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
         return out.to(q.dtype).reshape(b, 1, self.heads * d)
 
+    def _linear(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear``; for one token, where asked, as the multiply-and-sum Inductor makes of a batch-1
+        matmul under coordinate descent (torch/_inductor/decomposition.py, mm/addmm): products and sum in
+        float32, one rounding to the model's dtype, which Inductor lowers to a Triton reduction."""
+        if not self.matvec_as_reduction or h.shape[0] * h.shape[1] != 1:
+            return F.linear(h, w, b)
+        out = (h.float().unsqueeze(-2) * w.float()).sum(-1)
+        if b is not None:
+            out = out + b.float()
+        return out.to(h.dtype)
+
     def embed_step(
         self, ids: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -453,22 +474,22 @@ class _NativeLlama:
         residual stream after the layer. Everything that differs between layers is an argument."""
         b, t, _ = x.shape
         h = _rms_norm(x, ln1, self.eps)
-        q, k, v = F.linear(h, wqkv, bqkv).split(self.split_qkv, dim=-1)
+        q, k, v = self._linear(h, wqkv, bqkv).split(self.split_qkv, dim=-1)
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kv.index_copy_(3, positions, torch.stack((k, v)))
-        x = x + F.linear(self._attend(q, kv, mask), wo, bo)
+        x = x + self._linear(self._attend(q, kv, mask), wo, bo)
         h = _rms_norm(x, ln2, self.eps)
-        gate, up = F.linear(h, wgu, bgu).split(self.intermediate, dim=-1)
-        return x + F.linear(self.act(gate) * up, wdown, bdown)
+        gate, up = self._linear(h, wgu, bgu).split(self.intermediate, dim=-1)
+        return x + self._linear(self.act(gate) * up, wdown, bdown)
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The next-token logits (B, V) of the last position, in the model's dtype."""
         x = _rms_norm(x[:, -1:], self.norm, self.norm_eps)
-        return F.linear(x, self.head, self.head_bias)[:, -1]
+        return self._linear(x, self.head, self.head_bias)[:, -1]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Eagerly: writes K/V at ``positions`` and returns the last position's logits (B, V)."""
@@ -552,6 +573,8 @@ class FastDecoder:
         why = native_unsupported(model, max_len) if native else "native step switched off"
         self.method = "native Llama step" if why is None else f"HF forward ({why})"
         self.native = _NativeLlama(model, batch_size, max_len) if why is None else None
+        if self.native is not None:
+            self.native.matvec_as_reduction = compile_step and self.preset in MATVEC_AS_REDUCTION
         if self.native is None:
             from transformers import StaticCache
 
@@ -734,7 +757,7 @@ class FastDecoder:
             stats[key] = counts.get(key, 0) - before[1].get(key, 0)
         spent = {k: v - before[0].get(k, 0.0) for k, v in times.items()}
         stats["phase_s"] = {
-            k: round(v, 1) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])[:6] if v >= 0.1
+            k: round(v, 1) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])[:20] if v >= 0.2
         }
         return stats
 
