@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -185,6 +186,34 @@ def test_launcher_options_that_cannot_work_are_refused(overrides, message):
         preflight([*TINY, "qformat=bf16,fp8", "hydra/launcher=ray_cluster", *address, *overrides])
 
 
+def _wait_for_running(client, experiment: str, proc: subprocess.Popen, enough) -> list:
+    """Poll the sweep's RUNNING runs until ``enough(runs)`` holds (the sweep must still be running)."""
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        running = [r for r in _runs(client, experiment) if r.info.status == "RUNNING"]
+        if enough(running):
+            return running
+        time.sleep(0.25)
+    raise AssertionError(f"the sweep never got there (exit {proc.poll()}): {proc.communicate()[0][-3000:]}")
+
+
+@pytest.mark.server
+def test_sigterm_in_the_driver_stops_every_job_and_marks_its_run_killed(services, client, driver_env, workdir):
+    _two_nodes(services)
+    experiment = f"ray-term-{uuid.uuid4().hex[:8]}"
+    command = _sweep_args(services, experiment, "qformat=bf16,fp8,int4", "eval.num_windows=64")
+    proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **driver_env})
+    _wait_for_running(client, experiment, proc, lambda running: len(running) == 2)  # one job per node
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    _outputs.append(log)
+    assert proc.returncode == 143, log[-4000:]  # as with the default launcher
+    assert "gb10exp: stopped: SIGTERM received" in log
+    runs = _runs(client, experiment)  # the third job never started
+    assert [(r.info.status, r.data.tags["error"]) for r in runs] == [("KILLED", "stopped: SIGTERM in the driver")] * 2
+
+
 @pytest.mark.server
 def test_lost_node_fails_its_job_only_and_a_rerun_finishes_the_sweep(services, client, driver_env, workdir):
     _two_nodes(services)
@@ -193,13 +222,9 @@ def test_lost_node_fails_its_job_only_and_a_rerun_finishes_the_sweep(services, c
     command = _sweep_args(services, experiment, "qformat=bf16,fp8,int4", "eval.num_windows=32")
     proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **driver_env})
-    victim = None
-    deadline = time.time() + 600
-    while victim is None and proc.poll() is None and time.time() < deadline:
-        running = [r for r in _runs(client, experiment) if r.info.status == "RUNNING"]
-        victim = next((r for r in running if r.data.tags.get("ray.node_ip") == WORKER_IP), None)
-        time.sleep(0.25)
-    assert victim is not None, "no job ran on the second node"
+    running = _wait_for_running(client, experiment, proc,
+                                lambda running: any(r.data.tags.get("ray.node_ip") == WORKER_IP for r in running))
+    victim = next(r for r in running if r.data.tags.get("ray.node_ip") == WORKER_IP)
     subprocess.run([str(ROOT / ".ci/ray_node.sh"), "stop", "worker", "KILL"], check=True, timeout=60)
     log = proc.communicate(timeout=600)[0]
     _outputs.append(log)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gb10exp.config import ConfigError
 from gb10exp.report.summary import FAILED_FILE, mark_failed
-from gb10exp.tracking import Recorder
+from gb10exp.tracking import Recorder, liveness
 from gb10exp.tracking.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -181,10 +182,17 @@ def _gather(jobs: list[_Job], sweep_dir: Path, stores: dict[str, Recorder]) -> l
             for ref in done:
                 job = pending.pop(ref)
                 results[job.num] = _result(job, sweep_dir, stores)
-    except BaseException:  # Ctrl-C or SIGTERM in the driver: the running jobs mark their runs KILLED
-        for ref in pending:
-            ray.cancel(ref)
-        ray.wait(list(pending), num_returns=len(pending), timeout=30)
+    except BaseException as exc:  # Ctrl-C or SIGTERM in the driver: stop every job, mark their runs KILLED
+        # force=True: Ray 2.60's gentle cancel (a KeyboardInterrupt in the task) did not interrupt a running
+        # job here; it finished minutes later. Killed, a job cannot mark its run: the driver does.
+        for job in pending.values():
+            ray.cancel(job.ref, force=True)
+        signum = liveness.received()
+        name = signal.Signals(signum).name if signum else type(exc).__name__
+        for job in pending.values():
+            _end_runs(job, sweep_dir, stores, f"stopped: {name} in the driver")
+        if signum and not isinstance(exc, liveness.Interrupted):  # ray.wait turns it into a plain KeyboardInterrupt
+            raise liveness.Interrupted(signum) from None
         raise
     return [results[job.num] for job in jobs]
 
@@ -207,16 +215,20 @@ def _lost(job: _Job, sweep_dir: Path, stores: dict[str, Recorder], exc: Exceptio
     first = (str(cause).strip().splitlines() or [""])[0]
     first = first.split(" This can happen")[0]  # Ray's generic advice after "... Node IP: X, node ID: Y."
     reason = redact(f"{type(cause).__name__}: {first}")[:400]
-    tracking = OmegaConf.to_object(job.config.tracking)
-    try:
-        ended = stores[repr(tracking)].end_lost_runs(
-            {"sweep_dir": str(sweep_dir), "job_num": str(job.num)}, f"lost on Ray: {reason}")
-    except Exception as err:  # the store's trouble must not hide the job's
-        log.warning("could not mark job #%d's run KILLED: %s", job.num, redact(str(err))[:200])
-        ended = []
+    ended = _end_runs(job, sweep_dir, stores, f"lost on Ray: {reason}")
     note = f"lost on Ray: {reason}" + (f" (run {', '.join(ended)} marked KILLED)" if ended else "")
     mark_failed(str(job.output_dir(sweep_dir)), note + "; rerun the same command to run it again")
     log.error("job #%d %s", job.num, note)
     ret = JobReturn(overrides=list(job.config.hydra.overrides.task), status=JobStatus.COMPLETED)
     ret.return_value = None  # as gb10exp's own job reports a failure: None, and failed.txt for the summary
     return ret
+
+
+def _end_runs(job: _Job, sweep_dir: Path, stores: dict[str, Recorder], reason: str) -> list[str]:
+    """Mark the job's RUNNING MLflow run (if it got one) KILLED with ``reason``; its process cannot."""
+    tracking = OmegaConf.to_object(job.config.tracking)
+    try:
+        return stores[repr(tracking)].end_lost_runs({"sweep_dir": str(sweep_dir), "job_num": str(job.num)}, reason)
+    except Exception as err:  # the store's trouble must not hide the job's
+        log.warning("could not mark job #%d's run KILLED: %s", job.num, redact(str(err))[:200])
+        return []
