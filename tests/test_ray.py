@@ -186,6 +186,21 @@ def test_launcher_options_that_cannot_work_are_refused(overrides, message):
         preflight([*TINY, "qformat=bf16,fp8", "hydra/launcher=ray_cluster", *address, *overrides])
 
 
+def test_ray_token_file_is_a_secret_and_its_path_is_not(tmp_path, monkeypatch):
+    from gb10exp.tracking.secrets import redact
+
+    token = uuid.uuid4().hex * 2  # the format of Ray's tokens: 64 hex characters
+    path = tmp_path / "auth_token"
+    path.write_text(token)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Ray's default ~/.ray/auth_token
+    assert redact(f"token {token} from {path}") == f"token *** from {path}"
+    (tmp_path / "home/.ray").mkdir(parents=True)
+    (tmp_path / "home/.ray/auth_token").write_text("ray-default-" + token[:20])
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    assert redact(f"{token} ray-default-{token[:20]}") == f"{token} ***"
+
+
 def _wait_for_running(client, experiment: str, proc: subprocess.Popen, enough) -> list:
     """Poll the sweep's RUNNING runs until ``enough(runs)`` holds (the sweep must still be running)."""
     deadline = time.time() + 600
