@@ -42,6 +42,7 @@ from gb10exp.tracking.secrets import redact
 
 log = logging.getLogger(__name__)
 
+
 def connect(options: DictConfig) -> None:
     """Join the cluster at ``options.address`` (or start a local Ray), once per process."""
     if ray.is_initialized():
