@@ -1,5 +1,7 @@
 # gb10exp — every command the README and CI use. `make help` lists them.
 # The first `make run` / `make test` creates .venv and installs everything (no GPU, no network beyond PyPI).
+# bash: compgen in `system`
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +11,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter
+.PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter system
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,11 +29,27 @@ $(VENV)/.core: pyproject.toml
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CPP_SDIST_SHA256 ?= 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 
+# LLAVA_BUILD=OFF: the multimodal library (mtmd) is a third of the compile and gb10exp never loads it
+# (llama-cpp-python imports it only for image chat formats).
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+
 $(VENV)/.llamacpp: $(VENV)/.core
-	# Compiles llama.cpp from source: about 11 minutes on 2 cores, once (pip caches the wheel).
-	$(PY) -m pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	# Compiles llama.cpp from source: 5 to 11 minutes on 2 cores, once (pip caches the wheel).
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	# The converter's own imports (the Llama vocabulary path needs sentencepiece).
+	$(PY) -m pip install -q "sentencepiece>=0.2"
 	$(MAKE) converter
 	touch $@
+
+# What the tests marked `server` and `chromium` need from Debian: PostgreSQL (a real MLflow tracking
+# server on loopback, .ci/services.sh) and a headless browser (tests/test_ui.py). Installed once, as root.
+system:  ## Debian packages the full suite needs (postgresql, chromium, curl), when missing
+	@missing=""; compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 converter: $(VENV)/.core  ## llama.cpp's convert_hf_to_gguf.py into the venv (pinned, hash-checked; never fetched at run time)
 	rm -rf $(VENV)/.sdist && mkdir -p $(VENV)/.sdist
@@ -48,8 +66,8 @@ run: $(VENV)/.core  ## run the default experiment (embedded SmolLM2-135M, nvfp4)
 demo: $(VENV)/.core  ## the README's table: every format (bf16, fp8, nvfp4, nvfp4_wo, nvfp4_awq, int4, int4_awq, w4a8_awq) on the embedded model, ~30 min
 	$(PY) -m gb10exp +experiment=readme_table $(ARGS)
 
-test: $(VENV)/.core $(VENV)/.llamacpp  ## the whole CPU suite, end-to-end runs included (what CI runs)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+test: $(VENV)/.core $(VENV)/.llamacpp system  ## the whole CPU suite, end-to-end runs included, its servers started and stopped (what CI runs)
+	bash -c 'source .ci/services.sh && $(PY) -m pytest -m "not gpu" --durations=30 $(PYTEST_ARGS)'
 
 test-fast: $(VENV)/.core  ## the fast CPU tests only (plain pytest)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -57,10 +75,16 @@ test-fast: $(VENV)/.core  ## the fast CPU tests only (plain pytest)
 test-gpu: $(VENV)/.core  ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
-lint: $(VENV)/.core  ## ruff
+# ruff alone: linting needs neither torch nor the rest (CI lints before it installs them).
+$(VENV)/.ruff:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "ruff>=0.17"
+	touch $@
+
+lint: $(VENV)/.ruff  ## ruff (installs ruff only)
 	$(PY) -m ruff check gb10exp hydra_plugins tests benchmarks
 
-format: $(VENV)/.core  ## ruff format + fix
+format: $(VENV)/.ruff  ## ruff format + fix
 	$(PY) -m ruff check --fix gb10exp hydra_plugins tests benchmarks
 	$(PY) -m ruff format gb10exp hydra_plugins tests benchmarks
 

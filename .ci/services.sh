@@ -5,8 +5,8 @@
 #   (GB10EXP_TEST_MLFLOW_LOGIN_URI, one user: GB10EXP_TEST_MLFLOW_LOGIN_USER / _PASSWORD);
 # - a 2-node Ray cluster with token authentication (GB10EXP_TEST_RAY_ADDRESS, token file
 #   GB10EXP_TEST_RAY_TOKEN_PATH; nodes started and stopped by .ci/ray_node.sh).
-# Sourced by .ci/run (after the venv exists); stops them all when the calling shell exits. By hand:
-#   source .ci/services.sh && make test
+# Sourced by .ci/run (after the venv exists) and by `make test`; stops them all when the calling shell
+# exits. By hand: source .ci/services.sh && .venv/bin/python -m pytest -m server
 set -euo pipefail
 
 GB10EXP_SERVICES_DIR=${GB10EXP_SERVICES_DIR:-/tmp/gb10exp-services}

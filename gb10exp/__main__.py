@@ -59,17 +59,26 @@ def _job(dcfg: DictConfig) -> float | None:
     return results.get("metrics", {}).get("perplexity")
 
 
+def bad_input(args: list[str]) -> str | None:
+    """The one line ``python -m gb10exp ARGS`` prints and exits 2 with when any job of the sweep cannot run
+    (every job is checked: ``gb10exp.preflight``), else None."""
+    if any(a.split("=")[0] in NO_JOB_FLAGS for a in args):
+        return None
+    try:
+        preflight(args)
+    except ConfigError as exc:
+        return f"gb10exp: error: {secrets.redact(str(exc))}"
+    return None
+
+
 def main() -> None:
     secrets.install()  # stdout, stderr and logging redacted from here on
     for arg in sys.argv[1:]:
         secrets.remember_in(arg)  # a URI's password is masked wherever it shows up later
     args = normalize(sys.argv[1:])
-    if not any(a.split("=")[0] in NO_JOB_FLAGS for a in args):
-        try:
-            preflight(args)
-        except ConfigError as exc:
-            print(f"gb10exp: error: {secrets.redact(str(exc))}", file=sys.stderr)
-            raise SystemExit(2) from None
+    if (error := bad_input(args)) is not None:
+        print(error, file=sys.stderr)
+        raise SystemExit(2)
     sys.argv[1:] = args
     raise SystemExit(_run_sweep())
 

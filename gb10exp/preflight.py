@@ -56,11 +56,36 @@ def check_job(cfg: Config) -> None:
     _passed.add(key)
 
 
+def top_level_keys() -> str:
+    """--help's list of top-level keys, read from the schema (``config.Config``: each field, its default and
+    its comment), so it cannot drift from what the config accepts."""
+    import inspect
+    import re
+
+    out, comment = [], []
+    for line in inspect.getsource(Config).splitlines()[1:]:
+        if line.strip().startswith("#"):
+            comment.append(line.strip().lstrip("# "))
+            continue
+        found = re.match(r"^    (\w+): ([^=]+?) = ([^#]+?)\s*(?:#\s*(.*))?$", line)
+        if found and not found.group(2).strip().endswith("Config"):
+            name, _, default, note = found.groups()
+            text = note or " ".join(comment)
+            default = {"True": "true", "False": "false", "None": "null"}.get(default.strip(), default.strip().strip('"'))
+            out.append(f"  {name}={default}".ljust(28) + text)
+        comment = [] if not line.strip().startswith("#") else comment
+        if line.strip().startswith("def "):
+            break
+    return "\n".join(out).replace("$", "$$")  # Hydra fills the template with string.Template
+
+
 def register_configs() -> None:
     """Register the typed schemas with Hydra (YAML files in conf/ are validated against them): the whole
     tree once, and each backend's options under ``backend_schema/<name>`` (its YAML's defaults list)."""
     from hydra.core.config_store import ConfigStore
 
+    if not OmegaConf.has_resolver("gb10exp_keys"):  # --help's key list (conf/hydra/help/gb10exp.yaml)
+        OmegaConf.register_new_resolver("gb10exp_keys", top_level_keys)
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for name, schema in backends_.schemas().items():
@@ -212,6 +237,10 @@ def _one_line(exc: Exception, overrides: list[str]) -> str:
     message = " ".join(lines) or type(exc).__name__
     if "Could not override" in message and "+" in message:  # Hydra says "append with +key": that fails too
         key = next((o.split("=")[0] for o in overrides if f"'{o.split('=')[0]}'" in message), None)
+        if key is not None and (CONF_DIR / key).is_dir():  # a group without a default: a preset
+            value = next(o.split("=", 1)[1] for o in overrides if o.split("=")[0] == key)
+            return (f"{key}={value}: {key} has no default to override; add it with +{key}={value} "
+                    f"(the options are the files in conf/{key}/)")
         if key is not None and not key.startswith(("+", "hydra")):
             near = _nearest_key(key)
             return (f"{key} is not a key of the config{f' (did you mean {near}?)' if near else ''}; "

@@ -69,6 +69,8 @@ class Job:
     tags: dict[str, str] = field(default_factory=dict)  # the run's tags, set when it starts
     metrics: dict[str, float] = field(default_factory=dict)
     windows_sums: dict | None = None  # results.json's per-window sums
+    deployed_sums: dict | None = None  # the engine's own per-window sums beside a simulated headline
+    model_key: str | None = None  # the quantized model's content key (quant cache): engines cache builds by it
     baseline: torch.nn.Module | None = None  # the unquantized model, kept for KL and top-1 agreement
     cached: AccuracyResult | None = None  # this exact evaluation, from the eval cache
     eval_entry: Path | None = None  # its folder in the eval cache (None with cache=false)
@@ -199,6 +201,7 @@ def quantize(job: Job, model: torch.nn.Module | None, rec: Recorder) -> torch.nn
     job.cached = eval_cache.load(job.eval_entry)
     if job.fmt.modelopt and cfg.eval.compare_baseline and not job.cached:
         job.baseline = copy.deepcopy(model)
+    job.model_key = quant_cache.quant_key(cfg, job.calib, job.device, job.dtype)
     with job.timed("quantize_s"):
         model, state = quant_cache.quantize_cached(model, cfg, job.calib, job.device, job.dtype)
     rec.set_tags({"quant_cache": state, "eval_cache": eval_cache.state(job.eval_entry, job.cached)})
@@ -235,15 +238,20 @@ def engine(job: Job, model: torch.nn.Module | None, accuracy: AccuracyResult | N
     it scores evaluation windows itself (speed and accuracy from the same kernels), then the speed. The
     engine is always closed."""
     cfg = job.cfg
-    inputs = BenchInputs(model, job.tokenizer, job.eval_tokens, job.device, job.fmt, cfg.model, job.deployed)
+    inputs = BenchInputs(model, job.tokenizer, job.eval_tokens, job.device, job.fmt, cfg.model, job.deployed,
+                         job.model_key)
     try:
         with job.timed("startup_s"):
             rec.set_tags(job.backend.prepare(inputs))
         if accuracy is not None:
-            scored = engine_accuracy(job.backend, job.windows, accuracy, cfg)
+            # The unquantized reference of the engine's figures: the model itself unless modelopt changed it.
+            reference = lambda: load_model(cfg.model, job.device, job.dtype) if job.fmt.modelopt else model  # noqa: E731
+            with job.timed("engine_accuracy_s"):
+                scored = engine_accuracy(job.backend, job.windows, accuracy, cfg, job.fmt, job.device, reference)
             job.metrics |= _finite(scored.metrics)
-            rec.set_tags(scored.tags)
+            rec.set_tags(scored.tags | job.backend.describe())
             job.windows_sums = scored.windows or job.windows_sums
+            job.deployed_sums = scored.deployed
         if cfg.bench.enabled:
             with job.timed("benchmark_s"):
                 bench, bench_tags = job.backend.benchmark(inputs, cfg.bench)
@@ -259,6 +267,6 @@ def record(job: Job, rec: Recorder) -> dict[str, Any]:
     if not job.speed_only:
         rec.set_tags({"mlflow.note.content": run_note(job.cfg, job.metrics, job.tags)})
     results = {"run_id": rec.run_id, "name": job.name, "metrics": job.metrics, "windows": job.windows_sums,
-               "tags": job.tags}
+               "tags": job.tags} | ({"windows_deployed": job.deployed_sums} if job.deployed_sums else {})
     rec.log_dict(results, "results.json")
     return results

@@ -78,6 +78,52 @@ def run_gb10exp(*args: str, store: Path | None = None, env: dict[str, str] | Non
                           env={**os.environ, **(env or {})})
 
 
+def cli_error(*args: str, store: Path | None = None) -> str:
+    """The one line ``python -m gb10exp ARGS`` prints before exiting 2, computed by the CLI's own check in this
+    process (seconds instead of a Python start per case); asserts that it is one line and that nothing was
+    written into ``store``. tests/test_bad_input.py::test_the_cli_prints_one_line_and_exits_2 runs the CLI."""
+    from gb10exp.__main__ import bad_input
+    from gb10exp.preflight import normalize
+
+    line = bad_input(normalize([*(store_args(store) if store else []), *args]))  # later overrides win
+    assert line is not None and line.startswith("gb10exp: error: ") and "\n" not in line, line
+    if store is not None:
+        assert not (store / "mlflow.db").exists() and not (store / "outputs").exists()
+    return line
+
+
+# The embedded model (SmolLM2-135M) at sizes that keep its end-to-end runs to about a minute each on 2 cores:
+# 4 windows of 128 tokens, short benchmark generations. Tests that check the same sweep share one run of it.
+EMBEDDED_SMALL = ["calib_size=4", "calib.seq_len=128", "eval.seq_len=128", "eval.num_windows=4",
+                  "bench.input_len=64", "bench.output_len=12", "bench.warmup=1", "bench.repeats=3",
+                  "bench.engine_ppl_windows=2"]
+# The embedded model through llama.cpp in every format the llama.cpp tests check (test_backend_llamacpp.py,
+# test_nvfp4_deployed.py): 16-bit, Q4_K_M, modelopt's NVFP4 deployed, llama.cpp's own NVFP4.
+LLAMACPP_SWEEP = ("backend=llamacpp", "qformat=bf16,gguf_q4_k_m,nvfp4,gguf_nvfp4", *EMBEDDED_SMALL)
+# The README's first sweep on the embedded model through PyTorch (test_e2e.py, test_determinism.py).
+E2E_SWEEP = ("qformat=bf16,fp8,nvfp4", *EMBEDDED_SMALL[:4], "bench.enabled=false")
+_SWEEPS: dict[tuple[str, ...], tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+def shared_sweep(tmp_path_factory, *args: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python -m gb10exp ARGS`` into its own store, run once per session whichever test asks first: the
+    embedded model's sweeps are the suite's most expensive step, and several tests read the same runs."""
+    if args not in _SWEEPS:
+        store = tmp_path_factory.mktemp("sweep")
+        out = run_gb10exp(*args, store=store)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        _SWEEPS[args] = (store, out)
+    return _SWEEPS[args]
+
+
+def runs_by_format(store: Path) -> dict:
+    """The store's runs by qformat name (one each)."""
+    _, runs = mlflow_runs(store)
+    by_format = {r.data.params["qformat.name"]: r for r in runs}
+    assert len(by_format) == len(runs), [r.info.run_name for r in runs]
+    return by_format
+
+
 def mlflow_runs(store: Path):
     """Every run in the store (all experiments), oldest first."""
     from mlflow.tracking import MlflowClient

@@ -10,15 +10,24 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, mlflow_runs, run_gb10exp
+from conftest import (
+    EMBEDDED_SMALL,
+    LLAMACPP_SWEEP,
+    ROOT,
+    TINY,
+    cli_error,
+    mlflow_runs,
+    run_gb10exp,
+    runs_by_format,
+    shared_sweep,
+)
 
 from gb10exp.backends.llamacpp.loader import amx_flags
 from gb10exp.backends.llamacpp.worker import Engine, EngineCrashed
 
 WORKER = str(ROOT / "gb10exp" / "backends" / "llamacpp" / "worker.py")
-# 4 windows of 256 tokens (prompts are cut from them), short generations, few repeats: ~1 minute a run.
-SMALL = ["calib_size=4", "calib.seq_len=256", "eval.seq_len=256", "eval.num_windows=4", "bench.input_len=64",
-         "bench.output_len=12", "bench.warmup=1", "bench.repeats=3", "bench.engine_ppl_windows=2"]
+HF_SWEEP = ("qformat=bf16,fp8", "backend.options.compare=[generate]", *EMBEDDED_SMALL)
+TINY_BENCH = [*TINY[:-1], "bench.input_len=32", "bench.output_len=8", "bench.warmup=1", "bench.repeats=2"]
 
 
 def assert_sane_speed(m: dict, tags: dict) -> None:
@@ -64,11 +73,12 @@ def _kill_first_worker(stop: threading.Event, killed: list[int]) -> None:
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_a_native_crash_fails_its_run_and_the_next_job_runs(tmp_path):
+    # The tiny random model, converted to GGUF by llama.cpp's converter: the crash is the point, not the model.
     stop, killed = threading.Event(), []
     watcher = threading.Thread(target=_kill_first_worker, args=(stop, killed), daemon=True)
     watcher.start()
     try:
-        out = run_gb10exp("backend=llamacpp", "qformat=bf16,gguf_q4_k_m", *SMALL, store=tmp_path)
+        out = run_gb10exp("backend=llamacpp", "qformat=bf16,gguf_q4_k_m", *TINY_BENCH, store=tmp_path)
     finally:
         stop.set()
     assert killed, "no llama.cpp child process was seen"
@@ -85,22 +95,19 @@ def test_a_native_crash_fails_its_run_and_the_next_job_runs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-def test_q4_k_m_and_f16_through_llama_cpp(tmp_path):
-    out = run_gb10exp("backend=llamacpp", "qformat=gguf_q4_k_m,bf16", *SMALL, store=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    _, runs = mlflow_runs(tmp_path)
-    by_format = {r.data.params["qformat.name"]: r for r in runs}
-    assert {r.info.status for r in runs} == {"FINISHED"}
+def test_q4_k_m_and_f16_through_llama_cpp(tmp_path_factory):
+    by_format = runs_by_format(shared_sweep(tmp_path_factory, *LLAMACPP_SWEEP)[0])
+    assert {r.info.status for r in by_format.values()} == {"FINISHED"}
 
     q4 = by_format["gguf_q4_k_m"]
     m = q4.data.metrics
     assert_sane_speed(m, q4.data.tags)
     assert q4.data.tags["quantization"] == "by the engine (Q4_K_M)"
     assert q4.data.tags["llamacpp.offload"].startswith("none: CPU only")  # and "all N/N layers" on a GPU
+    assert q4.data.tags["llamacpp.backend"] == "CPU" and "q4_K" in q4.data.tags["llamacpp.tensor_types"]
     assert "Q4_K_M.gguf" in q4.data.tags["gguf.file"]
-    # Its accuracy is llama.cpp's own, over every window; the PyTorch figure is the unquantized source's.
-    assert m["perplexity"] == pytest.approx(m["engine_perplexity"], rel=0.05)
-    assert m["perplexity"] > m["source_perplexity"] and "kl_mean" not in m
+    # Its accuracy is llama.cpp's own, over every window, against the unquantized model on the same tokens.
+    assert m["perplexity"] > m["source_perplexity"] and 0 < m["kl_mean"] < 1 and m["top1_agreement"] < 1
     assert 0.08 < m["engine_weight_gib"] < 0.11  # the GGUF's tensor bytes, not a 16-bit estimate
     assert q4.data.tags["bench.label"] == "pp64+tg12 @ d0"
     assert q4.data.tags["llamacpp.extra_bufts"] == ("off (auto: this CPU has AMX)" if amx_flags()
@@ -108,41 +115,44 @@ def test_q4_k_m_and_f16_through_llama_cpp(tmp_path):
 
     f16 = by_format["bf16"].data
     assert_sane_speed(f16.metrics, f16.tags)
-    # The same weights through llama.cpp's kernels and through PyTorch, on the same token ids.
-    assert f16.metrics["engine_perplexity"] == pytest.approx(f16.metrics["offline_perplexity_same_windows"], rel=0.01)
+    assert "f16" in f16.tags["llamacpp.tensor_types"]
+    # The same weights through llama.cpp's F16 kernels and through PyTorch (float32), on the same token ids:
+    # F16 weights, activations rounded to F16 in the matrix products and an F16 KV cache, each a relative
+    # error of 2^-11 per value; measured here: well under 0.5% on perplexity.
+    assert f16.metrics["engine_perplexity"] == pytest.approx(f16.metrics["offline_perplexity_same_windows"], rel=0.005)
     assert f16.tags["engine_ppl_check"].startswith("ok")
 
 
 @pytest.mark.slow
-@pytest.mark.llamacpp
-def test_hf_fast_path_on_the_embedded_default(tmp_path):
-    out = run_gb10exp("qformat=bf16", "backend.options.compare=[generate]", *SMALL, store=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    _, runs = mlflow_runs(tmp_path)
-    m, tags = runs[0].data.metrics, runs[0].data.tags
+def test_hf_fast_path_on_the_embedded_default(tmp_path_factory):
+    by_format = runs_by_format(shared_sweep(tmp_path_factory, *HF_SWEEP)[0])
+    m, tags = by_format["bf16"].data.metrics, by_format["bf16"].data.tags
     assert_sane_speed(m, tags)
     assert m["generate.decode_tokens_per_s"] > 0 and m["compile_s"] >= 0
     assert tags["bench.method"] == "fast" and tags["speed_valid"] == "true"
 
 
 @pytest.mark.slow
-@pytest.mark.llamacpp
-def test_fake_quantized_formats_are_not_timed_on_hf(tmp_path):
-    out = run_gb10exp("qformat=fp8", *SMALL, store=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    _, runs = mlflow_runs(tmp_path)
-    m, tags = runs[0].data.metrics, runs[0].data.tags
+def test_fake_quantized_formats_are_not_timed_on_hf(tmp_path_factory):
+    by_format = runs_by_format(shared_sweep(tmp_path_factory, *HF_SWEEP)[0])
+    m, tags = by_format["fp8"].data.metrics, by_format["fp8"].data.tags
     assert "decode_tokens_per_s" not in m and tags["speed_valid"] == "false"
     assert tags["speed_measured"].startswith("no: fake quantization")
 
 
-@pytest.mark.slow
+def test_a_tensorrt_llm_pairing_without_tensorrt_llm_is_refused_before_any_job(tmp_path):
+    # Preflight checks every job of the sweep: the TensorRT-LLM half cannot run here, so the sweep stops in
+    # one line before the llama.cpp half spends anything, and nothing is recorded.
+    pytest.importorskip("llama_cpp")
+    line = cli_error("audit=llamacpp_q4_k_m,trtllm_nvfp4", *EMBEDDED_SMALL, store=tmp_path)
+    assert "backend=trtllm" in line and "tensorrt_llm" in line, line
+
+
 @pytest.mark.llamacpp
-def test_efficiency_audit_preset_without_tensorrt_llm_is_refused_before_any_job(tmp_path):
-    # Preflight checks every job of the preset (issue 10): the TensorRT-LLM half cannot run here, so the
-    # sweep stops in one line before the llama.cpp half spends anything, and nothing is recorded.
-    out = run_gb10exp("+experiment=efficiency_audit", *SMALL, store=tmp_path)
-    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("gb10exp: error:")]
-    assert len(errors) == 1 and "backend=trtllm" in errors[0] and "tensorrt_llm" in errors[0]
-    assert "Traceback" not in out.stderr and not (tmp_path / "mlflow.db").exists()
+def test_the_efficiency_audit_preset_passes_preflight_on_any_machine():
+    # Every job of the preset (16-bit, Q4_K_M, llama.cpp's NVFP4, three modelopt NVFP4 deployments) can run
+    # here: llama.cpp only, and every modelopt format in it is one the converter takes.
+    from gb10exp.__main__ import bad_input
+    from gb10exp.preflight import normalize
+
+    assert bad_input(normalize(["+experiment=efficiency_audit"])) is None

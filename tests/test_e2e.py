@@ -7,19 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import mlflow_runs, run_gb10exp
-
-SMALL = ["calib_size=8", "calib.seq_len=256", "eval.seq_len=256", "eval.num_windows=4", "bench.enabled=false"]
+from conftest import E2E_SWEEP, mlflow_runs, shared_sweep
 
 
 @pytest.mark.slow
-def test_embedded_default_sweep_records_real_numbers(tmp_path):
-    out = run_gb10exp("qformat=bf16,fp8,nvfp4", *SMALL, store=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def test_embedded_default_sweep_records_real_numbers(tmp_path_factory, tmp_path):
+    store, out = shared_sweep(tmp_path_factory, *E2E_SWEEP)
     assert "Launching 3 jobs locally" in out.stdout + out.stderr
-    assert "smollm2_135m-nvfp4-calib8-hf  FINISHED" in out.stdout  # the end-of-sweep table
+    assert "smollm2_135m-nvfp4-calib4-hf  FINISHED" in out.stdout  # the end-of-sweep table
 
-    client, runs = mlflow_runs(tmp_path)
+    client, runs = mlflow_runs(store)
     by_format = {r.data.params["qformat.name"]: r for r in runs}
     assert sorted(by_format) == ["bf16", "fp8", "nvfp4"]
     assert {r.info.status for r in runs} == {"FINISHED"}
@@ -27,7 +24,7 @@ def test_embedded_default_sweep_records_real_numbers(tmp_path):
 
     base = by_format["bf16"].data.metrics
     assert math.isfinite(base["perplexity"]) and 5.0 < base["perplexity"] < 60.0
-    assert base["eval_tokens"] == 4 * 127  # eval.protocol=llamacpp: the second half of each window, less one
+    assert base["eval_tokens"] == 4 * 63  # eval.protocol=llamacpp: the second half of each window, less one
     for name in ("fp8", "nvfp4"):
         m = by_format[name].data.metrics
         assert m["kl_mean"] > 1e-4 and m["top1_agreement"] < 1.0, name  # the logits did change
@@ -38,7 +35,7 @@ def test_embedded_default_sweep_records_real_numbers(tmp_path):
     assert by_format["nvfp4"].data.metrics["perplexity"] > base["perplexity"]
 
     run = by_format["nvfp4"]
-    assert run.data.params["calib_size"] == "8" and run.data.params["model.source"] == "embedded"
+    assert run.data.params["calib_size"] == "4" and run.data.params["model.source"] == "embedded"
     assert run.data.tags["nvfp4"] == "simulated" and run.data.tags["compute_dtype"] == "float32"
     assert run.data.tags["version.nvidia-modelopt"].startswith("0.47")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -12,8 +12,8 @@ from conftest import ROOT, TINY, mlflow_runs, run_gb10exp
 
 from gb10exp.config import Config, ConfigError, ModelConfig, QFormatConfig
 from gb10exp.models import random_llama
-from gb10exp.quant import calibration_loop, formats, quantize
 from gb10exp.quant import bytes as qbytes
+from gb10exp.quant import calibration_loop, formats, quantize
 from gb10exp.quant.bytes import safetensors_header
 from gb10exp.quant.export import check, check_model, serve_commands, summarize, write_checkpoint
 from gb10exp.quant.nvfp4_cpu import cpu_nvfp4

@@ -1,6 +1,8 @@
 """The hf fast decode path (gb10exp/backends/hf/fast.py) on the CPU: the native Llama-like step decodes
-exactly what ``generate`` decodes, shares the model's weights instead of copying them and gives them
-back, falls back to the HF forward where it must, and leaves Inductor's global flags as it found them."""
+exactly what ``generate`` decodes (and, compiled by layer, with one graph per part), its logits are the
+model's, it shares the model's weights instead of copying them and gives them back, falls back to the HF
+forward where it must, remembers its PDL decision, and leaves Inductor's global flags as it found them.
+The same comparisons on a GPU, compiled and tuned: tests/test_gpu.py."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch._inductor.config as inductor
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from gb10exp.backends.hf import fast
 from gb10exp.backends.hf.fast import PRESETS, FastDecoder, inductor_flags, native_unsupported
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +59,12 @@ def reference(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
 PROMPT = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own $GB10EXP_CACHE: a PDL decision one test's trial stores must not decide another's."""
+    monkeypatch.setenv("GB10EXP_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
 def test_native_step_decodes_what_generate_decodes(kind):
     model = model_of(kind)
@@ -71,6 +80,58 @@ def test_native_step_decodes_what_generate_decodes(kind):
         other = PROMPT.flip(1)  # a second request reuses the cache: nothing of the first may leak in
         d.generate(other)
         assert torch.equal(d.tokens, reference(model, other, 12))
+
+
+def test_recorded_logits_are_the_models_own_at_every_step():
+    """The check hook: decode_logits keeps every token's logits (prefill's and each step's), and they are
+    what the HF model computes on the same tokens; a decoder without the hook refuses."""
+    model = model_of("llama")
+    with FastDecoder(model, 2, 20, 12, compile_step=False, cuda_graph=True, record_logits=True) as d:
+        d.warm(PROMPT)
+        tokens, logits = d.decode_logits(PROMPT)
+    assert torch.equal(tokens, reference(model, PROMPT, 12)) and logits.shape == (2, 12, 1000)
+    with torch.no_grad():
+        expected = model(torch.cat([PROMPT, tokens], 1)).logits[:, 19:-1]
+    assert (logits - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert (logits[:, 1:] - expected[:, :-1]).abs().max() > 0.1 * expected.abs().max()  # a step off is seen
+    with (
+        FastDecoder(model, 2, 20, 12, compile_step=False, cuda_graph=True) as d,
+        pytest.raises(ValueError, match="record_logits=True"),
+    ):
+        d.decode_logits(PROMPT)
+
+
+@pytest.mark.slow  # Inductor's C++ compile of the three parts: about a minute on 2 busy cores
+def test_the_compiled_step_has_one_graph_per_part_and_decodes_what_generate_decodes():
+    """Regional compilation: one compiled layer serves every layer (no recompile per layer: 3 graphs in
+    all, embed + layer + head), and the compiled step computes the model's logits (float32, CPU)."""
+    from torch._dynamo.utils import counters
+
+    model = model_of("llama")
+    graphs = counters["stats"]["unique_graphs"]
+    with FastDecoder(
+        model,
+        2,
+        20,
+        12,
+        compile_step=True,
+        cuda_graph=True,
+        preset="plain",
+        record_logits=True,
+        regional=True,
+    ) as d:
+        d.warm(PROMPT)
+        assert "compiled step (plain, by layer)" in d.describe()
+        assert d.compile_stats["fxgraph_cache_miss"] == 3 and d.compile_stats["cache_dir"].startswith(
+            os.environ["GB10EXP_CACHE"]
+        )
+        d.generate(PROMPT)
+        assert torch.equal(d.tokens, reference(model, PROMPT, 12))
+        tokens, logits = d.decode_logits(PROMPT)
+    assert counters["stats"]["unique_graphs"] - graphs == 3
+    with torch.no_grad():
+        expected = model(torch.cat([PROMPT, tokens], 1)).logits[:, 19:-1]
+    assert (logits - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 def test_fused_weights_are_shared_then_given_back():
@@ -207,6 +268,53 @@ def test_pdl_auto_keeps_pdl_off_when_the_pdl_compile_fails(monkeypatch):
         d.warm(PROMPT)
 
 
+def test_pdl_auto_remembers_a_trial_and_the_next_decoder_compiles_once(monkeypatch):
+    """The trial's outcome is stored under $GB10EXP_CACHE/pdl per GPU and software; a later decoder (a
+    later process) reads it and compiles only the remembered candidate."""
+    monkeypatch.setattr(FastDecoder, "_pdl_unusable", lambda self: None)
+    model = model_of("llama")
+    with FastDecoder(model, 2, 20, 6, compile_step=False, cuda_graph=True) as d:
+        d.warm(PROMPT)
+        assert set(d.trials) == {False, True}
+        kept = d.pdl
+    assert fast.remembered_pdl(torch.device("cpu"))[0] is kept
+    with FastDecoder(model, 2, 20, 6, compile_step=False, cuda_graph=True) as d:
+        assert list(d.candidates) == [kept]
+        d.warm(PROMPT)
+        assert not d.trials and f"PDL {'on' if kept else 'off'} (remembered: trial of " in d.describe()
+        d.generate(PROMPT)
+        assert torch.equal(d.tokens, reference(model, PROMPT, 6))
+    fast._pdl_memory(torch.device("cpu")).write_text("{not json")  # damaged: as good as none, trial again
+    assert fast.remembered_pdl(torch.device("cpu")) is None
+
+
+def test_pdl_measured_table_decides_by_gpu_name_and_torch_version(monkeypatch):
+    version = ".".join(torch.__version__.split(".")[:2])
+    monkeypatch.setattr(fast.hardware, "name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(fast, "PDL_MEASURED", {("H200", version): True, ("H100", version): False})
+    assert fast.remembered_pdl(torch.device("cpu")) == (True, f"PDL_MEASURED[H200, torch {version}]")
+    monkeypatch.setattr(fast, "PDL_MEASURED", {("H200", "1.0"): True})  # other software: not known
+    assert fast.remembered_pdl(torch.device("cpu")) is None
+    assert fast.software_key(torch.device("cpu")).startswith(f"NVIDIA_H200-torch{torch.__version__}")
+
+
+def test_the_compile_cache_goes_under_gb10exp_cache_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(
+        "TORCHINDUCTOR_CACHE_DIR", default_cache_dir()
+    )  # as Inductor leaves it after a compile
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    folder = fast.use_compile_cache(torch.device("cpu"))
+    assert folder == str(tmp_path / "cache" / "compile" / fast.software_key(torch.device("cpu")))
+    assert (
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
+        and os.environ["TRITON_CACHE_DIR"] == folder + "/triton"
+    )
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert fast.use_compile_cache(torch.device("cpu")) == str(tmp_path / "mine")
+
+
 def test_pdl_auto_has_nothing_to_time_in_a_one_token_request(monkeypatch):
     monkeypatch.setattr(FastDecoder, "_pdl_unusable", lambda self: None)
     with FastDecoder(model_of("llama"), 1, 15, 1, compile_step=False, cuda_graph=True) as d:
@@ -231,11 +339,22 @@ def test_each_decoder_compiles_its_own_copy_of_the_step():
     every decoder ran out after a few models in a sweep."""
     model = model_of("llama")
     codes = []
-    for _ in range(2):
-        with FastDecoder(model, 1, 8, 4, compile_step=True, cuda_graph=True) as d:
-            compiled = d._step_fns[d.pdl]
-            codes.append(compiled._torchdynamo_orig_callable.__func__.__code__)
-    assert codes[0] is not codes[1] and codes[0] is not FastDecoder._step.__code__
+    for regional, native in ((True, True), (True, True), (False, True)):
+        with FastDecoder(
+            model, 1, 8, 4, compile_step=True, cuda_graph=True, native=native, regional=regional
+        ) as d:
+            step = d._step_fns[d.pdl]
+            parts = step.parts if regional else (step,)  # by region: embed, layer, head; whole: one
+            codes.append([part._torchdynamo_orig_callable.__func__.__code__ for part in parts])
+    originals = {
+        fast._NativeLlama.embed_step.__code__,
+        fast._NativeLlama.layer_step.__code__,
+        FastDecoder._finish.__code__,
+        FastDecoder._step.__code__,
+    }
+    flat = [code for decoder in codes for code in decoder]
+    ids = {id(c) for c in flat}  # code objects compare equal by content: identity is what counts here
+    assert len(ids) == 7 and not ids & {id(c) for c in originals}
 
 
 @pytest.mark.slow  # three Python processes that each import torch and transformers: minutes on 2 busy cores

@@ -44,12 +44,10 @@ def test_other_hardware_is_a_new_run_and_the_same_identity_is_skipped(tmp_path, 
         .startswith(f"tiny_llama bf16 (none) on hf · ppl {ppl:.3f} · KL 0.0000")
     )
     experiment = client(store).get_experiment(runs[0].info.experiment_id)
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(experiment.tags["mlflow.sharedViewState.gb10exp"])
-    assert (
-        "metrics.`perplexity`" in view["selectedColumns"]
-        and "metrics.`decode_tokens_per_s`" in view["selectedColumns"]
-    )
+    assert view["selectedColumns"][:2] == ["metrics.`rounded/perplexity`", "metrics.`rounded/kl_mean`"]
+    assert view["searchFilter"] == "tags.kind IS NULL" and "mlflow.experimentKind" not in experiment.tags
+    assert runs[0].data.metrics["rounded/perplexity"] == float(f"{ppl:.4g}")
 
 
 def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrated_numbers(tmp_path, caplog):
@@ -89,7 +87,7 @@ def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrate
 
 
 # What each format reads, by hand from modelopt's configs: weight-only round-to-nearest reads no data.
-CALIBRATION_FREE = {"bf16", "gguf_q4_k_m", "int4", "nvfp4_wo"}
+CALIBRATION_FREE = {"bf16", "gguf_nvfp4", "gguf_q4_k_m", "int4", "nvfp4_wo"}
 
 
 @pytest.mark.parametrize("name", formats.options())

@@ -17,15 +17,6 @@ def _all_finished(tmp_path, count: int) -> None:
     assert len({r.data.tags["config_hash"] for r in runs}) == count
 
 
-def test_parallel_jobs_share_one_sqlite_store(tmp_path):
-    # A fresh store, two processes at once: MLflow's table creation and writes must not collide.
-    out = run_gb10exp(*TINY, "qformat=bf16,fp8", "hydra/launcher=local_parallel", store=tmp_path)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-3000:]
-    assert "database is locked" not in log and "already exists" not in log
-    _all_finished(tmp_path, 2)
-
-
 def test_submitit_local_executor(tmp_path):
     out = run_gb10exp(*TINY, "qformat=bf16,fp8", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                       store=tmp_path)

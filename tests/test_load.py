@@ -77,10 +77,12 @@ def test_parallel_sweep_with_a_killed_worker_is_completed_by_a_rerun(tmp_path, k
     assert worker != proc.pid  # a joblib worker, not the launcher
     os.kill(worker, signal.SIGKILL)
     try:
-        proc.communicate(timeout=600)  # joblib reports the lost worker; the other jobs end either way
+        log = proc.communicate(timeout=600)[0]  # joblib reports the lost worker; the other jobs end either way
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    # Three processes created the store and wrote to it at once: MLflow's table creation and writes must not collide.
+    assert "database is locked" not in log and "already exists" not in log, log[-3000:]
 
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
@@ -96,3 +98,11 @@ def test_parallel_sweep_with_a_killed_worker_is_completed_by_a_rerun(tmp_path, k
     replacement = client.get_run(killed.data.tags["superseded_by"])
     assert replacement.info.status == "FINISHED"
     assert replacement.data.tags["config_hash"] == killed.data.tags["config_hash"]
+    # Everything arrived: metrics, parameters, artifacts; and the workers of the first sweep shared its id.
+    for run in (r for r in final if r.info.status == "FINISHED"):
+        assert {"perplexity", "kl_mean", "weight_gib"} <= set(run.data.metrics)
+        assert run.data.params["model.name"] == "tiny_llama"
+        assert {"config.yaml", "overrides.yaml", "results.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # Two sweeps, two ids: every worker of a sweep records the id its launcher drew.
+    assert len({r.data.tags["sweep_id"] for r in final}) == 2
+    assert killed.data.tags["sweep_id"] != replacement.data.tags["sweep_id"]

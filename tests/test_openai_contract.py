@@ -24,13 +24,13 @@ import torch
 from conftest import TINY, mlflow_runs, run_gb10exp
 
 from gb10exp.backends import BenchInputs
-from gb10exp.evaluate.engine import EngineAccuracyUnavailable
 from gb10exp.backends.openai.backend import OpenAIBackend, ServerError
-from gb10exp.bench import LEAD
 from gb10exp.backends.openai.config import OpenAIOptions
+from gb10exp.bench import LEAD
 from gb10exp.config import BenchConfig, ConfigError, QFormatConfig
-from gb10exp.quant import formats
+from gb10exp.evaluate.engine import EngineAccuracyUnavailable
 from gb10exp.models import load_tokenizer
+from gb10exp.quant import formats
 
 MODEL = "served-model"
 SIZE = 123_456_789  # llama-server's meta "size": the served weights' bytes

@@ -3,7 +3,7 @@ sizes and speeds are known: the choice under each budget, "none meets the constr
 constraint, measured against projected speed, the Pareto fronts and their plot.
 
 Runs go into a real SQLite MLflow store (tests/test_report.py ``log_run``); native engine support comes
-from ``gb10exp.backends.support.native_engines`` (fp8 and nvfp4 native on GB10, int4 and nvfp4_awq not).
+from ``gb10exp.backends.support.native_engines`` (fp8 and nvfp4 native on GB10, w4a8_awq not).
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from gb10exp.report import Selection, build_report
 from gb10exp.report.__main__ import main as report_main
 from gb10exp.report.recommend import Constraints, pareto, recommend
 
-GB10_BOUND = 273e9 / 2**30  # tokens/s of one GiB of weights at GB10's 273 GB/s
+GB10_BOUND = 273e9 / 2**30  # tokens/s of one GiB read per decode step at GB10's 273 GB/s
+
+
+def sizes(gib: float) -> dict[str, float]:
+    """A run's deployed weights and the bytes a decode step reads (the same here: tied embeddings)."""
+    return {"weight_gib": gib, "decode_gib": gib}
 # fp8's loss straddles 0 across windows (mean +0.1%): not distinguishable from bf16 on this evaluation.
 FP8_NOISY = [-0.006, 0.008, -0.004, 0.006, -0.002, 0.004, -0.001, 0.003]
 
@@ -31,8 +36,8 @@ def store(tmp_path) -> str:
 
 
 def log_set(uri: str, nvfp4_measured: float | None = None) -> None:
-    log_run(uri, "bf16", BASE_NLL, tags=DIGESTS, extra_metrics={"weight_gib": 1.0})
-    log_run(uri, "fp8", shifted(FP8_NOISY), tags=DIGESTS, extra_metrics={"weight_gib": 0.5})
+    log_run(uri, "bf16", BASE_NLL, tags=DIGESTS, extra_metrics=sizes(1.0))
+    log_run(uri, "fp8", shifted(FP8_NOISY), tags=DIGESTS, extra_metrics=sizes(0.5))
     measured = {} if nvfp4_measured is None else {"decode_tokens_per_s": nvfp4_measured}
     tags = DIGESTS if nvfp4_measured is None else {**DIGESTS, "gpu": "NVIDIA GB10", "speed_valid": "true"}
     task = {"task/mini/acc": 0.75}
@@ -41,12 +46,12 @@ def log_set(uri: str, nvfp4_measured: float | None = None) -> None:
         "nvfp4",
         shifted(math.log(1.03)),
         tags=tags,
-        extra_metrics={"weight_gib": 0.28, **measured, **task},
+        extra_metrics={**sizes(0.28), **measured, **task},
     )
     # Larger and worse than nvfp4: dominated on both fronts.
-    log_run(uri, "nvfp4_awq", shifted(math.log(1.05)), tags=DIGESTS, extra_metrics={"weight_gib": 0.30})
-    # The smallest, but no engine serves W4A16 AWQ natively on GB10.
-    log_run(uri, "int4", shifted(math.log(1.06)), tags=DIGESTS, extra_metrics={"weight_gib": 0.26})
+    log_run(uri, "nvfp4_awq", shifted(math.log(1.05)), tags=DIGESTS, extra_metrics=sizes(0.30))
+    # The smallest, but no engine serves W4A8 AWQ natively on GB10 (TensorRT-LLM has no sm_120/121 kernels).
+    log_run(uri, "w4a8_awq", shifted(math.log(1.06)), tags=DIGESTS, extra_metrics=sizes(0.26))
 
 
 def test_pareto_front():
@@ -68,7 +73,7 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     assert runs["known-nvfp4-calib16"]["speed_kind"] == "projected"
     assert runs["known-nvfp4-calib16"]["loss"]["point"] == pytest.approx(0.03)
     assert runs["known-bf16-calib16"]["fails"] == ["--max-weight-gib"]
-    assert runs["known-int4-calib16"]["native_engines"] == [] and runs["known-int4-calib16"]["fails"] == [
+    assert runs["known-w4a8_awq-calib16"]["native_engines"] == [] and runs["known-w4a8_awq-calib16"]["fails"] == [
         "native engine"
     ]
     on_bytes = {n for n, r in runs.items() if r["pareto_bytes"]}
@@ -88,7 +93,7 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     free = recommend(rows, Constraints())
     assert free.choice.name == "known-bf16-calib16"
     assert "Not distinguishable on this evaluation from: known-fp8-calib16" in free.uncertainty
-    # 0.3 GiB: int4 (0.26) is smaller but not native, nvfp4_awq fits but is not native either: nvfp4.
+    # 0.3 GiB: w4a8_awq (0.26) is smaller but not native, nvfp4_awq fits but is larger and worse: nvfp4.
     small = recommend(rows, Constraints(max_weight_gib=0.3))
     assert small.choice.name == "known-nvfp4-calib16" and "mini/acc 0.750" in small.reasons
     # Too fast for any run that fits: nothing, and the speed constraint binds (nvfp4 projects 975 tok/s).
@@ -100,9 +105,9 @@ def test_recommendation_on_a_constructed_set(store, tmp_path):
     tiny = recommend(rows, Constraints(max_weight_gib=0.2))
     assert tiny.choice is None and tiny.binding[0].startswith("--max-weight-gib binds")
     assert "the smallest, known-nvfp4-calib16, 0.280 GiB" in tiny.binding[0]
-    # On an H100 (Hopper) nvfp4 has no native engine; int4 has one (TensorRT-LLM).
+    # On an H100 (Hopper) nvfp4 has no native engine; w4a8_awq has one (TensorRT-LLM).
     hopper = recommend(rows, Constraints(max_weight_gib=0.3, device="H100"))
-    assert hopper.choice.name == "known-int4-calib16" and hopper.arch == "hopper"
+    assert hopper.choice.name == "known-w4a8_awq-calib16" and hopper.arch == "hopper"
 
 
 def test_measured_speed_beats_the_projection(store, tmp_path):
@@ -111,13 +116,15 @@ def test_measured_speed_beats_the_projection(store, tmp_path):
         store,
         Selection(experiment=EXPERIMENT),
         tmp_path / "r",
-        Constraints(max_weight_gib=0.3, min_decode_tokens_per_s=700),
+        Constraints(max_weight_gib=0.29, min_decode_tokens_per_s=700),  # nvfp4 (0.28) fits, nvfp4_awq (0.30) not
     )
     rec = report.recommendation
     nv = next(x for x in rec.candidates if x.name == "known-nvfp4-calib16")
     assert nv.speed == 600.0 and nv.speed_kind == "measured" and nv.speed_note == "measured on NVIDIA GB10"
     assert rec.choice is None
-    assert "600.0 tokens/s (known-nvfp4-calib16, measured)" in rec.binding[0]
+    # Both bind: nvfp4 fits but is too slow as measured; nvfp4_awq would be fast enough (projected) but is too large.
+    assert any("600.0 tokens/s (known-nvfp4-calib16, measured)" in b for b in rec.binding), rec.binding
+    assert any(b.startswith("--max-weight-gib binds") and "known-nvfp4_awq-calib16" in b for b in rec.binding)
     # The same run seen from an H200: not measured there, so projected from its bytes.
     h200 = recommend(report.rows, Constraints(device="H200"))
     nv = next(x for x in h200.candidates if x.name == "known-nvfp4-calib16")
@@ -132,10 +139,11 @@ def test_recommendation_uses_the_seed_spread(store, tmp_path):
         store, Selection(experiment=EXPERIMENT), tmp_path / "r", Constraints(max_weight_gib=0.6)
     )
     rec = report.recommendation
-    assert rec.choice.name == "known-fp8-calib16"  # seed 0, the smallest loss
-    assert rec.choice.loss_basis == "seeds"
-    assert (rec.choice.loss.lo, rec.choice.loss.hi) == (pytest.approx(0.002), pytest.approx(0.012))
-    assert "spread over seeds (wider than the window interval)" in rec.uncertainty
+    assert rec.choice.name == "known-fp8-calib16"  # the three seeds share the recipe's loss: the first
+    assert rec.choice.loss_basis == "seeds and windows"
+    # The recipe's interval (t with 2 degrees of freedom over 3 seeds) is wider than the seeds' min..max.
+    assert rec.choice.loss.lo < 0.002 and rec.choice.loss.hi > 0.012
+    assert "95% interval over calibration seeds and evaluation windows" in rec.uncertainty
 
 
 def test_cli_recommend_and_its_errors(store, tmp_path, capsys):
@@ -177,7 +185,7 @@ def test_cli_recommend_and_its_errors(store, tmp_path, capsys):
 
 def test_plots_more_formats_than_a_palette_has_colours(store, tmp_path):
     # The recipes preset has 14 formats; the plots once ran out of tab10's 10 colours (KeyError).
-    log_run(store, "bf16", BASE_NLL, tags=DIGESTS, extra_metrics={"weight_gib": 1.0})
+    log_run(store, "bf16", BASE_NLL, tags=DIGESTS, extra_metrics=sizes(1.0))
     names = [
         "fp8",
         "nvfp4",
@@ -197,7 +205,7 @@ def test_plots_more_formats_than_a_palette_has_colours(store, tmp_path):
             name,
             shifted(math.log(1.01 + i / 100)),
             tags=DIGESTS,
-            extra_metrics={"weight_gib": 0.2 + i / 100},
+            extra_metrics=sizes(0.2 + i / 100),
         )
     report = build_report(store, Selection(experiment=EXPERIMENT), tmp_path / "r", Constraints())
     assert report.recommendation.choice is not None

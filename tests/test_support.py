@@ -28,12 +28,15 @@ def test_every_cell_exists_with_a_status_and_a_source():
 
 @pytest.mark.parametrize(
     "engine,algo,arch,status",
-    [  # TensorRT-LLM: QuantAlgo has no W4A16_NVFP4 / NVFP4_AWQ; NVFP4 on Blackwell only; AWQ not on GB10
-        ("trtllm", "W4A16_NVFP4", "gb10", "unsupported"),
-        ("trtllm", "NVFP4_AWQ", "blackwell", "unsupported"),
+    [  # TensorRT-LLM (re-checked 2026-12-05): W4A16_NVFP4 on sm_120/121 since PR #16511; NVFP4_AWQ on
+        # Blackwell's NVFP4 kernels; NVFP4 (W4A4) not on Hopper; int4 AWQ fixed for sm_120/121 (PR #11561);
+        # W4A8 AWQ has no sm_120/121 kernels
+        ("trtllm", "W4A16_NVFP4", "gb10", "native"),
+        ("trtllm", "NVFP4_AWQ", "blackwell", "native"),
         ("trtllm", "NVFP4", "gb10", "native"),
         ("trtllm", "NVFP4", "hopper", "unsupported"),
-        ("trtllm", "W4A16_AWQ", "gb10", "unsupported"),
+        ("trtllm", "W4A16_AWQ", "gb10", "native"),
+        ("trtllm", "W4A8_AWQ", "gb10", "unsupported"),
         ("trtllm", "W4A16_AWQ", "hopper", "native"),
         ("trtllm", "W4A8_AWQ", "ampere", "unsupported"),
         ("trtllm", "FP8", "ada", "native"),
@@ -47,7 +50,11 @@ def test_every_cell_exists_with_a_status_and_a_source():
         ("vllm", "W4A16_AWQ", "hopper", "unsupported"),
         ("vllm", "W4A8_AWQ", "ada", "unsupported"),
         ("llamacpp", "GGUF", "cpu", "native"),
-        ("llamacpp", "NVFP4", "gb10", "unsupported"),
+        # llama.cpp: its converter repacks modelopt NVFP4 into GGML_TYPE_NVFP4; FP4 tensor cores only on sm_120/121
+        ("llamacpp", "NVFP4", "gb10", "native"),
+        ("llamacpp", "NVFP4", "cpu", "emulated"),
+        ("llamacpp", "NVFP4_AWQ", "gb10", "unsupported"),
+        ("llamacpp", "W4A16_AWQ", "cpu", "unsupported"),
         ("ollama", "GGUF", "gb10", "native"),
         ("hf", "NVFP4", "cpu", "emulated"),
         ("hf", "none", "cpu", "native"),
@@ -62,8 +69,8 @@ def test_lookup_by_qformat_and_native_engines():
     assert lookup("trtllm", QFORMATS["nvfp4"], "gb10").status == "native"
     assert lookup("llamacpp", QFORMATS["gguf_q4_k_m"], "ampere").status == "native"
     assert lookup("trtllm", QFORMATS["bf16"], "hopper").status == "native"
-    assert native_engines(QFORMATS["nvfp4_wo"], "gb10") == ["vllm"]
-    assert native_engines(QFORMATS["nvfp4"], "gb10") == ["trtllm", "vllm"]
+    assert native_engines(QFORMATS["nvfp4_wo"], "gb10") == ["trtllm", "vllm", "llamacpp"]
+    assert native_engines(QFORMATS["nvfp4"], "gb10") == ["trtllm", "vllm", "llamacpp"]
     assert native_engines(QFORMATS["int4_awq"], "hopper") == ["trtllm"]
     assert lookup("trtllm", "W4A16", "hopper").note.endswith("is not in the matrix")
 
@@ -92,21 +99,16 @@ def test_arch_of_cpu():
 
 def test_unsupported_combination_is_refused_in_one_line_with_what_works_instead():
     with pytest.raises(ConfigError) as info:
-        support.refuse("trtllm", QFORMATS["nvfp4_wo"], "gb10")
+        support.refuse("trtllm", QFORMATS["nvfp4"], "hopper")
     msg = str(info.value)
     assert "\n" not in msg
-    assert msg.startswith(
-        "backend=trtllm cannot serve qformat='nvfp4_wo' (quant_algo W4A16_NVFP4) on gb10: "
-        "not a TensorRT-LLM QuantAlgo"
-    )
-    assert "tensorrt_llm/quantization/mode.py" in msg
-    assert (
-        "instead: engine vllm for nvfp4_wo; or qformat in ['auto', 'auto_5bit', 'bf16', 'fp8', 'nvfp4', "
-        "'nvfp4_awq_clip', 'nvfp4_four_over_six', 'nvfp4_local_hessian', 'nvfp4_mlp_only', 'nvfp4_mse', "
-        "'nvfp4_omlp_only'] on backend=trtllm" in msg
-    )
-    with pytest.raises(ConfigError, match=r"qformat='int4_awq' \(quant_algo W4A16_AWQ\) on gb10: W4A16 AWQ"):
-        support.refuse("trtllm", QFORMATS["int4_awq"], "gb10")
+    assert msg.startswith("backend=trtllm cannot serve qformat='nvfp4' (quant_algo NVFP4) on hopper: NVFP4: ")
+    assert "docs/source/features/quantization.md" in msg  # the cell's source, quoted
+    # No engine serves W4A4 NVFP4 natively on Hopper: what this engine does serve there instead.
+    assert msg.endswith("instead: qformat in ['bf16', 'fp8', 'int4', 'int4_awq', 'nvfp4_wo', 'w4a8_awq'] on backend=trtllm")
+    with pytest.raises(ConfigError, match=r"qformat='w4a8_awq' \(quant_algo W4A8_AWQ\) on gb10: W4A8 AWQ"):
+        support.refuse("trtllm", QFORMATS["w4a8_awq"], "gb10")
+    support.refuse("trtllm", QFORMATS["int4_awq"], "gb10")  # native there since PR #11561
     support.refuse("trtllm", QFORMATS["int4_awq"], "hopper")
     support.refuse("hf", QFORMATS["nvfp4"], "cpu")  # emulated is allowed (and tagged)
     support.refuse("openai", QFORMATS["nvfp4_wo"], "gb10")  # the server's engine is not known here
@@ -127,3 +129,8 @@ def test_docs_show_the_matrix_generated_from_the_data():
     assert support.markdown() in text, (
         "docs/export_and_support.md is stale: paste gb10exp.backends.support.markdown()"
     )
+
+
+def test_readme_shows_the_matrix_generated_from_the_data():
+    table = support.glance().split("\n", 1)[1]  # without the generator's comment line
+    assert table in (ROOT / "README.md").read_text(), "README's matrix is stale: paste gb10exp.backends.support.glance()"

@@ -31,6 +31,7 @@ class BenchInputs:
     fmt: Format
     model_cfg: ModelConfig | None = None
     deployed: Tensors | None = None  # the format's deployed tensors (gb10exp.quant.bytes.from_module)
+    cache_key: str | None = None  # the quantized model's content key (what an engine builds from it is cached by it)
 
     @property
     def quantized(self) -> bool:
@@ -43,6 +44,7 @@ class Backend(Protocol):
     max_batch_size: int | None  # concurrent sequences the engine runs at once (None: no limit)
     served_model: str | None  # the model an engine serves on its own (a server's, a given GGUF's), else None
     engine_package: str | None  # the Python package of the engine it embeds (its version is part of a run's identity)
+    returns_logits: bool  # ``logits`` gives the engine's logits for whole windows (scored like PyTorch's)
 
     def check(self, fmt: Format, tokenizer: Any = None) -> None:
         """Cheap availability check (imports, server reachable, format servable); raise ConfigError with the fix.
@@ -60,8 +62,15 @@ class Backend(Protocol):
         ``gb10exp.evaluate.engine.EngineAccuracyUnavailable`` when the engine cannot return log-probabilities
         for the whole prompt."""
 
+    def logits(self, windows: torch.Tensor) -> torch.Tensor:
+        """The engine's logits at every position of ``windows`` (N, T) -> (N, T, vocabulary), float32; only
+        where ``returns_logits``."""
+
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         """(metrics, tags) of one throughput measurement, following gb10exp.bench's rules."""
+
+    def describe(self) -> dict[str, str]:
+        """What the engine ran, known once it has run (kernels, buffer types, offload), as run tags."""
 
     def close(self) -> None:
         """Release the engine (stop servers, free GPU memory)."""

@@ -62,6 +62,7 @@ class Format:
     needs_data: str | None  # why calibration reads data; None: the result cannot depend on it
     gguf_type: str | None = None
     modelopt_cfg: str | None = None
+    candidates: tuple[str, ...] = ()  # qformat=auto: the formats its layers choose from
 
     @property
     def modelopt(self) -> bool:
@@ -282,7 +283,8 @@ def _derive(q: QFormatConfig, kv_cache_qformat: str) -> Format:
         candidates = [of(load_qformat(f)) for f in q.auto.formats]
         return Format(**base, quant_algo="MIXED_PRECISION", weight_bits=q.auto.effective_bits, weight_block=None,
                       nvfp4=any(c.nvfp4 for c in candidates), cuda_only=any(c.cuda_only for c in candidates),
-                      needs_data="auto_quantize scores every layer's candidates on calibration data")
+                      needs_data="auto_quantize scores every layer's candidates on calibration data",
+                      candidates=tuple(q.auto.formats))
     return Format(**base, **_modelopt_facts(modelopt_config(q, kv_cache_qformat)))
 
 

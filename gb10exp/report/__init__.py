@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from gb10exp.report import recommend, render
 from gb10exp.report.collect import REPORT_TAG, Collected, Selection, collect
-from gb10exp.report.compare import FormatSummary, ReportRow, compare, missing_fp8, noise_floor, summarize
-from gb10exp.report.stats import Interval
+from gb10exp.report.compare import (
+    EngineRow,
+    FormatSummary,
+    ReportRow,
+    Resolution,
+    compare,
+    engine_rows,
+    missing_fp8,
+    resolution,
+    summarize,
+)
+from gb10exp.report.stats import Interval, RecipeChange
 from gb10exp.tracking.secrets import redact
 
 PLOT_NAME = "loss.png"
@@ -39,6 +49,21 @@ def _interval(i: Interval | None) -> dict[str, Any] | None:
     return None if i is None else {"point": i.point, "lo": i.lo, "hi": i.hi, "has_ci": i.has_ci}
 
 
+def _recipe(r: RecipeChange | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {
+        "interval": _interval(r.interval),
+        "windows_only": _interval(r.windows_only),  # the seeds held fixed: the windows' share
+        "seed_half_width": r.seed_half_width,
+        "seeds": r.seeds,
+        "windows": r.windows,
+        "detectable": r.detectable,  # the smallest loss told apart from zero at 95%, at this loss
+        "cannot_tell": r.cannot_tell,  # the loss is below it: its interval contains zero
+        "windows_for_half_point": r.windows_needed(),  # windows for ±0.5 pp (None: more seeds needed)
+    }
+
+
 def _comparison(c) -> dict[str, Any]:
     return {
         "reference": c.reference.run_id if c.reference else None,
@@ -47,6 +72,7 @@ def _comparison(c) -> dict[str, Any]:
         "label": c.label,
         "change": _interval(c.change),
         "seed_spread": _interval(c.seed_spread),
+        "recipe": _recipe(c.recipe),
         "judged": _interval(c.judged),
         "judged_by": c.judged_by,
         "verdict": c.verdict.value if c.verdict else None,
@@ -59,9 +85,33 @@ def as_json(
     summaries: list[FormatSummary],
     collected: Collected,
     fp8_command: str | None = None,
+    res: Resolution | None = None,
+    engine: list[EngineRow] | None = None,
 ) -> dict[str, Any]:
     """The report's numbers, machine-readable (tests and notebooks read this rather than the Markdown)."""
+    near_1 = None
+    if res is not None and res.nearest is not None:
+        near_1 = {
+            "run": res.nearest_run,
+            "near": res.near,  # its loss is within compare.NEAR of 1%: its resolution is the one near 1%
+            "recipe": _recipe(res.nearest.recipe),
+        }
     return {
+        "engine": [
+            {
+                "run_id": e.run.run_id,
+                "model": e.run.model,
+                "backend": e.run.backend,
+                "qformat": e.run.qformat,
+                "calib_size": e.run.calib_size,
+                "engine_perplexity": e.engine_ppl,
+                "vs_unquantized": e.vs_unquantized and asdict(e.vs_unquantized),
+                "simulated_perplexity": e.simulated_ppl,
+                "deployed_vs_simulated": e.vs_simulated and asdict(e.vs_simulated),
+                "disagrees": e.disagrees,
+            }
+            for e in engine or []
+        ],
         "rows": [
             {
                 "run_id": r.run.run_id,
@@ -102,6 +152,7 @@ def as_json(
             for u in r.unpaired
         ],
         "fp8_command": fp8_command,
+        "resolution_near_1pct": near_1,
         "unfinished": [
             {"run_id": r.run_id, "name": r.name, "status": r.status, "error": r.error}
             for r in collected.unfinished
@@ -141,20 +192,25 @@ def build_report(tracking_uri: str, selection: Selection, out_dir: Path, constra
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"Does NVFP4 lose less than 1%? — {selection.label()}"
     png = render.plot(rows, title, out_dir / PLOT_NAME)
+    res = resolution(rows)
+    engine = engine_rows(rows)
     blocks = render.document(
         title,
         _meta(tracking_uri, collected),
         collected,
         rows,
         summaries,
-        noise_floor(rows),
+        res,
         png.name if png else None,
         fp8_command,
+        engine,
     )
     files = [out_dir / "report.md", out_dir / "report.html", out_dir / "report.json"]
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(render.to_html(blocks, out_dir))
-    files[2].write_text(json.dumps(as_json(rows, summaries, collected, fp8_command), indent=2, default=str))
+    files[2].write_text(
+        json.dumps(as_json(rows, summaries, collected, fp8_command, res, engine), indent=2, default=str)
+    )
     files += [png] if png else []
     rec = None
     if constraints is not None:

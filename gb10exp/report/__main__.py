@@ -18,7 +18,9 @@ from pathlib import Path
 from gb10exp.config import ConfigError
 from gb10exp.report import Selection, build_report, log_report
 from gb10exp.report.collect import latest_experiment
+from gb10exp.report.compare import SEEDS_AND_WINDOWS
 from gb10exp.report.recommend import Constraints
+from gb10exp.report.render import detectable_cell, windows_needed_cell
 from gb10exp.tracking import secrets
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local.yaml
@@ -65,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _said(c) -> str:
     if c.verdict is None:
         return c.note or "–"
-    how = f"{c.label}" + (", by seed spread" if c.judged_by == "seeds" else "")
+    how = f"{c.label}" + ("; judged over seeds and windows" if c.judged_by == SEEDS_AND_WINDOWS else "")
     return f"{c.verdict.value} ({how})"
 
 
@@ -109,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{s.model} {s.qformat} (calib {s.row.run.calib_size}): "
             f"vs bf16 {_said(bf16)}, vs fp8 {_said(fp8)}"
         )
+        if bf16.recipe is not None:
+            print(
+                f"  smallest detectable loss vs bf16: {detectable_cell(bf16)} ({bf16.recipe.windows} windows, "
+                f"{bf16.recipe.seeds} seed{'s' if bf16.recipe.seeds > 1 else ''}); "
+                f"windows for ±0.5 pp: {windows_needed_cell(bf16)}"
+            )
     if report.fp8_command:
         print(
             f"no fp8 run exists, so there is no verdict against fp8; add the fp8 runs with:\n  {report.fp8_command}"

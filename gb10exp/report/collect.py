@@ -66,6 +66,8 @@ class RunRow:
     tags: dict[str, str]
     start_time: int
     windows: dict[str, list[float]] | None = None  # results.json's per-window sums, when present
+    # The engine's own per-window sums beside a simulated headline (results.json's windows_deployed)
+    deployed_windows: dict[str, list[float]] | None = None
     overrides: list[str] | None = None  # overrides.yaml (the job's command-line overrides), loaded on demand
 
     @property
@@ -75,6 +77,10 @@ class RunRow:
     @property
     def model(self) -> str:
         return self.tags.get("model") or self.params.get("model.name", "?")
+
+    @property
+    def backend(self) -> str:
+        return self.params.get("backend.name", "?")
 
     @property
     def fmt(self) -> formats.Format:
@@ -97,12 +103,6 @@ class RunRow:
         """None for runs that no calibration touched."""
         value = self.params.get("calib_size")
         return int(value) if self.calibrated and value not in NONE else None
-
-    @property
-    def window_key(self) -> tuple:
-        """Runs with equal keys were evaluated on the same windows of the same model."""
-        model = sorted((k, v) for k, v in self.params.items() if k.startswith("model."))
-        return (tuple(model), tuple(self.params.get(k) for k in WINDOW_PARAMS))
 
     @property
     def has_digests(self) -> bool:
@@ -197,14 +197,16 @@ def _row(run, experiment: str) -> RunRow:
     )
 
 
-def load_windows(client, row: RunRow) -> dict[str, list[float]] | None:
-    """The per-window sums of ``results.json`` (works for local stores and tracking servers alike)."""
+def load_windows(client, row: RunRow) -> None:
+    """The per-window sums of ``results.json`` into ``row`` (works for local stores and tracking servers alike):
+    the run's, and the engine's own where it deployed a simulated format."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(row.run_id, "results.json", tmp)
         except Exception:  # no artifact (an old or foreign run): the report falls back to the metrics
-            return None
-        return json.loads(Path(path).read_text()).get("windows")
+            return
+        results = json.loads(Path(path).read_text())
+    row.windows, row.deployed_windows = results.get("windows"), results.get("windows_deployed")
 
 
 def load_overrides(client, row: RunRow) -> list[str] | None:
@@ -279,7 +281,7 @@ def collect(client, selection: Selection) -> Collected:
     )
     by_id = {r.run_id: r for r in finished + references}
     for row in by_id.values():
-        row.windows = load_windows(client, row)
+        load_windows(client, row)
     references = [by_id[r.run_id] for r in references]  # the same objects, windows loaded once
     if not any(r.qformat == "fp8" for r in references):  # the report prints the command that adds fp8 runs
         for row in finished:

@@ -9,8 +9,9 @@ used, so a sweep without a bf16 job still gets a verdict. Every comparison says 
 The fp8 reference is the fp8 run with the same calibration size and seed when there is one, else the fp8
 run with the most calibration samples.
 
-Calibrations of one recipe with different seeds (``seed=0,1,2``) give a seed spread (min..max of their
-point estimates); a verdict uses the wider of that spread and the evaluation-window interval. Each
+Calibrations of one recipe with different seeds (``seed=0,1,2``) are judged together: the verdict of each
+is on the recipe's expected loss, with an interval that accounts for the seeds and the evaluation windows
+at once (``stats.recipe_change``); their spread (min..max of their own losses) is shown beside it. Each
 format's summary verdict is taken at its largest calibration size (the one a user would deploy); the
 spread across calibration sizes is reported beside it.
 """
@@ -22,11 +23,25 @@ import statistics
 from dataclasses import dataclass, field
 
 from gb10exp.report.collect import Collected, RunRow, pair_basis, pair_differences
-from gb10exp.report.stats import Interval, WindowMismatch, point_only, ppl_interval, relative_change
-from gb10exp.report.verdict import Verdict, verdict
+from gb10exp.report.stats import (
+    Interval,
+    RecipeChange,
+    WindowMismatch,
+    Windows,
+    point_only,
+    ppl_interval,
+    recipe_change,
+    relative_change,
+)
+from gb10exp.report.verdict import THRESHOLD, Verdict, verdict
 
 IN_RUN = "in-run reference"  # the unquantized model, scored inside the quantized run on its windows
 SAME_RUN = "same run"
+WINDOWS = "windows"  # judged_by: one run, its evaluation windows
+SEEDS_AND_WINDOWS = "seeds and windows"  # judged_by: a recipe over its seeds, and the windows
+# The verdict "nearest 1%" tells what the evaluation resolves there only when its loss is within this of 1%:
+# intervals widen with the loss, so one taken at +50% says little about +1%.
+NEAR = 0.02
 
 
 @dataclass
@@ -34,14 +49,17 @@ class Comparison:
     """A run against one reference: the relative perplexity change and its verdict, or why there is none."""
 
     reference: RunRow | None = None
-    change: Interval | None = None  # the evaluation-window interval (paired bootstrap)
+    change: Interval | None = None  # this run's evaluation-window interval (paired bootstrap)
     verdict: Verdict | None = None  # from ``judged``
     note: str = ""  # "reference" (the run is the reference), or why nothing was compared
     source: str = ""  # which reference: "bf16 run <name>", "fp8 run <name>" or IN_RUN
     paired_by: str = ""  # PAIRED_BY_TAGS, PAIRED_BY_PARAMS or SAME_RUN
-    seed_spread: Interval | None = None  # mean [min, max] over the seeds of this run's recipe
-    judged: Interval | None = None  # the interval the verdict used: the wider of change and seed_spread
-    judged_by: str = ""  # "windows" | "seeds"
+    seed_spread: Interval | None = None  # mean [min, max] of the own losses of the seeds of this run's recipe
+    # What the verdict stands on: this run alone (one seed), or its recipe over its seeds and the windows;
+    # None for runs without per-window sums (point estimates).
+    recipe: RecipeChange | None = None
+    judged: Interval | None = None  # the interval the verdict used: recipe.interval, or the point estimate
+    judged_by: str = ""  # WINDOWS | SEEDS_AND_WINDOWS
 
     @property
     def label(self) -> str:
@@ -84,24 +102,35 @@ class FormatSummary:
 
 
 @dataclass
-class NoiseFloor:
-    """How small a loss this evaluation can resolve."""
+class Resolution:
+    """How small a loss this evaluation can resolve, measured by the verdict (vs bf16) nearest 1%."""
 
     windows: int
     tokens: int
-    # Paired CI half-widths vs bf16. Intervals widen with the loss itself (windows disagree more about a
-    # large loss), so the narrowest one is the resolution near zero, where the 1% question lives.
-    min_half_width: float | None
-    min_run: str | None  # the run with the narrowest interval
-    max_half_width: float | None
+    # Intervals widen with the loss itself (windows disagree more about a large loss), so what the evaluation
+    # resolves near 1% is read off the comparison whose loss is nearest 1%; ``near`` says whether it is
+    # within NEAR of it (else the sweep has not measured its resolution near 1%).
+    nearest_run: str | None
+    nearest: Comparison | None
+    near: bool
     bf16_ppl: Interval | None  # the baseline's own perplexity interval (unpaired): the text's variability
     baseline: str = "bf16"  # whose perplexity bf16_ppl is: "bf16" (a bf16 run) or IN_RUN
 
 
-def _paired_change(row: RunRow, ref: RunRow) -> Interval:
-    if row.windows and ref.windows:
-        return relative_change(row.windows, ref.windows)
-    return point_only(row.metrics["perplexity"], ref.metrics["perplexity"])
+def _judged(change: Interval, recipe: RecipeChange | None, **kwargs) -> Comparison:
+    return Comparison(
+        change=change, verdict=verdict(change), recipe=recipe, judged=change, judged_by=WINDOWS, **kwargs
+    )
+
+
+def _paired_change(
+    windows: Windows | None, ref: Windows | None, ppl: float, ppl_ref: float
+) -> tuple[Interval, RecipeChange | None]:
+    """The change and its statistics from per-window sums, else the point estimate from the perplexities."""
+    if windows and ref:
+        recipe = recipe_change([(windows, ref)])
+        return recipe.interval, recipe
+    return point_only(ppl, ppl_ref), None
 
 
 def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Comparison:
@@ -110,31 +139,24 @@ def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Compar
     if ref is not None:
         source, basis = f"{role} run {ref.name}", pair_basis(row, ref)
         try:
-            change = _paired_change(row, ref)
+            change, recipe = _paired_change(
+                row.windows, ref.windows, row.metrics["perplexity"], ref.metrics["perplexity"]
+            )
         except WindowMismatch as exc:
             return Comparison(reference=ref, note=f"windows differ ({exc})", source=source, paired_by=basis)
-        return Comparison(
-            ref, change, verdict(change), source=source, paired_by=basis, judged=change, judged_by="windows"
-        )
+        return _judged(change, recipe, reference=ref, source=source, paired_by=basis)
     if role == "bf16" and (in_run := in_run_change(row)) is not None:
-        return Comparison(
-            None,
-            in_run,
-            verdict(in_run),
-            source=IN_RUN,
-            paired_by=SAME_RUN,
-            judged=in_run,
-            judged_by="windows",
-        )
+        return _judged(*in_run, source=IN_RUN, paired_by=SAME_RUN)
     return Comparison(note=missing)
 
 
-def in_run_change(row: RunRow) -> Interval | None:
+def in_run_change(row: RunRow) -> tuple[Interval, RecipeChange | None] | None:
     """The change against the unquantized model evaluated inside the run (same windows by construction)."""
     if (ref := row.ref_windows) is not None and row.windows:
-        return relative_change(row.windows, ref)
+        recipe = recipe_change([(row.windows, ref)])
+        return recipe.interval, recipe
     if "reference_perplexity" in row.metrics and "perplexity" in row.metrics:  # no per-window sums kept
-        return point_only(row.metrics["perplexity"], row.metrics["reference_perplexity"])
+        return point_only(row.metrics["perplexity"], row.metrics["reference_perplexity"]), None
     return None
 
 
@@ -192,20 +214,24 @@ def compare(collected: Collected) -> list[ReportRow]:
             vs_fp8 = _compare(row, ref, "fp8", "no fp8 run on the same windows" if any_fp8 else "no fp8 run")
             unpaired += fp8_unpaired
         out.append(ReportRow(row, vs_bf16, vs_fp8, unpaired))
-    apply_seed_spread(out)
+    combine_seeds(out)
     return out
 
 
-def wider(window: Interval, seeds: Interval | None) -> tuple[Interval, str]:
-    """The wider of the evaluation-window interval and the seed spread, and which one it was."""
-    if seeds is not None and seeds.hi - seeds.lo > window.hi - window.lo:
-        return seeds, "seeds"
-    return window, "windows"
+def _pair(row: RunRow, c: Comparison) -> tuple[Windows, Windows] | None:
+    """The per-window sums of a run and of the reference its comparison used, when both were kept."""
+    ref = row.ref_windows if c.source == IN_RUN else (c.reference.windows if c.reference else None)
+    return (row.windows, ref) if row.windows and ref else None
 
 
-def apply_seed_spread(rows: list[ReportRow]) -> None:
-    """Calibrations of one recipe with different seeds: record their spread on each, and judge each by the
-    wider of its window interval and that spread (a new calibration may land anywhere in it)."""
+def combine_seeds(rows: list[ReportRow]) -> None:
+    """Calibrations of one recipe with different seeds: judge each by the recipe's expected loss, with an
+    interval over the seeds and the windows together (``stats.recipe_change``); record their spread.
+
+    A verdict on one calibration would be luck of its seed; a new calibration of the recipe is what a user
+    deploys, so the question is the recipe's. Seeds compared against different kinds of reference (a bf16
+    run for some, the in-run reference for others), or without per-window sums, are not combined.
+    """
     groups: dict[tuple, list[ReportRow]] = {}
     for r in rows:
         if r.run.quantized:
@@ -214,21 +240,30 @@ def apply_seed_spread(rows: list[ReportRow]) -> None:
         if len({m.run.seed for m in members}) < 2:
             continue
         for attr in ("vs_bf16", "vs_fp8"):
-            comparisons = [getattr(m, attr) for m in members if getattr(m, attr).change is not None]
+            pairs = [(m.run, getattr(m, attr)) for m in members if getattr(m, attr).change is not None]
+            comparisons = [c for _, c in pairs]
             if len(comparisons) < 2 or len({c.source == IN_RUN for c in comparisons}) > 1:
-                continue  # seeds judged against different kinds of reference do not form one spread
+                continue
             points = [c.change.point for c in comparisons]
             spread = Interval(statistics.fmean(points), min(points), max(points))
             for c in comparisons:
                 c.seed_spread = spread
-                c.judged, c.judged_by = wider(c.change, spread)
-                c.verdict = verdict(c.judged)
+            windows = [_pair(run, c) for run, c in pairs]
+            if any(w is None for w in windows):
+                continue  # point estimates only: each keeps its own verdict, marked "(point estimate)"
+            try:
+                recipe = recipe_change(windows)
+            except WindowMismatch:
+                continue  # cannot happen for runs that paired with their references; kept apart if it does
+            for c in comparisons:
+                c.recipe, c.judged, c.judged_by = recipe, recipe.interval, SEEDS_AND_WINDOWS
+                c.verdict = verdict(recipe.interval)
 
 
 def summarize(rows: list[ReportRow]) -> list[FormatSummary]:
     """Per model and quantized format: the verdict at the largest calibration size (with several seeds
-    there, the seed whose loss is the median one stands for the recipe; its verdict already uses the
-    wider of window interval and seed spread)."""
+    there, the seed whose loss is the median one stands for the recipe; its verdict is already the
+    recipe's, over seeds and windows)."""
     groups: dict[tuple[str, str], list[ReportRow]] = {}
     for r in rows:
         if r.run.quantized:
@@ -279,24 +314,22 @@ def missing_fp8(collected: Collected, rows: list[ReportRow]) -> str | None:
     return "python -m gb10exp " + " ".join(shlex.quote(a) for a in args)
 
 
-def noise_floor(rows: list[ReportRow]) -> NoiseFloor | None:
-    """The evaluation's resolution, from the paired intervals and the baseline's own interval."""
-    widths = sorted(
-        (r.vs_bf16.change.half_width, r.run.name)
-        for r in rows
-        if r.vs_bf16.change is not None and r.vs_bf16.change.has_ci
-    )
+def resolution(rows: list[ReportRow]) -> Resolution | None:
+    """The evaluation's resolution near 1%, from the comparison vs bf16 whose loss is nearest 1%, and the
+    baseline's own perplexity interval."""
+    measured = [(r.run.name, r.vs_bf16) for r in rows if r.vs_bf16.recipe is not None]
+    nearest = min(measured, key=lambda m: abs(m[1].judged.point - THRESHOLD), default=None)
     base = next((r.run for r in rows if not r.run.quantized), None)
     any_run = base or (rows[0].run if rows else None)
     if any_run is None:
         return None
     windows = any_run.windows or {}
-    return NoiseFloor(
+    return Resolution(
         windows=len(windows.get("tokens", [])),
         tokens=int(sum(windows.get("tokens", [])) or any_run.metrics.get("eval_tokens", 0)),
-        min_half_width=widths[0][0] if widths else None,
-        min_run=widths[0][1] if widths else None,
-        max_half_width=widths[-1][0] if widths else None,
+        nearest_run=nearest[0] if nearest else None,
+        nearest=nearest[1] if nearest else None,
+        near=nearest is not None and abs(nearest[1].judged.point - THRESHOLD) <= NEAR,
         bf16_ppl=_baseline_ppl(base, rows),
         baseline="bf16" if base is not None and base.windows else IN_RUN,
     )
@@ -308,3 +341,49 @@ def _baseline_ppl(base: RunRow | None, rows: list[ReportRow]) -> Interval | None
         return ppl_interval(base.windows)
     in_run = next((r.run.ref_windows for r in rows if r.run.ref_windows is not None), None)
     return ppl_interval(in_run) if in_run is not None else None
+
+
+@dataclass
+class EngineRow:
+    """A run scored by its engine's own kernels (an engine that returns logits: llama.cpp), on the same windows
+    as PyTorch: the deployment's accuracy, beside modelopt's simulation of it where PyTorch has the format."""
+
+    run: RunRow
+    engine_ppl: float
+    vs_unquantized: Interval | None  # against the unquantized model in PyTorch on the same windows (in-run)
+    simulated_ppl: float | None = None  # modelopt's simulation (a modelopt format), else None
+    vs_simulated: Interval | None = None  # deployed / simulated - 1, paired over windows
+
+    @property
+    def disagrees(self) -> bool:
+        """The deployment and the simulation differ beyond the windows' noise (the interval excludes 0)."""
+        return self.vs_simulated is not None and (self.vs_simulated.lo > 0 or self.vs_simulated.hi < 0)
+
+
+def _paired(windows: Windows | None, ref: Windows | None) -> Interval | None:
+    if not windows or not ref:
+        return None
+    try:
+        return relative_change(windows, ref)
+    except WindowMismatch:
+        return None
+
+
+def engine_rows(rows: list[ReportRow]) -> list[EngineRow]:
+    """Every run whose engine scored the windows itself: a modelopt format deployed (``perplexity_deployed``),
+    a format only the engine has (its accuracy is the run's), or the unquantized model through the engine."""
+    out = []
+    for r in rows:
+        run, m = r.run, r.run.metrics
+        if "perplexity_deployed" in m:
+            engine, sums, simulated = m["perplexity_deployed"], run.deployed_windows, m.get("perplexity")
+        elif run.tags.get("accuracy_source", "").startswith("engine"):
+            engine, sums, simulated = m["perplexity"], run.windows, None
+        elif "engine_perplexity" in m and run.deployed_windows:
+            engine, sums, simulated = m["engine_perplexity"], run.deployed_windows, None
+        else:
+            continue
+        ref = {"nll": sums["ref_nll"], "tokens": sums["tokens"]} if sums and sums.get("ref_nll") else None
+        vs_simulated = _paired(sums, run.windows) if simulated is not None else None
+        out.append(EngineRow(run, engine, _paired(sums, ref), simulated, vs_simulated))
+    return sorted(out, key=lambda e: (e.run.model, e.run.backend, e.run.qformat, e.run.calib_size or 0))

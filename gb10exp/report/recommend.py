@@ -1,7 +1,7 @@
 """Which quantization should I run on my device? A recommendation under a memory and speed budget.
 
 For every finished run of the report (one point per run): quality (perplexity change against bf16 with the
-interval its verdict used, the wider of evaluation windows and seed spread; KL; task scores when present),
+interval its verdict used, over evaluation windows and calibration seeds; KL; task scores when present),
 deployed weight bytes (``weight_gib``), decode speed on the chosen device, and whether an engine serves the
 format natively there (``gb10exp.backends.support.native_engines``).
 
@@ -203,7 +203,7 @@ def _interval_text(x: Candidate) -> str:
     if x.loss_basis == "exact":
         return "0 (the bf16 reference itself)"
     how = {
-        "seeds": "spread over seeds (wider than the window interval)",
+        "seeds and windows": "95% interval over calibration seeds and evaluation windows",
         "windows": "95% interval over evaluation windows",
     }.get(x.loss_basis, "")
     if not x.loss.has_ci:

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gb10exp.report.collect import Collected, RunRow
-from gb10exp.report.compare import Comparison, FormatSummary, NoiseFloor, ReportRow
-from gb10exp.report.stats import BOOTSTRAP_RESAMPLES
+from gb10exp.report.compare import (
+    SEEDS_AND_WINDOWS,
+    Comparison,
+    EngineRow,
+    FormatSummary,
+    ReportRow,
+    Resolution,
+)
+from gb10exp.report.stats import BOOTSTRAP_RESAMPLES, RESOLVE, Interval
 from gb10exp.report.verdict import THRESHOLD, Verdict
 
 # Optional metrics: a column appears only when some run has the metric. (metric, header, format)
@@ -45,13 +52,48 @@ def change_cell(c: Comparison) -> str:
     return f"{pct(c.change.point)} [{c.change.lo * 100:+.2f}, {c.change.hi * 100:+.2f}]"
 
 
+def judged_cell(c: Comparison) -> str:
+    """The interval the verdict used: the run's own, or its recipe's over several seeds."""
+    if c.judged_by != SEEDS_AND_WINDOWS or c.recipe is None:
+        return change_cell(c)
+    i = c.judged
+    return f"{pct(i.point)} [{i.lo * 100:+.2f}, {i.hi * 100:+.2f}] (mean of {c.recipe.seeds} seeds)"
+
+
 def verdict_cell(c: Comparison) -> str:
     if c.verdict is None:
         return "–"
     label = {Verdict.PASS: "pass", Verdict.FAIL: "**fail**", Verdict.INCONCLUSIVE: "inconclusive"}[c.verdict]
-    if c.judged_by == "seeds":
-        return f"{label} (by seed spread)"
+    if c.judged_by == SEEDS_AND_WINDOWS:
+        return f"{label} (seeds and windows)"
     return label if c.change is None or c.change.has_ci else f"{label} (point estimate)"
+
+
+def detectable_cell(c: Comparison) -> str:
+    """The smallest loss the comparison tells apart from zero, and whether its own loss is below it."""
+    if c.recipe is None:
+        return "–"
+    text = f"{c.recipe.detectable * 100:.2f}%"
+    if c.recipe.cannot_tell:
+        return f"{text}: cannot tell {pct(c.judged.point)} from 0 at this size"
+    return text
+
+
+def windows_needed_cell(c: Comparison, half_width: float = RESOLVE) -> str:
+    """Windows that would resolve ±``half_width`` at this loss, or why no number of windows would."""
+    if c.recipe is None:
+        return "–"
+    needed, have = c.recipe.windows_needed(half_width), c.recipe.windows
+    if needed is None:
+        return (
+            f"none: the seed term alone is ±{c.recipe.seed_half_width * 100:.2f} pp with "
+            f"{c.recipe.seeds} seeds; more seeds"
+        )
+    if (
+        needed <= have
+    ):  # fewer windows would do, but a bootstrap over a handful of windows is not one to trust
+        return f"enough (±{c.recipe.interval.half_width * 100:.2f} pp with {have:,})"
+    return f"{needed:,} (have {have:,})"
 
 
 def seed_cell(c: Comparison, seeds: list[str] | None = None) -> str:
@@ -131,6 +173,76 @@ def runs_table(rows: list[ReportRow]) -> Block:
     return Block("table", headers=tuple(headers), rows=tuple(body))
 
 
+def _interval_cell(i: Interval | None) -> str:
+    return "–" if i is None else f"{pct(i.point)} [{pct(i.lo)}, {pct(i.hi)}]"
+
+
+def engine_blocks(engine: list[EngineRow]) -> list[Block]:
+    """Accuracy from the engine's own kernels beside its speed, one row per run it scored; for a modelopt
+    format, its deployment against modelopt's simulation on the same windows, and a line for each pair that
+    disagrees beyond noise."""
+    if not engine:
+        return []
+    headers = ("model", "engine", "format", "calib", "perplexity (engine)", "vs 16-bit in PyTorch [95% CI]",
+               "simulated (modelopt)", "deployed vs simulated [95% CI]", "KL nats/tok", "top-1 agree",
+               "engine GiB", "TTFT s", "tok/s", "roofline")
+    body = []
+    for e in engine:
+        m, deployed = e.run.metrics, "perplexity_deployed" in e.run.metrics
+        kl, top1 = (m.get("kl_mean_deployed"), m.get("top1_agreement_deployed")) if deployed else (
+            m.get("kl_mean"), m.get("top1_agreement"))
+        body.append((e.run.model, e.run.backend, e.run.qformat, str(e.run.calib_size or "–"),
+                     _fmt(e.engine_ppl, "{:.3f}"), _interval_cell(e.vs_unquantized),
+                     _fmt(e.simulated_ppl, "{:.3f}"), _interval_cell(e.vs_simulated), _fmt(kl, "{:.4f}"),
+                     _fmt(top1, "{:.3f}"), _fmt(m.get("engine_weight_gib"), "{:.3f}"), _fmt(m.get("ttft_s"), "{:.3f}"),
+                     _fmt(m.get("decode_tokens_per_s"), "{:.1f}"), _fmt(m.get("roofline_fraction"), "{:.0%}")))
+    text = ("Each engine scored the evaluation windows with its own kernels (llama.cpp's logits), against the "
+            "unquantized model in PyTorch on the same tokens. A modelopt format is measured twice: modelopt's "
+            "simulation in PyTorch (the runs table's headline) and the checkpoint deployed in the engine; the "
+            "interval is a paired bootstrap over windows. Speeds and the roofline (bytes of the engine's own "
+            "file) are this machine's, not a GB10's.")
+    lines = [f"{e.run.qformat} ({e.run.backend}): the deployed model and modelopt's simulation of it disagree "
+             f"beyond noise: deployed perplexity {pct(e.vs_simulated.point)} vs simulated [{pct(e.vs_simulated.lo)}, "
+             f"{pct(e.vs_simulated.hi)}]." for e in engine if e.disagrees]
+    agree = [e.run.qformat for e in engine if e.vs_simulated is not None and not e.disagrees]
+    if agree:
+        lines.append(f"Within noise of the simulation: {', '.join(agree)}.")
+    return [Block("h2", "Simulated vs deployed: accuracy from the engine's own kernels"), Block("p", text),
+            Block("table", headers=headers, rows=tuple(body))] + [Block("p", line) for line in lines]
+
+
+def resolution_table(summaries: list[FormatSummary]) -> Block:
+    """Per verdict: the smallest loss it could tell apart from zero, and the windows ±0.5 pp would need."""
+    body = []
+    for s in summaries:
+        for against, c in (("bf16", s.row.vs_bf16), ("fp8", s.row.vs_fp8)):
+            if c.recipe is None:
+                continue
+            body.append(
+                (
+                    s.model,
+                    s.qformat,
+                    str(s.row.run.calib_size or "–"),
+                    against,
+                    judged_cell(c),
+                    detectable_cell(c),
+                    windows_needed_cell(c),
+                    f"{c.recipe.windows}, {c.recipe.seeds}",
+                )
+            )
+    headers = (
+        "model",
+        "format",
+        "calib",
+        "vs",
+        "loss [95% CI]",
+        "smallest detectable loss",
+        f"windows for ±{RESOLVE * 100:.1f} pp",
+        "windows, seeds",
+    )
+    return Block("table", headers=headers, rows=tuple(body))
+
+
 def verdict_table(summaries: list[FormatSummary]) -> Block:
     seeds = any(len(s.seeds) > 1 for s in summaries)
     headers = (
@@ -158,10 +270,10 @@ def verdict_table(summaries: list[FormatSummary]) -> Block:
         cells = (
             s.model,
             s.qformat,
-            str(r.run.calib_size),
-            change_cell(r.vs_bf16),
+            str(r.run.calib_size or "–"),
+            judged_cell(r.vs_bf16),
             verdict_cell(r.vs_bf16),
-            change_cell(r.vs_fp8),
+            judged_cell(r.vs_fp8),
             verdict_cell(r.vs_fp8),
             spread,
         )
@@ -203,20 +315,47 @@ def fp8_blocks(fp8_command: str | None) -> list[Block]:
     ]
 
 
-def noise_text(noise: NoiseFloor | None) -> str:
-    if noise is None or noise.min_half_width is None:
-        return "Noise floor: unknown (no run has per-window results to bootstrap)."
+def resolution_text(res: Resolution | None) -> str:
+    """What the evaluation resolves, in words: how the table above is read, and the figures near 1%."""
     text = (
-        f"Noise floor: on these {noise.windows} windows ({noise.tokens:,} tokens) the narrowest paired 95% "
-        f"interval is ±{noise.min_half_width * 100:.2f}% ({noise.min_run}); intervals widen with the loss itself, "
-        f"up to ±{noise.max_half_width * 100:.2f}% here. A loss within about ±{noise.min_half_width * 100:.1f}% of "
-        "1% cannot be judged on this evaluation set: give it more windows (eval.num_windows, eval.seq_len). "
-        "The intervals cover the choice of evaluation text only, not calibration samples or other tasks; "
-        "the spread over calibration sizes shows the latter."
+        "Resolution. A verdict's smallest detectable loss is the distance from its loss to the end of its 95% "
+        "interval nearer zero: a smaller loss cannot be told apart from no loss on these windows (and seeds), "
+        'and where the verdict\'s own loss is below it the table says "cannot tell at this size". It is '
+        "measured at the verdict's own loss, and intervals widen with the loss (windows disagree more about a "
+        "large loss): a verdict far above 1% says little about what this evaluation resolves near 1%. "
+        f"Windows for ±{RESOLVE * 100:.1f} pp: n × h_w² / ({RESOLVE * 100:.1f}² − h_s²), with n the windows "
+        "scored, h_w the half-width of the interval from the windows alone and h_s that of the seed term "
+        "(more windows do not shrink it; with one seed it is 0 and this is n × (h_w / "
+        f"{RESOLVE * 100:.1f})²), assuming the per-window spread stays as measured."
     )
-    if noise.bf16_ppl is not None:
-        b = noise.bf16_ppl
-        whose = "bf16" if noise.baseline == "bf16" else "unquantized (in-run reference)"
+    if res is None or res.nearest is None or res.nearest.recipe is None:
+        return text + " No comparison here has per-window results, so no resolution is known."
+    c, r = res.nearest, res.nearest.recipe
+    which = res.nearest_run if r.seeds == 1 else f"the recipe of {res.nearest_run} ({r.seeds} seeds)"
+    where = (
+        f"On these {res.windows} windows ({res.tokens:,} tokens) the comparison nearest 1% is {which} at "
+        f"{pct(c.judged.point)} vs bf16: smallest detectable loss {r.detectable * 100:.2f}%; "
+        f"±{RESOLVE * 100:.1f} pp "
+    )
+    needed = r.windows_needed()
+    if needed is None:
+        where += (
+            f"cannot be reached with more windows (the seed term alone is ±{r.seed_half_width * 100:.2f} pp): "
+            "it needs more seeds."
+        )
+    elif needed <= r.windows:
+        where += f"is reached already (±{r.interval.half_width * 100:.2f} pp)."
+    else:
+        where += f"would need about {needed:,} windows."
+    if not res.near:
+        where += (
+            " That loss is not near 1%, so the resolution near 1% is not measured by this sweep: a format that "
+            "loses about 1% measures it."
+        )
+    text += " " + where
+    if res.bf16_ppl is not None:
+        b = res.bf16_ppl
+        whose = "bf16" if res.baseline == "bf16" else "unquantized (in-run reference)"
         text += (
             f" The {whose} perplexity itself, {b.point:.3f} [{b.lo:.3f}, {b.hi:.3f}], moves by "
             f"±{b.half_width / b.point * 100:.1f}% with the choice of text: compare absolute perplexities only "
@@ -235,8 +374,11 @@ def definitions_text() -> str:
         "in-run reference (the unquantized model evaluated inside the quantized run on exactly its windows); "
         "every verdict names the one it used. Each format's verdict is taken at its largest calibration size; "
         "the fp8 reference has the same calibration size where one ran. Where several seeds calibrated one "
-        "recipe, their spread (min to max of their losses) is shown beside the window interval, and the "
-        "verdict uses the wider of the two."
+        "recipe, the verdict is on the recipe's expected loss (the mean over its seeds) with an interval for "
+        "both sources of noise: the windows resampled jointly for every seed and its reference, plus the seed "
+        "mean's own error (Student's t with seeds − 1 degrees of freedom, scaled by the between-seed standard "
+        "error net of what the windows already account for); the seeds' own losses, min to max, are shown "
+        "beside it."
     )
 
 
@@ -269,22 +411,26 @@ def document(
     collected: Collected,
     rows: list[ReportRow],
     summaries: list[FormatSummary],
-    noise: NoiseFloor | None,
+    res: Resolution | None,
     plot_name: str | None,
     fp8_command: str | None = None,
+    engine: list[EngineRow] | None = None,
 ) -> list[Block]:
     """The whole report, in order."""
     blocks = [Block("h1", title), Block("p", meta), Block("h2", "Verdict: less than 1% loss?")]
     blocks += [verdict_table(summaries)] if summaries else [Block("p", "No quantized run finished.")]
     blocks += fp8_blocks(fp8_command)
+    blocks += [Block("p", definitions_text())]
+    if summaries and any(s.row.vs_bf16.recipe or s.row.vs_fp8.recipe for s in summaries):
+        blocks += [Block("h2", "Resolution of each verdict"), resolution_table(summaries)]
     blocks += [
-        Block("p", definitions_text()),
-        Block("p", noise_text(noise)),
+        Block("p", resolution_text(res)),
         Block("h2", "All runs"),
         runs_table(rows),
     ]
     if plot_name:
         blocks.append(Block("img", plot_name))
+    blocks += engine_blocks(engine or [])
     return blocks + unpaired_blocks(rows) + failures_blocks(collected)
 
 

@@ -26,7 +26,7 @@ from gb10exp.config import Config, ConfigError, TrackingConfig
 from gb10exp.tracking.liveness import heartbeat, is_stale, owner_tags
 from gb10exp.tracking.secrets import basic_auth_header, redact, tracking_uri
 from gb10exp.tracking.store import RetryingClient, check_sqlite, init_sqlite, sqlite_path
-from gb10exp.tracking.ui import ensure_view
+from gb10exp.tracking.ui import ensure_view, rounded
 from gb10exp.utils import check_writable
 
 log = logging.getLogger(__name__)
@@ -230,10 +230,11 @@ class Recorder:
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
+        """The metrics as given, plus the runs table's rounded copies of the headline ones (``tracking.ui``)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, float(v), now, 0) for k, v in (metrics | rounded(metrics)).items() if v is not None]
         self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, str]) -> None:

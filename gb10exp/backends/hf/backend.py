@@ -30,6 +30,7 @@ class HFBackend:
     max_batch_size = None
     served_model = None  # runs the configured model
     engine_package = None  # torch and transformers: already in every run's identity
+    returns_logits = False
 
     def __init__(self, options: HFOptions):
         self.modes = [options.mode, *[m for m in options.compare if m != options.mode]]
@@ -45,6 +46,9 @@ class HFBackend:
 
     def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         return None  # the offline evaluation already ran through this very model
+
+    def describe(self) -> dict[str, str]:
+        return {}  # the run's own tags already say what ran
 
     def close(self) -> None:
         pass
@@ -85,6 +89,11 @@ class HFBackend:
                 compile_s = decoder.warm(warm_prompt)
                 metrics, tags = measure(lambda p: decoder.generate(batch(p)), inputs.prompt_tokens, cfg, target)
                 tags["bench.fast"] = decoder.describe()
+                if stats := decoder.compile_stats:  # why compile_s is what it is: cold, or from the cache
+                    tags["bench.compile_cache"] = (
+                        f"{stats['cache_dir']}: {stats['fxgraph_cache_hit']} FX graph(s) from the cache, "
+                        f"{stats['fxgraph_cache_miss']} compiled, {stats['coordesc_tuning_bench']} kernel "
+                        "configurations timed by coordinate descent")
             return metrics | {"compile_s": compile_s}, tags
 
         extra = {"cache_implementation": "static"} if mode == "static" else {}

@@ -23,23 +23,41 @@ hundreds of small kernels one by one. Here, for greedy decoding of exactly ``out
   coordinate-descent tuning, which turn every batch-1 matrix-vector product into a Triton reduction
   tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
   host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
-  global flags are set only inside ``inductor_flags`` while compiling, then restored. With
-  ``pdl="auto"`` (the default) on a Hopper or newer GPU the step is compiled twice, with and without
-  Programmatic Dependent Launch, and the one whose graph replays faster is kept (PDL_FLAGS says why).
+  global flags are set only inside ``inductor_flags`` while compiling, then restored.
+- **Regional compilation** of the native step, on request (``regional=True``): one decoder layer is
+  compiled once and called for every layer with that layer's weights and cache (plus a small compiled
+  prologue and head), so Dynamo traces, and Inductor lowers and autotunes, one layer instead of all of
+  them; the CUDA graph still holds the whole step. On an H100 (8B shape, bf16) it compiled cold in 48 s
+  instead of 97 s but decoded 158.8 tokens/s against the whole step's 166.8 in the same call
+  (benchmarks/results/hf_decode_regional_cold_warm_h100.json, hf_decode_base_30b0337_h100.json): the default
+  stays the whole step.
+- **A persistent compile cache**: Inductor's FX-graph, autotuning and Triton caches live under
+  ``$GB10EXP_CACHE/compile/<GPU, torch, Triton, CUDA>`` (``use_compile_cache``), so a process that
+  finds the shape compiled before loads it instead of tuning it again.
+- **Programmatic Dependent Launch** (PDL_FLAGS says why): with ``pdl="auto"`` (the default) on a Hopper
+  or newer GPU the decision is looked up (``remembered_pdl``: this machine's earlier trial, else the
+  table PDL_MEASURED); only where neither knows the GPU and software is the step compiled both ways,
+  the faster graph kept and the decision stored for every later process.
 
 Timing stays honest without a sync per token: the first token is stamped after a device sync (a server
 must have it on the host to send it), later tokens by CUDA events recorded after each replay and read
-when the request is over. Compilation and capture happen in ``warm`` and are reported as ``compile_s``.
+when the request is over. Compilation and capture happen in ``warm`` and are reported as ``compile_s``
+(with what the caches gave, ``compile_stats``), never as decode time. ``record_logits=True`` makes the
+step also keep each token's logits (``decode_logits``), for checking the step against the reference
+model; a timed decoder never has it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +65,7 @@ import torch.nn.functional as F
 from gb10exp import hardware
 from gb10exp.backends.hf.config import is_choice
 from gb10exp.bench import Timing, now
+from gb10exp.utils import cache_dir, safe_name
 
 # Inductor settings of each compile preset, passed to ``torch.compile`` (Inductor scopes them to this
 # compile) and set globally only inside ``inductor_flags`` while compiling. Coordinate descent makes
@@ -65,13 +84,94 @@ PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true
 # the one before it drains and waits on the device only before reading that kernel's output, hiding part
 # of the fixed cost of each of the ~355 kernels of a step. Measured side by side on the 8B shape, what
 # it gives depends on the GPU, the machine and the block sizes each cold compile autotunes: H200s +9%
-# (hf_decode_h200.json) and +2% (hf_decode_auto_vs_forced_h200.json), an H100 -3% (hf_decode_h100_pdl.json,
-# all in benchmarks/results/). So ``pdl="auto"`` compiles both, times a few graph replays of each and
-# keeps the faster. A dot in a key names an Inductor sub-config.
+# (hf_decode_h200.json) and +2% (hf_decode_auto_vs_forced_h200.json), H100s 0 to -3%
+# (hf_decode_auto_h100*.json; all in benchmarks/results/). So ``pdl="auto"`` uses a remembered decision
+# (PDL_MEASURED, or this machine's own earlier trial) and only where there is none compiles both, times a
+# few graph replays of each, keeps the faster and remembers it. A dot in a key names an Inductor sub-config.
 PDL_FLAGS: dict[str, object] = {"triton.enable_pdl": True}
+# (GPU name pattern, torch major.minor) -> PDL on? Decisions measured by pdl=auto's trial on the 8B shape
+# (benchmarks/results/, torch 2.11, Triton 3.6): a fresh machine of a known kind compiles once, not twice.
+# H100 80GB HBM3: off in 4 of 6 processes (6.11-6.14 ms/step off vs 6.26-6.29 on where off won;
+# hf_decode_auto_h100*.json). H200: on, +2% forced side by side (227.0 vs 222.5 tokens/s,
+# hf_decode_auto_vs_forced_h200.json) and +9% (228.8 vs 209.3, hf_decode_h200.json). Any other GPU or
+# torch: the first process trials both and stores the result under $GB10EXP_CACHE/pdl.
+PDL_MEASURED: dict[tuple[str, str], bool] = {("H100", "2.11"): False, ("H200", "2.11"): True}
 PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, alternating, the fastest counts)
 WARM_STEPS = 3  # decode steps run to compile and autotune before the graph is captured
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # same block: RMSNorm, RoPE (rotate-half), GQA, gated MLP
+
+
+def software_key(device: torch.device) -> str:
+    """What compiled code and tuning results depend on, as one path component: the device's name and the
+    torch, Triton and CUDA versions (Inductor keys each entry by graph, shapes and flags within it)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # CPU builds of torch come without Triton
+        triton_version = "none"
+    return safe_name(
+        f"{hardware.name(device)}-torch{torch.__version__}-triton{triton_version}-cuda{torch.version.cuda}"
+    )
+
+
+def use_compile_cache(device: torch.device) -> str:
+    """Point Inductor's on-disk caches (FX graphs, autotuning results, Triton kernels) at
+    ``$GB10EXP_CACHE/compile/<software_key>`` and return that folder. A cache folder the user chose
+    (TORCHINDUCTOR_CACHE_DIR set to anything but Inductor's default under /tmp) is kept as it is.
+    Inductor reads both variables at each compile and passes them to its compile workers, so setting them
+    before the first compile of a decoder is enough."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
+    folder = cache_dir("compile", software_key(device))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    return str(folder)
+
+
+def _pdl_memory(device: torch.device) -> Path:
+    return cache_dir("pdl") / f"{software_key(device)}.json"
+
+
+def remembered_pdl(device: torch.device) -> tuple[bool, str] | None:
+    """(PDL on?, where the decision comes from) for this GPU and software, or None where nothing is known:
+    this machine's own earlier trial first, then PDL_MEASURED."""
+    memory = _pdl_memory(device)
+    if memory.exists():
+        try:
+            record = json.loads(memory.read_text())
+            return bool(record["pdl"]), f"trial of {record['when']} ({memory})"
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged record is as good as none: trial again and rewrite it
+    name, version = hardware.name(device), ".".join(torch.__version__.split(".")[:2])
+    for (pattern, torch_version), on in PDL_MEASURED.items():
+        if pattern.lower() in name.lower() and torch_version == version:
+            return on, f"PDL_MEASURED[{pattern}, torch {torch_version}]"
+    return None
+
+
+def remember_pdl(device: torch.device, on: bool, trials: dict[bool, float]) -> None:
+    """Store a trial's outcome for every later process on this GPU and software (written whole, then
+    renamed: two processes racing leave one complete record)."""
+    memory = _pdl_memory(device)
+    record = {
+        "pdl": on,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "software": software_key(device),
+        "ms_per_step": {("on" if k else "off"): v * 1e3 for k, v in trials.items()},
+    }
+    tmp = memory.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, memory)
+
+
+def _compile_counters() -> tuple[dict[str, float], dict[str, int]]:
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    return {k: sum(v) for k, v in compilation_time_metrics.items()}, dict(counters["inductor"])
 
 
 @contextlib.contextmanager
@@ -151,6 +251,14 @@ def native_unsupported(model: torch.nn.Module, max_len: int) -> str | None:
             if not hasattr(norm, "variance_epsilon") or not type(norm).__name__.endswith("RMSNorm"):
                 return f"{type(norm).__name__} is not a Llama RMSNorm"
         linears += [getattr(attn, n) for n in names] + [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    # One compiled layer serves every layer (regional compilation): they must share its constants.
+    first = inner.layers[0]
+    for layer in inner.layers:
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(n.variance_epsilon != first.input_layernorm.variance_epsilon for n in norms):
+            return "RMSNorm epsilons differ between layers"
+        if type(layer.mlp.act_fn) is not type(first.mlp.act_fn) or list(layer.mlp.act_fn.parameters()):
+            return "activations differ between layers (or have weights)"
     for module in linears:
         # modelopt's QuantLinear and friends subclass nn.Linear: their forward must run, not a bare matmul.
         if type(module) is not torch.nn.Linear:
@@ -165,19 +273,32 @@ def native_unsupported(model: torch.nn.Module, max_len: int) -> str | None:
 
 @dataclass
 class _Layer:
+    """One layer's tensors, in the order ``_NativeLlama.layer_step`` takes them."""
+
     ln1: torch.Tensor
-    eps1: float
     wqkv: torch.Tensor
     bqkv: torch.Tensor | None
     wo: torch.Tensor
     bo: torch.Tensor | None
     ln2: torch.Tensor
-    eps2: float
     wgu: torch.Tensor
     bgu: torch.Tensor | None
     wdown: torch.Tensor
     bdown: torch.Tensor | None
-    act: torch.nn.Module
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (
+            self.ln1,
+            self.wqkv,
+            self.bqkv,
+            self.wo,
+            self.bo,
+            self.ln2,
+            self.wgu,
+            self.bgu,
+            self.wdown,
+            self.bdown,
+        )
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -194,8 +315,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class _NativeLlama:
     """The decode-time computation of a Llama-like HF model over its own (fused) weights and a static
-    cache it owns. ``forward(ids, positions)`` writes K/V at ``positions`` and returns the greedy next
-    token of every sequence."""
+    cache it owns, in three parts that compile separately: ``embed_step`` (token and RoPE lookups, the
+    causal mask), ``layer_step`` (one decoder layer; its weights and cache are arguments, so one compiled
+    layer serves them all) and ``head_logits``. ``forward`` runs them eagerly (prefill, the CPU)."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int):
         config, inner = model.config, model.model
@@ -206,6 +328,9 @@ class _NativeLlama:
         self.head_dim = attn0.q_proj.out_features // self.heads
         self.scale = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.dtype = dtype
+        # Shared by every layer (native_unsupported checks that they agree).
+        self.eps = float(inner.layers[0].input_layernorm.variance_epsilon)
+        self.act = inner.layers[0].mlp.act_fn
         self._views: list[torch.nn.Parameter] = []  # HF parameters that now view a fused matrix
         self.layers = []
         for layer in inner.layers:
@@ -215,18 +340,15 @@ class _NativeLlama:
             self.layers.append(
                 _Layer(
                     layer.input_layernorm.weight,
-                    float(layer.input_layernorm.variance_epsilon),
                     wqkv,
                     bqkv,
                     a.o_proj.weight,
                     a.o_proj.bias,
                     layer.post_attention_layernorm.weight,
-                    float(layer.post_attention_layernorm.variance_epsilon),
                     wgu,
                     bgu,
                     m.down_proj.weight,
                     m.down_proj.bias,
-                    m.act_fn,
                 )
             )
         self.split_qkv = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
@@ -280,9 +402,10 @@ class _NativeLlama:
         self.layers.clear()
         self.kv_cache = []
 
-    def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor) -> torch.Tensor:
-        """q (B, H, T, D) against the cache of layer i; mask (T, L) says which keys each query sees."""
-        k, v = self.kv_cache[i]
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D) against one layer's cache kv (2, B, Hkv, L, D); mask (T, L) says which keys
+        each query sees."""
+        k, v = kv
         b, _, t, d = q.shape
         if t > 1:  # prefill: the library kernel, query groups sharing K/V heads without a copy
             out = F.scaled_dot_product_attention(
@@ -299,27 +422,70 @@ class _NativeLlama:
         out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
         return out.to(q.dtype).reshape(b, 1, self.heads * d)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        b, t = ids.shape
+    def embed_step(
+        self, ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token embeddings, the RoPE rows of ``positions`` (T, D; broadcast over batch and heads) and
+        the causal mask over the static cache (T, L)."""
         x = F.embedding(ids, self.embed)
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, D), broadcast over batch and heads
-        mask = self.key_pos[None, :] <= positions[:, None]  # (T, L): causal over the static cache
-        nq, nk, nv = self.split_qkv
-        for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.ln1, layer.eps1)
-            q, k, v = F.linear(h, layer.wqkv, layer.bqkv).split([nq, nk, nv], dim=-1)
-            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.kv_cache[i].index_copy_(3, positions, torch.stack((k, v)))
-            x = x + F.linear(self._attend(q, i, mask), layer.wo, layer.bo)
-            h = _rms_norm(x, layer.ln2, layer.eps2)
-            gate, up = F.linear(h, layer.wgu, layer.bgu).split(self.intermediate, dim=-1)
-            x = x + F.linear(layer.act(gate) * up, layer.wdown, layer.bdown)
+        return x, self.cos[positions], self.sin[positions], self.key_pos[None, :] <= positions[:, None]
+
+    def layer_step(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        kv: torch.Tensor,
+        ln1: torch.Tensor,
+        wqkv: torch.Tensor,
+        bqkv: torch.Tensor | None,
+        wo: torch.Tensor,
+        bo: torch.Tensor | None,
+        ln2: torch.Tensor,
+        wgu: torch.Tensor,
+        bgu: torch.Tensor | None,
+        wdown: torch.Tensor,
+        bdown: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One decoder layer: writes this layer's K/V at ``positions`` into ``kv`` and returns the
+        residual stream after the layer. Everything that differs between layers is an argument."""
+        b, t, _ = x.shape
+        h = _rms_norm(x, ln1, self.eps)
+        q, k, v = F.linear(h, wqkv, bqkv).split(self.split_qkv, dim=-1)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv.index_copy_(3, positions, torch.stack((k, v)))
+        x = x + F.linear(self._attend(q, kv, mask), wo, bo)
+        h = _rms_norm(x, ln2, self.eps)
+        gate, up = F.linear(h, wgu, bgu).split(self.intermediate, dim=-1)
+        return x + F.linear(self.act(gate) * up, wdown, bdown)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The next-token logits (B, V) of the last position, in the model's dtype."""
         x = _rms_norm(x[:, -1:], self.norm, self.norm_eps)
-        return F.linear(x, self.head, self.head_bias)[:, -1].argmax(-1, keepdim=True)
+        return F.linear(x, self.head, self.head_bias)[:, -1]
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Eagerly: writes K/V at ``positions`` and returns the last position's logits (B, V)."""
+        x, cos, sin, mask = self.embed_step(ids, positions)
+        for layer, kv in zip(self.layers, self.kv_cache, strict=True):
+            x = self.layer_step(x, cos, sin, mask, positions, kv, *layer.tensors())
+        return self.head_logits(x)
+
+
+def _compiled(fn: Callable, owner: object, flags: dict[str, object]) -> Callable:
+    """``torch.compile`` of ``fn`` bound to ``owner``, on a copy of its code object. Dynamo keeps its cache,
+    and its limit of 8 entries (an error with fullgraph=True), on the code object, so decoders sharing one
+    would run out after a few models in a long sweep; this way the entries live and die with the decoder."""
+    own = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    return torch.compile(types.MethodType(own, owner), fullgraph=True, options=dict(flags))
 
 
 class FastDecoder:
@@ -327,10 +493,12 @@ class FastDecoder:
 
     ``preset`` names a compile preset (``PRESETS``); ``tuned`` is kept for old configs and compiles
     exactly as the default does. ``pdl``: Programmatic Dependent Launch on (True), off (False), or "auto":
-    where it can act (a compiled, tuned step on a Hopper-or-newer GPU) both are compiled and timed in
-    ``warm`` and the faster is kept; elsewhere it is off. ``native=False`` forces the HF-forward step (for
-    comparison). Use as a context manager, or call ``close`` when done: the native step shares the
-    model's weights until then."""
+    where it can act (a compiled, tuned step on a Hopper-or-newer GPU) the remembered decision
+    (``remembered_pdl``), else both compiled and timed in ``warm``, the faster kept and remembered;
+    elsewhere it is off. ``native=False`` forces the HF-forward step (for comparison); ``regional=True``
+    compiles the native step by layer (a cold compile about half as long, a slower step). ``record_logits``:
+    the step also keeps its logits, for ``decode_logits`` (a check, never timed). Use as a context
+    manager, or call ``close`` when done: the native step shares the model's weights until then."""
 
     def __init__(
         self,
@@ -344,6 +512,8 @@ class FastDecoder:
         preset: str | None = None,
         native: bool = True,
         pdl: str | bool = "auto",
+        record_logits: bool = False,
+        regional: bool = False,
     ):
         self.model, self.input_len, self.output_len = model, input_len, output_len
         self.device = next(model.parameters()).device
@@ -355,7 +525,13 @@ class FastDecoder:
         if not is_choice(pdl):
             raise ValueError(f"pdl={pdl!r} is not one of auto, true, false")
         self.compiled = compile_step
+        self.record_logits = record_logits
+        self.regional = regional
+        # Before anything compiles: a process that finds this GPU's and software's cache skips the tuning.
+        self.compile_cache = use_compile_cache(self.device) if compile_step else None
+        self.compile_stats: dict[str, object] = {}
         self.pdl_note = self._pdl_unusable()
+        self.pdl_source: str | None = None  # where pdl=auto's decision came from, when it was not trialled
         base = PRESETS[self.preset]
         if self.pdl_note is not None or pdl is False:
             self.candidates = {False: base}
@@ -364,7 +540,10 @@ class FastDecoder:
         elif output_len < 2:  # a one-token request has no decode step: nothing to time, nothing to gain
             self.pdl_note = "auto, and a one-token request has no decode step to time"
             self.candidates = {False: base}
-        else:  # measured in warm(): it helps one Hopper GPU and hurts another (PDL_FLAGS' comment)
+        elif (known := remembered_pdl(self.device)) is not None:
+            on, self.pdl_source = known
+            self.candidates = {on: base | PDL_FLAGS if on else base}
+        else:  # measured in warm() and remembered: it helps one Hopper GPU and hurts another (PDL_FLAGS)
             self.candidates = {False: base, True: base | PDL_FLAGS}
         self.trials: dict[bool, float] = {}  # seconds per step of each candidate timed in warm()
         self.pdl_failed: str | None = None  # why the PDL candidate of "auto" could not be built
@@ -386,8 +565,11 @@ class FastDecoder:
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.seq = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
+        if record_logits:  # float32: the model's bf16 logits fit exactly
+            vocab = model.get_output_embeddings().weight.shape[0]
+            self.logits = torch.zeros(batch_size, vocab, dtype=torch.float32, device=self.device)
         self.prefill_positions = torch.arange(input_len, device=self.device)
-        self._step_fns: dict[bool, object] = {}  # one compiled step per PDL candidate, made once
+        self._step_fns: dict[bool, Callable[[], None]] = {}  # one step per PDL candidate, made once
         self._use(next(iter(self.candidates)), None)  # sets pdl, flags, step_fn, graph; warm() settles them
         self.compile_s = 0.0
 
@@ -406,38 +588,59 @@ class FastDecoder:
             return f"torch {torch.__version__} has no triton.enable_pdl"
         return None
 
-    def _step_for(self, pdl: bool):
-        """The compiled step of one PDL candidate, made once. Each decoder compiles a copy of ``_step``
-        with its own code object: Dynamo keeps its cache, and its limit of 8 entries (an error with
-        fullgraph=True), on the code object, so decoders sharing one would run out after a few models
-        in a long sweep; this way the entries live and die with the decoder."""
+    def _step_for(self, pdl: bool) -> Callable[[], None]:
+        """The step of one PDL candidate, made once: eager; compiled whole (one graph: Inductor fuses
+        across layer boundaries); or, native and ``regional``, by regions (one layer compiled once, called
+        for every layer)."""
         if pdl not in self._step_fns:
+            flags = self.candidates[pdl]
             if not self.compiled:
                 self._step_fns[pdl] = self._step
+            elif self.native is not None and self.regional:
+                self._step_fns[pdl] = self._regional_step(flags)
             else:
-                fn = FastDecoder._step
-                own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
-                flags = dict(self.candidates[pdl])
-                self._step_fns[pdl] = torch.compile(
-                    types.MethodType(own, self), fullgraph=True, options=flags
-                )
+                self._step_fns[pdl] = _compiled(FastDecoder._step, self, flags)
         return self._step_fns[pdl]
 
+    def _regional_step(self, flags: dict[str, object]) -> Callable[[], None]:
+        """The native step from three compiled parts. Dynamo traces and Inductor tunes one layer instead
+        of every layer (the cold compile's cost), while the CUDA graph still captures the whole step;
+        the weights and caches are arguments, so the 32 calls of an 8B model share one compiled graph."""
+        native = self.native
+        embed = _compiled(_NativeLlama.embed_step, native, flags)
+        layer = _compiled(_NativeLlama.layer_step, native, flags)
+        finish = _compiled(FastDecoder._finish, self, flags)
+        weights = [(kv, *layer_.tensors()) for kv, layer_ in zip(native.kv_cache, native.layers, strict=True)]
+
+        def step() -> None:
+            x, cos, sin, mask = embed(self.tok, self.pos)
+            for kv, *w in weights:
+                x = layer(x, cos, sin, mask, self.pos, kv, *w)
+            finish(x)
+
+        step.parts = (embed, layer, finish)
+        return step
+
     def describe(self) -> str:
-        compiled = f"compiled step ({self.preset})" if self.compiled else "eager step"
+        compiled = f"compiled step ({self.preset}{', by layer' if self.regional and self.native else ''})"
+        if not self.compiled:
+            compiled = "eager step"
         if self.pdl_note is not None:
             pdl = f"PDL n/a: {self.pdl_note}"
         elif self.pdl_failed is not None:
             pdl = f"PDL off (the PDL compile failed: {self.pdl_failed})"
         elif self.trials:
             timed = ", ".join(f"{'on' if k else 'off'} {v * 1e3:.2f} ms/step" for k, v in self.trials.items())
-            pdl = f"PDL {'on' if self.pdl else 'off'} (faster of {timed})"
+            pdl = f"PDL {'on' if self.pdl else 'off'} (faster of {timed}; remembered)"
+        elif self.pdl_source is not None:
+            pdl = f"PDL {'on' if self.pdl else 'off'} (remembered: {self.pdl_source})"
         else:
             pdl = f"PDL {'on' if self.pdl else 'off'}"
         graph = "CUDA graph" if self.graph is not None else "no graph"
         return f"{self.method}, static cache, {compiled}, {pdl}, {graph}"
 
-    def _next_token(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The last position's logits (B, V), K/V written at ``positions``."""
         if self.native is not None:
             return self.native.forward(ids, positions)
         extra = {"cache_position": positions} if self.takes_cache_position else {}
@@ -449,20 +652,32 @@ class FastDecoder:
             logits_to_keep=1,
             **extra,
         ).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+        return logits[:, -1]
 
-    def _step(self) -> None:
-        nxt = self._next_token(self.tok, self.pos)
+    def _advance(self, logits: torch.Tensor) -> None:
+        """Feed the greedy token back: next input, next position, appended to the output."""
+        nxt = logits.argmax(-1, keepdim=True)
+        if self.record_logits:
+            self.logits.copy_(logits)
         self.pos.add_(1)
         self.seq.index_copy_(1, self.pos, nxt)
         self.tok.copy_(nxt)
+
+    def _step(self) -> None:
+        self._advance(self._logits(self.tok, self.pos))
+
+    def _finish(self, x: torch.Tensor) -> None:
+        self._advance(self.native.head_logits(x))
 
     def _prefill(self, prompt: torch.Tensor) -> None:
         if self.native is None:
             self.cache.reset()
         # The native cache needs no reset: the causal mask hides every slot past the current position,
         # and each earlier slot is rewritten by this request before it is read.
-        first = self._next_token(prompt, self.prefill_positions)
+        logits = self._logits(prompt, self.prefill_positions)
+        first = logits.argmax(-1, keepdim=True)
+        if self.record_logits:
+            self.logits.copy_(logits)
         self.tok.copy_(first)
         self.pos.fill_(self.input_len)
         self.seq[:, self.input_len : self.input_len + 1].copy_(first)
@@ -476,8 +691,10 @@ class FastDecoder:
     @torch.no_grad()
     def warm(self, prompt: torch.Tensor) -> float:
         """Compile and capture (once); with two PDL candidates, both, timed in alternating rounds, the
-        faster kept and the other freed. Returns the seconds it took, never counted as decode time."""
+        faster kept (and remembered for later processes) and the other freed. Returns the seconds it
+        took, never counted as decode time; ``compile_stats`` says what the caches gave."""
         start = time.perf_counter()
+        before = _compile_counters() if self.compiled else None
         graphs: dict[bool, torch.cuda.CUDAGraph | None] = {}  # of each candidate built
         for pdl in self.candidates:
             self._use(pdl, None)
@@ -497,12 +714,29 @@ class FastDecoder:
                     self._use(pdl, graph)
                     self.trials[pdl] = min(self.trials[pdl], self._seconds_per_step(prompt))
         chosen = min(graphs, key=lambda pdl: self.trials.get(pdl, 0.0))  # a tie keeps the first, PDL off
+        if self.trials:
+            remember_pdl(self.device, chosen, self.trials)
         self._use(chosen, graphs[chosen])
         graphs.clear()  # the other graph goes with it
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - start
+        if before is not None:
+            self.compile_stats = self._compile_delta(before)
         return self.compile_s
+
+    def _compile_delta(self, before: tuple[dict[str, float], dict[str, int]]) -> dict[str, object]:
+        """What warm() cost in Dynamo's and Inductor's own terms: FX-graph cache hits and misses, kernel
+        configurations benchmarked by coordinate descent, and the longest timed phases (they nest)."""
+        times, counts = _compile_counters()
+        stats: dict[str, object] = {"cache_dir": self.compile_cache}
+        for key in ("fxgraph_cache_hit", "fxgraph_cache_miss", "coordesc_tuning_bench"):
+            stats[key] = counts.get(key, 0) - before[1].get(key, 0)
+        spent = {k: v - before[0].get(k, 0.0) for k, v in times.items()}
+        stats["phase_s"] = {
+            k: round(v, 1) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])[:6] if v >= 0.1
+        }
+        return stats
 
     def _use(self, pdl: bool, graph: torch.cuda.CUDAGraph | None) -> None:
         """Make candidate ``pdl`` (and its captured graph, if any) the one that runs."""
@@ -575,6 +809,23 @@ class FastDecoder:
         base = timing.token_times[0]
         timing.token_times += [base + first.elapsed_time(e) / 1e3 for e in events]
         return timing
+
+    @torch.no_grad()
+    def decode_logits(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One request token by token, through the same prefill and the same compiled step (graph) as
+        ``generate``, keeping each token's logits: (tokens (B, output_len), logits (B, output_len, V) in
+        float32). Needs ``record_logits=True``; a check of the step, never timed."""
+        if not self.record_logits:
+            raise ValueError(
+                "decode_logits needs FastDecoder(record_logits=True); a timed decoder has it off"
+            )
+        with self._step_scope():
+            self._prefill(prompt)
+            out = [self.logits.clone()]
+            for _ in range(self.output_len - 1):
+                self._run_step()
+                out.append(self.logits.clone())
+        return self.tokens.clone(), torch.stack(out, dim=1)
 
     @property
     def tokens(self) -> torch.Tensor:

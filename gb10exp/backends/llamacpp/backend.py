@@ -1,8 +1,13 @@
-"""llama.cpp through llama-cpp-python, on a GGUF file: the seed's Ollama baseline.
+"""llama.cpp through llama-cpp-python, on a GGUF file: the seed's Ollama baseline, and NVFP4 as deployed.
 
-The GGUF is the configured model in the qformat's ``gguf_type`` (``qformat=gguf_q4_k_m``), built once by
-``gguf.py``; an unquantized qformat (``bf16``) runs as F16; ``options.gguf`` runs a given file instead,
-after ``check`` has compared its vocabulary with the run's tokenizer (``same_model.py``).
+The GGUF is built once by ``gguf.py``: the configured model in the qformat's ``gguf_type``
+(``qformat=gguf_q4_k_m``, ``gguf_nvfp4``); an unquantized qformat (``bf16``) as F16; a modelopt format that
+llama.cpp's converter takes (``nvfp4``, ``nvfp4_wo``, ``fp8``...) exported from the run's quantized model and
+converted (``gguf.deploy``). ``options.gguf`` runs a given file instead, after ``check`` has compared its
+vocabulary with the run's tokenizer (``same_model.py``). The engine returns its logits for the evaluation
+windows (``logits``), which gb10exp scores exactly as it scores PyTorch's: perplexity, KL against the
+unquantized model and top-1 agreement from llama.cpp's own kernels. Which kernels ran (compute backend,
+buffer types, tensor types) is read from llama.cpp's load log (``kernels``).
 llama.cpp runs in a child process (``worker.py``): a native crash fails this run with "llama.cpp crashed
 (signal 11)" and the child's log, and the sweep goes on. Where a CUDA GPU is present every layer is
 offloaded to it (``n_gpu_layers=-1``) and the run says so; a llama.cpp built without GPU support refuses
@@ -15,6 +20,7 @@ CPUs with AMX, where llama-cpp-python 0.3.36 segfaults with them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -22,8 +28,9 @@ import torch
 from gb10exp import hardware
 from gb10exp.backends.base import BenchInputs
 from gb10exp.backends.llamacpp.config import LlamaCppOptions
-from gb10exp.backends.llamacpp.gguf import build_gguf
-from gb10exp.backends.llamacpp.loader import describe, use_extra_bufts
+from gb10exp.backends.llamacpp.gguf import build_gguf, convertible, deploy
+from gb10exp.backends.llamacpp.loader import describe as describe_bufts
+from gb10exp.backends.llamacpp.loader import use_extra_bufts
 from gb10exp.backends.llamacpp.worker import Engine
 from gb10exp.backends.same_model import check_gguf
 from gb10exp.bench import Target, Timing, measure, now
@@ -45,10 +52,11 @@ class LlamaCppBackend:
     name = "llamacpp"
     max_batch_size = 1  # llama-cpp-python runs one sequence (preflight checks bench.batch_size against it)
     engine_package = "llama-cpp-python"
+    returns_logits = True  # llama.cpp's scores: whole windows, every position
 
     def __init__(self, options: LlamaCppOptions):
         self.extra_bufts = use_extra_bufts(options.extra_bufts)
-        self.extra_bufts_tag = describe(self.extra_bufts, options.extra_bufts)
+        self.extra_bufts_tag = describe_bufts(self.extra_bufts, options.extra_bufts)
         self.gguf = Path(options.gguf).expanduser() if options.gguf else None
         self.n_gpu_layers, self.n_threads, self.allow_cpu = options.n_gpu_layers, options.n_threads, options.allow_cpu
         self.path: Path | None = None
@@ -64,17 +72,15 @@ class LlamaCppBackend:
             import llama_cpp
         except ImportError as exc:
             raise ConfigError(f"backend=llamacpp needs llama-cpp-python, which is not installed: {INSTALL_HINT}") from exc
-        if self.gguf is None and _gguf_type(fmt) is None:
-            raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=llamacpp: llama.cpp runs GGUF "
-                              "types (qformat=gguf_q4_k_m, or bf16 as F16); or give backend.options.gguf=FILE")
+        if self.gguf is None and fmt.modelopt and (why := convertible(fmt)) is not None:
+            raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=llamacpp: {why}; llama.cpp runs "
+                              "nvfp4, nvfp4_wo, the NVFP4 recipes that export as NVFP4, fp8 (as F16), its own GGUF "
+                              "types (gguf_q4_k_m, gguf_nvfp4) and bf16, or a given backend.options.gguf=FILE")
         if self.gguf is not None and not self.gguf.is_file():
             raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
         if self.gguf is not None:
             key = f"backend.options.gguf={str(self.gguf)!r}"
-            if tokenizer is not None:
-                self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
-            else:
-                self.served_model, self.model_check = self.gguf.stem, "not checked (speed only: eval.enabled=false)"
+            self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
         self.on_gpu = hardware.resolve("auto").type == "cuda" and self.n_gpu_layers != 0
         if self.on_gpu and not llama_cpp.llama_supports_gpu_offload() and not self.allow_cpu:
             raise ConfigError("backend=llamacpp: a CUDA GPU is present but this llama-cpp-python was built without "
@@ -86,6 +92,8 @@ class LlamaCppBackend:
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         if self.gguf is not None:
             self.path, origin = self.gguf, "given by backend.options.gguf"
+        elif inputs.fmt.modelopt:
+            self.path, origin = deploy(inputs.model, inputs.tokenizer, inputs.fmt, inputs.cache_key)
         else:
             gguf_type = _gguf_type(inputs.fmt)
             self.path, origin = build_gguf(inputs.model_cfg, gguf_type, inputs.model, inputs.tokenizer)
@@ -104,6 +112,7 @@ class LlamaCppBackend:
                                          n_gpu_layers=self.n_gpu_layers if self.on_gpu else 0,
                                          n_threads=self.threads(), extra_bufts=self.extra_bufts)
             self.loaded = (n_ctx, logits_all)
+            self.info["kernels"] = kernels(self.engine.log_path.read_text(errors="replace"))
         return self.engine
 
     def threads(self) -> int:
@@ -118,6 +127,24 @@ class LlamaCppBackend:
             return f"none: CPU only ({'allow_cpu=true' if gpu else 'no GPU present'})"
         offloaded = layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, layers)
         return f"{'all ' if offloaded == layers else ''}{offloaded}/{layers} layers on the GPU (+ output layer)"
+
+    def logits(self, windows: torch.Tensor) -> torch.Tensor:
+        """llama.cpp's logits at every position of every window (N, T, vocabulary), float32."""
+        import numpy as np
+
+        engine = self._load(windows.shape[1], logits_all=True)
+        out = []
+        for window in windows.tolist():
+            path = engine.log_path.with_name(f"logits-{len(out)}.npy")
+            engine.call("logits", window=window, out=str(path))
+            out.append(torch.from_numpy(np.load(path)))
+            path.unlink()
+        return torch.stack(out)
+
+    def describe(self) -> dict[str, str]:
+        """What the engine ran on, read from its load log (see ``kernels``)."""
+        return {f"llamacpp.{k}": v for k, v in self.info.get("kernels", {}).items()} | {
+            "llamacpp.offload": self._offload_tag()} if self.info else {}
 
     def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         engine = self._load(windows.shape[1], logits_all=True)
@@ -138,8 +165,8 @@ class LlamaCppBackend:
         target = Target("cuda" if self.on_gpu else "cpu", qbytes.from_gguf(self.path), peak_bytes=lambda: peak,
                         depth_untimed=True)
         metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, target)
-        tags |= {"speed_valid": "true", "bench.method": "llama.cpp generate (child process)",
-                 "llamacpp.offload": self._offload_tag(), "llamacpp.threads": str(self.threads())}
+        tags |= self.describe() | {"speed_valid": "true", "bench.method": "llama.cpp generate (child process)",
+                                      "llamacpp.threads": str(self.threads())}
         # What llama.cpp really runs: the GGUF's tensors (weight_gib stays the format's deployed count).
         return metrics | {"engine_load_s": load_s, "engine_weight_gib": self.info["model_bytes"] / 2**30}, tags
 
@@ -147,3 +174,23 @@ class LlamaCppBackend:
         if self.engine is not None:
             self.engine.close()
             self.engine, self.loaded = None, None
+
+
+def kernels(log: str) -> dict[str, str]:
+    """What llama.cpp used, from its load log (llama-cpp-python verbose): ``backend`` (the devices the layers
+    went to: CPU, CUDA0...), ``buffers`` (model buffer types: CPU_Mapped, AMX, CPU_REPACK, CUDA0...),
+    ``tensor_types`` (count per GGUF type, e.g. "nvfp4 210, f32 61, f16 1"), ``cpu_features`` (what the build
+    may use on this CPU, its system-info line) and ``file_type``."""
+    out: dict[str, str] = {}
+    types = re.findall(r"llama_model_loader: - type\s+(\w+):\s+(\d+) tensors", log)
+    if types:
+        out["tensor_types"] = ", ".join(f"{t} {n}" for t, n in sorted(types, key=lambda x: -int(x[1])))
+    buffers = sorted(set(re.findall(r"load_tensors:\s+(\S+) model buffer size", log)))
+    if buffers:
+        out["buffers"] = ", ".join(buffers)
+        out["backend"] = ", ".join(sorted({"CPU" if b.startswith(("CPU", "AMX")) else b for b in buffers}))
+    if found := re.search(r"^CPU : (.*)$", log, re.MULTILINE):
+        out["cpu_features"] = " ".join(f.split(" = ")[0] for f in found.group(1).split(" | ") if f.endswith("= 1"))
+    if found := re.search(r"print_info: file type\s+= (.*)$", log, re.MULTILINE):
+        out["file_type"] = found.group(1).strip()
+    return out

@@ -1,12 +1,24 @@
-"""GGUF files of the configured model, in the qformat's GGUF type, made once and cached.
+"""GGUF files of the configured model, made once and cached: in llama.cpp's own types, or deployed from a
+modelopt checkpoint.
 
-The source is a GGUF file where the model is one (the embedded SmolLM2 is a Q4_1 GGUF, ``model=local
-model.path=x.gguf``); any other model is first converted to an F16 GGUF by llama.cpp's own
-``convert_hf_to_gguf.py``. llama.cpp's quantizer (``llama_model_quantize``) then writes the requested
-type. The converter is not in any wheel: ``make converter`` downloads the llama-cpp-python source archive of the
+- llama.cpp's types (``qformat.gguf_type``: Q4_K_M, NVFP4...): the source is a GGUF file where the model is one
+  (the embedded SmolLM2 is a Q4_1 GGUF, ``model=local model.path=x.gguf``); any other model is first converted
+  to an F16 GGUF by llama.cpp's own ``convert_hf_to_gguf.py``. llama.cpp's quantizer (``llama_model_quantize``)
+  then writes the requested type. The pinned llama.cpp has no ftype for NVFP4 ("invalid output file type
+  39": ``llama_ftype_get_default_type`` in src/llama-quant.cpp has no case for it), so ``gguf_nvfp4`` is made
+  with a Q8_0 base and a per-tensor override of every linear weight to GGML_TYPE_NVFP4 (round to nearest,
+  one E4M3 scale per 16 values, no per-tensor scale: ``quantize_row_nvfp4_ref`` in ggml-quants.c), the
+  embedding and output head at F16 as in modelopt's formats.
+- modelopt formats (``deploy``): the run's fake-quantized model is exported (``export_hf_checkpoint``) and
+  converted by the same converter, which repacks NVFP4 and W4A16_NVFP4 weights losslessly into llama.cpp's
+  NVFP4 type and dequantizes FP8 weights to F16 (``CONVERTIBLE``; conversion/base.py ``prepare_tensors``,
+  ``_repack_nvfp4``). Other modelopt exports crash it (pre_quant_scale, MX scales): refused in preflight.
+
+The converter is not in any wheel: ``make converter`` downloads the llama-cpp-python source archive of the
 pinned version once (pip, hash-checked) and ``install_converter`` extracts it with its ``conversion`` and
-``gguf-py`` folders into the venv. Nothing is downloaded or executed from the cache at run time. Results
-live under ``$GB10EXP_CACHE/gguf/``, keyed by content, published atomically.
+``gguf-py`` folders into the venv; it runs with its own ``gguf-py`` (never the ``gguf`` wheel, which lacks what
+it needs). Nothing is downloaded or executed from the cache at run time. Results live under
+``$GB10EXP_CACHE/gguf/``, keyed by content, published atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -27,13 +40,27 @@ import torch
 from gb10exp.config import ConfigError, ModelConfig
 from gb10exp.models import embedded_file, hub_snapshot
 from gb10exp.quant.cache import model_identity
+from gb10exp.quant.export import write_checkpoint
+from gb10exp.quant.formats import Format
 from gb10exp.utils import cache_dir, content_key, publish_dir, safe_name
 
 log = logging.getLogger(__name__)
 
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+# modelopt quant_algo -> what the pinned converter does with it (conversion/base.py prepare_tensors). The others
+# crash it: NVFP4_AWQ, NVFP4_SVD, W4A16_AWQ, W4A8_AWQ ("Can not map tensor ...pre_quant_scale"), W4A8_NVFP4_FP8,
+# mxfp4, MXFP8 (block scales it cannot broadcast).
+CONVERTIBLE = {
+    "NVFP4": "repacked losslessly into llama.cpp's NVFP4 type (input_scale stored, unused)",
+    "W4A16_NVFP4": "repacked losslessly into llama.cpp's NVFP4 type",
+    "FP8": "dequantized to F16 (llama.cpp has no FP8 type): FP8-rounded weights at 16 bits",
+    "MIXED_PRECISION": "NVFP4 layers repacked into llama.cpp's NVFP4 type, FP8 layers dequantized to F16",
+}
+MIXABLE = ("NVFP4", "W4A16_NVFP4", "FP8")  # per-layer formats a MIXED_PRECISION checkpoint may hold here
+# Every linear weight of a Llama-style GGUF (llama.cpp's tensor names): what gguf_nvfp4 quantizes.
+LINEAR_WEIGHTS = rb"blk\.\d+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))\.weight"
 # GGUF general.file_type values (llama.cpp's LLAMA_FTYPE) of the source files we may meet.
-SOURCE_FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 32: "BF16"}
+SOURCE_FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 32: "BF16", 39: "NVFP4"}
 
 
 def _file_key(path: Path) -> str:
@@ -138,38 +165,95 @@ def _model_key(cfg: ModelConfig) -> str:
     return f"{safe_name(cfg.name)}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
 
 
+def run_converter(folder: Path, out: Path, outtype: str = "f16", script: Path | None = None) -> None:
+    """llama.cpp's convert_hf_to_gguf.py (``script``, default the installed one) on a Hugging Face checkpoint
+    folder, in a child process; one line with its last error otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # set at all, it skips its own gguf-py
+    command = [sys.executable, str(script or converter()), str(folder), "--outfile", str(out), "--outtype", outtype]
+    got = subprocess.run(command,
+                         capture_output=True, text=True, env=env)
+    if got.returncode != 0 or not out.is_file():
+        last = (got.stderr or got.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {folder}: {last[0][:300]}")
+
+
 def convert_to_f16(cfg: ModelConfig, model: torch.nn.Module, tokenizer) -> Path:
     key = _model_key(cfg)
     out = cache_dir("gguf") / key / "F16.gguf"
     if out.is_file():
         return out
     folder = _hf_folder(cfg, model, tokenizer, key)
-    script = converter()
     with publish_dir(out.parent) as tmp:
-        target = Path(tmp) / "F16.gguf"
         log.info("converting %s to GGUF F16 with llama.cpp's converter", cfg.name)
-        got = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(target), "--outtype", "f16"],
-                             capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": ""})
-        if got.returncode != 0 or not target.is_file():
-            last = (got.stderr or got.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"convert_hf_to_gguf.py failed on {folder}: {last[0][:300]}")
+        run_converter(folder, Path(tmp) / "F16.gguf")
     return out
+
+
+def convertible(fmt: Format) -> str | None:
+    """Why the pinned converter cannot take this modelopt format's export, or None when it can."""
+    if fmt.quant_algo == "MIXED_PRECISION":
+        from gb10exp.quant.formats import load_qformat, of
+
+        rows = sorted({of(load_qformat(name)).row for name in fmt.candidates})
+        bad = [r for r in rows if r not in MIXABLE]
+        return f"its layers may be {', '.join(bad)}, which the converter cannot repack" if bad else None
+    if fmt.quant_algo not in CONVERTIBLE:
+        return (f"llama.cpp's converter cannot repack quant_algo {fmt.quant_algo} (it converts "
+                f"{', '.join(CONVERTIBLE)})")
+    return None
+
+
+def deploy(model: torch.nn.Module, tokenizer, fmt: Format, key: str) -> tuple[Path, str]:
+    """(path, how it was made) of the run's modelopt-quantized model as a GGUF llama.cpp runs: exported
+    (``export_hf_checkpoint``) and converted; cached by ``key`` (the quantized model's content key). The export
+    packs the model's weights in place: the runner deploys after every PyTorch evaluation of it."""
+    out = cache_dir("gguf", "deployed") / key / f"{fmt.name}.gguf"
+    how = f"modelopt export ({fmt.quant_algo}), then convert_hf_to_gguf.py: {CONVERTIBLE[fmt.quant_algo]}"
+    if out.is_file():
+        return out, how
+    with tempfile.TemporaryDirectory(prefix="export-", dir=cache_dir("gguf", "deployed")) as folder:
+        log.info("exporting %s for llama.cpp and converting it with llama.cpp's converter", fmt.name)
+        write_checkpoint(model, tokenizer, Path(folder), quantized=True)
+        with publish_dir(out.parent) as tmp:
+            run_converter(Path(folder), Path(tmp) / out.name)
+    return out, how
+
+
+def _params(gguf_type: str):
+    """llama_model_quantize's parameters for ``gguf_type``; NVFP4 through per-tensor overrides (see above)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.allow_requantize = True  # the embedded model is a Q4_1 GGUF already
+    params.nthread = len(os.sched_getaffinity(0))
+    if gguf_type != "NVFP4":
+        ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None)
+        if ftype is None:
+            raise ConfigError(f"qformat.gguf_type={gguf_type!r} is not known to this llama-cpp-python; "
+                              "choose another GGUF type or upgrade llama-cpp-python")
+        params.ftype = ftype
+        return params, ()
+    # Overrides apply only over a quantized base type (llama_tensor_get_type: if ggml_is_quantized(default)).
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.token_embedding_type = params.output_tensor_type = llama_cpp.GGML_TYPE_F16
+    overrides = (llama_cpp.llama_model_tensor_override * 2)()
+    overrides[0].pattern, overrides[0].type = LINEAR_WEIGHTS, llama_cpp.GGML_TYPE_NVFP4
+    overrides[1].pattern = None  # the list ends with a NULL pattern
+    params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    kv = (llama_cpp.llama_model_kv_override * 2)()  # the file says NVFP4 (else its base type, Q8_0)
+    kv[0].tag, kv[0].key = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, b"general.file_type"
+    kv[0].value.val_i64 = llama_cpp.LLAMA_FTYPE_MOSTLY_NVFP4
+    kv[1].key = b""  # the list ends with an empty key
+    params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    return params, (overrides, kv)  # the arrays must outlive the call
 
 
 def quantize(source: Path, gguf_type: str, out: Path) -> None:
     """llama.cpp's quantizer; re-quantizing an already quantized file is allowed (the embedded model)."""
     import llama_cpp
-
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None)
-    if ftype is None:
-        raise ConfigError(f"qformat.gguf_type={gguf_type!r} is not known to this llama-cpp-python; "
-                          "choose another GGUF type or upgrade llama-cpp-python")
     from llama_cpp._utils import suppress_stdout_stderr
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
+    params, keep = _params(gguf_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"  # renamed into place only when complete
     try:
@@ -180,6 +264,7 @@ def quantize(source: Path, gguf_type: str, out: Path) -> None:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    del keep
 
 
 def build_gguf(cfg: ModelConfig, gguf_type: str, model: torch.nn.Module, tokenizer) -> tuple[Path, str]:

@@ -85,6 +85,16 @@ class _Child:
             "tokens": len(targets),
         }
 
+    def logits(self, window: list[int], out: str) -> dict:
+        """The logits at every position of ``window`` (T x vocabulary, float32), written to the file ``out``
+        (numpy .npy: megabytes, too large for a JSON line); position p predicts token p + 1."""
+        import numpy as np
+
+        self.llm.reset()  # position 0, empty KV cache: each window scored on its own
+        self.llm.eval(window)
+        np.save(out, np.asarray(self.llm.scores[: len(window)], dtype=np.float32))
+        return {"path": out}
+
     def generate(self, prompt: list[int], depth: int, output_len: int) -> dict:
         """Greedy ``output_len`` tokens after ``prompt``; its first ``depth`` tokens are evaluated before
         the clock starts (llama-bench's depth), so the time covers only the rest of the prompt."""

@@ -138,6 +138,7 @@ class OpenAIBackend:
 
     max_batch_size = None
     engine_package = None  # the server's engine is not in this process
+    returns_logits = False
 
     def __init__(self, options: OpenAIOptions):
         self.base_url, self.model, self.api_key_env = options.base_url.rstrip("/"), options.model, options.api_key_env
@@ -187,6 +188,8 @@ class OpenAIBackend:
         self.meta = next((m.get("meta") or {} for m in listed if m["id"] == self.model), {})
         if self.gguf is not None and not self.gguf.is_file():
             raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
+        if self.gguf is not None:  # a GGUF that parses (its bytes are the roofline's), whatever else is checked
+            same_model.check_gguf(self.gguf, None, f"backend.options.gguf={str(self.gguf)!r}")
         if tokenizer is None:
             self.model_check = "not checked: speed only (eval.enabled=false)"
         else:
@@ -228,6 +231,9 @@ class OpenAIBackend:
         self.tokenizer = inputs.tokenizer
         return {"openai.base_url": self.base_url, "openai.model": str(self.model),
                 "engine.model_check": self.model_check}
+
+    def describe(self) -> dict[str, str]:
+        return {}  # the run's own tags already say what ran
 
     def close(self) -> None:
         pass

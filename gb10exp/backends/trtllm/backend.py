@@ -53,6 +53,7 @@ class TRTLLMBackend:
     name = "trtllm"
     served_model = None  # runs the configured model (or backend.options.checkpoint, checked as it)
     engine_package = "tensorrt-llm"
+    returns_logits = False
 
     def __init__(self, options: TRTLLMOptions):
         self.checkpoint = Path(options.checkpoint).expanduser() if options.checkpoint else None
@@ -136,6 +137,9 @@ class TRTLLMBackend:
         if self.context_logits_missing:  # engine_accuracy's generic "no engine scoring" would be wrong here
             tags |= {"engine_ppl_check": NO_CONTEXT_LOGITS, "trtllm.context_logits": "missing"}
         return metrics, tags
+
+    def describe(self) -> dict[str, str]:
+        return {}  # the run's own tags already say what ran
 
     def close(self) -> None:
         if self.llm is not None:
