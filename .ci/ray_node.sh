@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Short: Ray's unix sockets live under it (108-byte limit).
-GB10EXP_RAY_DIR=${GB10EXP_RAY_DIR:-${GB10EXP_SERVICES_DIR:-/tmp/gb10exp-services}/ray}
+GB10EXP_RAY_DIR=${GB10EXP_RAY_DIR:-${GB10EXP_SERVICES_DIR:?source .ci/services.sh, which sets it}/ray}
 VENV=${VENV:-.venv}
 action=$1 name=$2
 sid_file=$GB10EXP_RAY_DIR/$name.sid
@@ -33,8 +33,9 @@ start() {
         health=()
     fi
     # A bare environment: nothing of the CI's (passwords of the test servers included) reaches the jobs
-    # except what the launcher forwards. 1 CPU per node: two jobs at once land on two nodes.
-    setsid env -i PATH="$PATH" HOME="$HOME" LANG=C.UTF-8 RAY_AUTH_MODE=token \
+    # except what the launcher forwards, and PYTHONPATH, so that the nodes import the driver's gb10exp.
+    # 1 CPU per node: two jobs at once land on two nodes.
+    setsid env -i PATH="$PATH" HOME="$HOME" LANG=C.UTF-8 ${PYTHONPATH:+PYTHONPATH="$PYTHONPATH"} RAY_AUTH_MODE=token \
         RAY_AUTH_TOKEN_PATH="$GB10EXP_RAY_DIR/auth_token" RAY_USAGE_STATS_ENABLED=0 "${health[@]}" \
         bash -c 'echo $$ >"$0"; exec "$@"' "$sid_file" "$VENV"/bin/ray start "${args[@]}" \
         --node-ip-address="$ip" --temp-dir="$GB10EXP_RAY_DIR/$name" --num-cpus=1 --num-gpus=0 \

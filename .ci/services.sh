@@ -9,7 +9,9 @@
 # exits. By hand: source .ci/services.sh && .venv/bin/python -m pytest -m server
 set -euo pipefail
 
-GB10EXP_SERVICES_DIR=${GB10EXP_SERVICES_DIR:-/tmp/gb10exp-services}
+# One folder per checkout: starting, it stops the servers its pid files name, so two checkouts (a CI run beside a
+# branch's tests) must not share one. Short: Ray's unix sockets live under it (108-byte limit).
+GB10EXP_SERVICES_DIR=${GB10EXP_SERVICES_DIR:-/tmp/gb10exp-services-$(pwd -P | cksum | cut -d' ' -f1)}
 PG_PORT=${PG_PORT:-55432}
 MLFLOW_PORT=${MLFLOW_PORT:-55000}
 MLFLOW_AUTH_PORT=${MLFLOW_AUTH_PORT:-55001}
@@ -42,7 +44,15 @@ stop_services() {
         as_pg "$PG_BIN/pg_ctl" -D "$GB10EXP_SERVICES_DIR/pg/data" -m fast stop >/dev/null 2>&1 || true
     fi
 }
-stop_services  # a previous run's servers, if any
+stop_services  # this checkout's previous servers, if any
+# A port that is still taken belongs to someone else (another checkout's services): say so, touch nothing.
+for port in "127.0.0.1:$PG_PORT:PG_PORT" "127.0.0.1:$MLFLOW_PORT:MLFLOW_PORT" "127.0.0.1:$MLFLOW_AUTH_PORT:MLFLOW_AUTH_PORT" \
+            "$RAY_HEAD_IP:$RAY_PORT:RAY_PORT"; do
+    if (exec 3<>"/dev/tcp/${port%:*}") 2>/dev/null; then
+        echo "services: ${port%:*} is in use by another process: free it or choose another port (${port##*:}=...)" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+done
 trap stop_services EXIT
 
 rm -rf "$GB10EXP_SERVICES_DIR" && mkdir -p "$GB10EXP_SERVICES_DIR/pg" "$GB10EXP_SERVICES_DIR/artifacts"

@@ -85,7 +85,7 @@ def _need_ray() -> None:
 
 
 def _ray_dir() -> Path:
-    return Path(os.environ.get("GB10EXP_SERVICES_DIR", "/tmp/gb10exp-services")) / "ray"
+    return Path(os.environ["GB10EXP_SERVICES_DIR"]) / "ray"
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,7 @@ def test_no_credentials_no_entry_and_no_secret_anywhere(services, workdir, two_j
     token_file = Path(services["GB10EXP_TEST_RAY_TOKEN_PATH"])
     token = token_file.read_text().strip()
     assert len(token) == 64 and len(password) > 12
-    services_dir = Path(os.environ.get("GB10EXP_SERVICES_DIR", "/tmp/gb10exp-services"))
+    services_dir = Path(os.environ["GB10EXP_SERVICES_DIR"])
     places = {"sweep output": "\n".join(_outputs),
               "runs database": _database_text(services["GB10EXP_TEST_PG_LOGIN_RUNS_URI"]),
               "users database": _database_text(services["GB10EXP_TEST_PG_LOGIN_USERS_URI"])}
