@@ -46,10 +46,11 @@ stop_services() {
 }
 stop_services  # this checkout's previous servers, if any
 # A port that is still taken belongs to someone else (another checkout's services): say so, touch nothing.
-for port in "127.0.0.1:$PG_PORT:PG_PORT" "127.0.0.1:$MLFLOW_PORT:MLFLOW_PORT" "127.0.0.1:$MLFLOW_AUTH_PORT:MLFLOW_AUTH_PORT" \
-            "$RAY_HEAD_IP:$RAY_PORT:RAY_PORT"; do
-    if (exec 3<>"/dev/tcp/${port%:*}") 2>/dev/null; then
-        echo "services: ${port%:*} is in use by another process: free it or choose another port (${port##*:}=...)" >&2
+for port in "127.0.0.1 $PG_PORT PG_PORT" "127.0.0.1 $MLFLOW_PORT MLFLOW_PORT" "127.0.0.1 $MLFLOW_AUTH_PORT MLFLOW_AUTH_PORT" \
+            "$RAY_HEAD_IP $RAY_PORT RAY_PORT"; do
+    set -- $port
+    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then
+        echo "services: $1:$2 is in use by another process: free it or choose another port ($3=...)" >&2
         return 1 2>/dev/null || exit 1
     fi
 done
@@ -67,7 +68,8 @@ export GB10EXP_TEST_RAY_TOKEN_PATH="$GB10EXP_SERVICES_DIR/ray/auth_token"
 [ "$(id -u)" = 0 ] && chown postgres "$GB10EXP_SERVICES_DIR/pg"
 as_pg "$PG_BIN/initdb" -D "$GB10EXP_SERVICES_DIR/pg/data" -U postgres -A trust >/dev/null
 as_pg "$PG_BIN/pg_ctl" -D "$GB10EXP_SERVICES_DIR/pg/data" -l "$GB10EXP_SERVICES_DIR/pg/log" -w start \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $GB10EXP_SERVICES_DIR/pg" >/dev/null
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $GB10EXP_SERVICES_DIR/pg" >/dev/null \
+    || { echo "services: PostgreSQL did not start:"; tail -5 "$GB10EXP_SERVICES_DIR/pg/log"; exit 1; }  # errexit is off under `source ... &&`
 # mlflow: the open server's runs; mlflow_auth_runs and mlflow_auth_users: the basic-auth server's runs and
 # its users and permissions (apart, so that the open server shows none of the authenticated runs).
 as_pg "$PG_BIN/psql" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE USER mlflow PASSWORD '$PG_PASSWORD'" \
