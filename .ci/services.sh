@@ -60,7 +60,8 @@ rm -rf "$GB10EXP_SERVICES_DIR" && mkdir -p "$GB10EXP_SERVICES_DIR/pg" "$GB10EXP_
 
 # The Ray nodes start in the background (~20 s on 2 cores) while PostgreSQL and MLflow come up.
 ( .ci/ray_node.sh start head "$RAY_HEAD_IP" "$RAY_PORT" \
-    && .ci/ray_node.sh start worker "$RAY_WORKER_IP" "$RAY_HEAD_IP:$RAY_PORT" ) &
+    && .ci/ray_node.sh start worker "$RAY_WORKER_IP" "$RAY_HEAD_IP:$RAY_PORT" \
+    && echo "services: Ray's 2 nodes up in $((SECONDS - services_t0)) s" ) &
 ray_pid=$!
 export GB10EXP_TEST_RAY_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
 export GB10EXP_TEST_RAY_TOKEN_PATH="$GB10EXP_SERVICES_DIR/ray/auth_token"
