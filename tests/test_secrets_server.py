@@ -135,7 +135,7 @@ def test_no_secret_anywhere_after_a_sweep_and_a_report(tmp_path, services):
         tmp_path / "out-http" / "multirun.yaml"
     ).is_file()
 
-    artifact_root = Path(os.environ.get("GB10EXP_SERVICES_DIR", "/tmp/gb10exp-services")) / "artifacts"
+    artifact_root = Path(os.environ["GB10EXP_SERVICES_DIR"]) / "artifacts"
     assert artifact_root.is_dir()
     places = {"captured output": "\n".join(captured), "database": _database_text(pg_uri)}
     for root in (tmp_path, ROOT, artifact_root):

@@ -32,6 +32,7 @@ COLUMNS = [  # (metric, header, format)
 ]
 REF_HEADER = "ppl vs ref"
 REF_AFTER = "ppl"  # the column it follows
+FAILED_FILE = "failed.txt"  # in a job's Hydra output folder: why it failed (no MLflow run may exist)
 
 
 def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
@@ -69,7 +70,7 @@ def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
 
 def mark_failed(output_dir: str, message: str) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "failed.txt").write_text(redact(message) + "\n")
+    (Path(output_dir) / FAILED_FILE).write_text(redact(message) + "\n")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -129,7 +130,7 @@ class SweepSummary(Callback):
         print(f"\n== sweep {sweep_dir.name}: {len(rows)} MLflow run(s) in {redact(uri)} ==")
         if rows:
             print(format_table(rows))
-        failures = sorted(sweep_dir.glob("*/failed.txt"))
+        failures = sorted(sweep_dir.glob(f"*/{FAILED_FILE}"))
         for f in failures:
             print(f"FAILED job {f.parent.name}: {f.read_text().strip()}")
         if failures:

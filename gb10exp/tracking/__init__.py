@@ -192,6 +192,17 @@ class Recorder:
                 self.client.set_tag(r.info.run_id, "superseded_by", self.run_id)
                 self.client.set_terminated(r.info.run_id, status="KILLED")
 
+    def end_lost_runs(self, tags: dict[str, str], reason: str) -> list[str]:
+        """Mark KILLED the RUNNING runs carrying ``tags`` (a job's sweep_dir and job_num) whose process was lost
+        with its machine (a Ray node died): it cannot mark them itself, and until its heartbeat goes stale a
+        rerun elsewhere would take them for live twins. Returns their ids."""
+        where = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"{where} and attributes.status = 'RUNNING'")
+        for r in runs:
+            self.client.set_tag(r.info.run_id, "error", redact(reason)[:400])
+            self.client.set_terminated(r.info.run_id, status="KILLED")
+        return [r.info.run_id for r in runs]
+
     @contextlib.contextmanager
     def run(self, name: str, resolved: dict, overrides: list[str], tags: dict[str, str]) -> Iterator[Recorder]:
         tags = {k: redact(str(v)) for k, v in (tags | owner_tags()).items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -82,7 +83,20 @@ def code_digest(root: Path = ROOT) -> str:
     return h.hexdigest()[:16]
 
 
+def ray_node() -> dict[str, str]:
+    """Which node of a Ray cluster runs this job (its id and IP), when it runs as a Ray task; {} otherwise.
+    Ray is never imported here: a Ray worker has imported it already."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    context = ray.get_runtime_context()
+    if context.get_task_id() is None:  # a driver, not a task
+        return {}
+    return {"ray.node_id": context.get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}
+
+
 def environment(device: torch.device) -> dict[str, str]:
-    """The run's tags for what it ran on (``gb10exp.hardware.facts``) and with (Python, versions, commit)."""
-    return hardware.facts(device) | {"python": platform.python_version(), "git_commit": _git_commit()} | {
+    """The run's tags for what it ran on (``gb10exp.hardware.facts``, the Ray node) and with (Python, versions,
+    commit)."""
+    return hardware.facts(device) | ray_node() | {"python": platform.python_version(), "git_commit": _git_commit()} | {
         f"version.{p}": version(p) for p in PACKAGES}

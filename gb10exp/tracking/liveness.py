@@ -50,11 +50,21 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+_received: list[int] = []  # the signal that raised Interrupted, if one did
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     # A second signal while the first one's cleanup runs kills the process the default way.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def received() -> int | None:
+    """The signal that raised ``Interrupted`` in this process, if any: a library that catches the
+    exception and raises a plain KeyboardInterrupt instead (Ray's ray.wait does) loses which one it was."""
+    return _received[0] if _received else None
 
 
 def handle_signals() -> None:

@@ -9,7 +9,9 @@ stdout/stderr (``install``), the end-of-sweep summary and error messages, and re
 
 What counts as a secret:
 - the value of any environment variable whose name says it is a credential (HF_TOKEN, *_API_KEY,
-  PGPASSWORD, ...), at least ``MIN_SECRET_LEN`` characters long;
+  PGPASSWORD, RAY_AUTH_TOKEN, MLFLOW_TRACKING_PASSWORD, ...), at least ``MIN_SECRET_LEN`` characters long;
+- the content of the file such a variable names when its name ends in _PATH or _FILE
+  (``RAY_AUTH_TOKEN_PATH``), and of Ray's default token file ``~/.ray/auth_token``;
 - the password of any ``scheme://user:password@host`` URI, for every scheme (http, https,
   postgresql+psycopg2, mysql, ...), also as Hydra writes it with ``:`` escaped as ``\\:``;
 - ``password=...``/``token=...``-style query parameters and ``Authorization:`` header values;
@@ -19,6 +21,7 @@ What counts as a secret:
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 import os
@@ -31,6 +34,9 @@ from typing import Any
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
 MIN_SECRET_LEN = 8  # shorter values ("1", "true") would blank ordinary words, and are no real secret
 MIN_REMEMBERED_LEN = 4  # a URI's password is known to be one; still, "ab" would blank ordinary text
+SECRET_FILE_NAME = re.compile(r"_(PATH|FILE)$", re.IGNORECASE)  # the variable names a file holding the secret
+RAY_TOKEN_FILE = Path("~/.ray/auth_token")  # where Ray 2.60 keeps its token when no variable names one
+MAX_SECRET_FILE_BYTES = 4096  # a token or a password file, not a config file that happens to match
 # scheme://user:password@ — Hydra escapes ':' as '\:' in overrides.yaml, hydra.yaml and multirun.yaml.
 URL_PASSWORD = re.compile(
     r"(?P<head>[a-z][a-z0-9+.-]*\\?://[^:/@\s'\"]*\\?:)(?P<secret>[^@\s'\"/]+)@", re.IGNORECASE
@@ -54,9 +60,34 @@ def remember(secret: str) -> None:
 
 
 def secret_values() -> list[str]:
-    """Secret environment values and remembered passwords, longest first (so prefixes mask cleanly)."""
-    values = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= MIN_SECRET_LEN}
+    """Secret environment values, secret files' contents and remembered passwords, longest first (so
+    prefixes mask cleanly)."""
+    named = {k: v for k, v in os.environ.items() if SECRET_NAME.search(k)}
+    values = {v for k, v in named.items() if not SECRET_FILE_NAME.search(k) and len(v) >= MIN_SECRET_LEN}
+    files = [v for k, v in named.items() if SECRET_FILE_NAME.search(k)] + [str(RAY_TOKEN_FILE.expanduser())]
+    for path in files:
+        values |= _file_secret(path)
     return sorted(values | _remembered, key=len, reverse=True)
+
+
+def _file_secret(path: str) -> frozenset[str]:
+    """The stripped content of a small secret file; read again only when the file changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return frozenset()
+    if st.st_size > MAX_SECRET_FILE_BYTES:
+        return frozenset()
+    return _read_secret(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_secret(path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+    return frozenset({text}) if len(text) >= MIN_SECRET_LEN else frozenset()
 
 
 def redact(text: str) -> str:
