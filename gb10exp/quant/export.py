@@ -176,6 +176,21 @@ def _downcast_unquantized(folder: Path, dtype: torch.dtype) -> None:
     config.write_text(json.dumps(data, indent=2))
 
 
+def offloaded(model: torch.nn.Module) -> bool:
+    """Some of the model's modules keep their weights on disk (``quant.offload_dir``: accelerate hooks)."""
+    return "disk" in getattr(model, "hf_device_map", {}).values()
+
+
+def _shard_size(model: torch.nn.Module) -> str:
+    """modelopt's streaming export (what it does for an offloaded model) buffers a whole shard before writing
+    it: shards of two decoder layers (100 MB at least) keep that buffer near the one layer it materializes."""
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    layers = LayerActivationCollector.get_decoder_layers(model)
+    layer = sum(p.numel() * p.element_size() for p in layers[0].parameters()) if layers else 0
+    return f"{max(2 * layer, 100 * 10**6) // 10**6}MB"
+
+
 def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quantized: bool) -> Checkpoint:
     """Write ``model`` (modelopt-quantized or not) as a Hugging Face checkpoint in ``folder``.
 
@@ -193,8 +208,9 @@ def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quant
     if quantized:
         from modelopt.torch.export import export_hf_checkpoint
 
+        shards = {"max_shard_size": _shard_size(model)} if offloaded(model) else {}
         with cpu_nvfp4():  # NVFP4 on the CPU: modelopt's own numerics through the project's adapter
-            export_hf_checkpoint(model, dtype=dtype, export_dir=str(folder))
+            export_hf_checkpoint(model, dtype=dtype, export_dir=str(folder), **shards)
         method = "modelopt export_hf_checkpoint"
     else:
         model.save_pretrained(str(folder))
@@ -232,7 +248,8 @@ def serve_commands(ckpt: Checkpoint, overrides: list[str], port: int = 8000) -> 
     vllm = f"vllm serve {folder} --port {port}"
     if ckpt.quant_algo in VLLM_QUANTIZATION:
         vllm += f" --quantization {VLLM_QUANTIZATION[ckpt.quant_algo]}"
-    dropped = ("backend", "export", "export_dir", "tracking.run_name", "+experiment", "audit")
+    dropped = ("backend", "export", "export_dir", "tracking.run_name", "+experiment", "audit", "quant.layerwise",
+               "quant.offload_dir")
     keep = [
         o
         for o in overrides
