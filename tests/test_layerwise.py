@@ -2,7 +2,7 @@
 
 The slow test runs the embedded model (SmolLM2-135M, float32: 513 MiB of weights) under a real memory limit
 that the whole model does not fit in, in child processes: RLIMIT_DATA set to the memory the process holds
-after its imports plus three quarters of the model's bytes. RLIMIT_DATA (not RLIMIT_AS, which counts every
+after its imports plus 90% of the model's bytes (the layers alone do not fit beside the resident embedding). RLIMIT_DATA (not RLIMIT_AS, which counts every
 mapping and thread stack) with glibc's mmap threshold pinned is the limit that separates "the model fits" from
 "layer by layer works" (the research behind it: /tmp/research/layerwise/REPORT.md, section 3). Linux only.
 """
@@ -26,7 +26,10 @@ from tests.conftest import ROOT, cli_error, mlflow_runs, store_args
 # their log-softmax chunks are the largest activations of this small-bodied, large-vocabulary model.
 SMALL = ["qformat=nvfp4_wo", "eval.seq_len=128", "eval.num_windows=1", "eval.batch_size=1", "bench.enabled=false",
          "cache=false", "export=true"]
-LIMIT_FRACTION = 0.75  # of the model's bytes, above what the process holds after its imports
+# Of the model's bytes, above what the process holds after its imports. At 0.75 the evaluation passed once and
+# failed once (12 MB short, with the 108 MiB embedding resident): the job itself (MLflow, Hydra, data, logits,
+# freed-but-mapped heap) takes a few hundred MiB beside the layer it streams.
+LIMIT_FRACTION = 0.9
 
 # The child: import what the job will use, then cap the data segment (heap and private writable mappings)
 # at what it holds now plus the budget, then run `python -m gb10exp ARGS` in the same process.
@@ -35,7 +38,7 @@ import resource, runpy, sys
 import torch, transformers, accelerate, mlflow, safetensors, sqlalchemy, alembic  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 import modelopt.torch.quantization, modelopt.torch.export, modelopt.torch.opt  # noqa: F401
-import gb10exp.runner, gb10exp.__main__  # noqa: F401
+import hydra, gb10exp.runner  # noqa: F401 (not gb10exp.__main__: runpy runs it below)
 budget = int(sys.argv.pop(1))
 if budget:
     status = open("/proc/self/status").read()
@@ -81,7 +84,9 @@ def test_layerwise_offload_runs_under_a_limit_the_model_does_not_fit_and_matches
 
     model_bytes = (embedded_cache(EMBEDDED) / "model.safetensors").stat().st_size
     budget = int(model_bytes * LIMIT_FRACTION)
-    assert model_bytes > budget + 100 * 2**20  # the whole model cannot fit, with room to spare
+    embedding = 49152 * 576 * 4  # resident (tied with lm_head)
+    layers = model_bytes - embedding
+    assert budget < model_bytes and budget - embedding < layers  # neither the model nor its layers fit
 
     # The negative control: the same ordinary job under the limit fails (the cap is real).
     neg = run_capped(budget, *SMALL, f"export_dir={tmp_path / 'neg_export'}", store=tmp_path / "neg")
@@ -102,14 +107,13 @@ def test_layerwise_offload_runs_under_a_limit_the_model_does_not_fit_and_matches
     # Identical weights and identical arithmetic per layer: the metrics are equal, not merely close.
     for key in ("perplexity", "kl_mean", "top1_agreement", "reference_perplexity"):
         assert m_lw[key] == m_ref[key], (key, m_lw[key], m_ref[key])
-    layers = model_bytes - 49152 * 576 * 4  # everything but the (tied) embedding
     assert abs(m_lw["offload_gib"] * 2**30 - layers) < 2**20
     # Each layer read once to calibrate, at least once per evaluation pass and twice to export.
     assert m_lw["offload_read_gib"] * 2**30 >= 3 * layers
     assert m_lw["mem_rss_peak_gib"] < m_ref["mem_rss_peak_gib"]
     print(json.dumps({"model_bytes": model_bytes, "budget": budget,
                       "rss_peak_gib": {"ordinary": m_ref["mem_rss_peak_gib"], "layerwise": m_lw["mem_rss_peak_gib"]},
-                      "negative": (neg.stdout + neg.stderr).strip().splitlines()[-3:]}))
+                      "negative": [line for line in neg.stdout.splitlines() if "FAILED job" in line]}))
 
 
 @pytest.mark.parametrize(("args", "match"), [
