@@ -75,10 +75,16 @@ test-fast: $(VENV)/.core  ## the fast CPU tests only (plain pytest)
 test-gpu: $(VENV)/.core  ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
-lint: $(VENV)/.core  ## ruff
+# ruff alone: linting needs neither torch nor the rest (CI lints before it installs them).
+$(VENV)/.ruff:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "ruff>=0.17"
+	touch $@
+
+lint: $(VENV)/.ruff  ## ruff (installs ruff only)
 	$(PY) -m ruff check gb10exp tests benchmarks
 
-format: $(VENV)/.core  ## ruff format + fix
+format: $(VENV)/.ruff  ## ruff format + fix
 	$(PY) -m ruff check --fix gb10exp tests benchmarks
 	$(PY) -m ruff format gb10exp tests benchmarks
 

@@ -31,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gb10exp.config import QFormatConfig  # noqa: E402
-from gb10exp.quant import calibration_loop, quantize  # noqa: E402
-from gb10exp.quant.bytes import deployed_weight_bytes  # noqa: E402
-from gb10exp.quant.export import safetensors_header, write_checkpoint  # noqa: E402
+from gb10exp.quant import bytes as weight_bytes  # noqa: E402
+from gb10exp.quant import calibration_loop, formats, quantize  # noqa: E402
+from gb10exp.quant.bytes import safetensors_header  # noqa: E402
+from gb10exp.quant.export import write_checkpoint  # noqa: E402
 
 FORMATS = {
     "nvfp4": QFormatConfig(
@@ -91,7 +92,7 @@ def check_one(name: str, arch: dict, device: torch.device, out: Path) -> dict:
     t0 = time.perf_counter()
     model = quantize(model, qformat, calibration_loop(calib, 4, device))
     quantize_s = time.perf_counter() - t0
-    expected_bytes = deployed_weight_bytes(model, qformat)
+    expected_bytes = weight_bytes.from_module(model, formats.of(qformat)).weight_bytes
     layer = dict(model.named_modules())[LAYER]
     with torch.no_grad():
         simulated = layer.weight_quantizer(layer.weight).float().cpu()

@@ -60,6 +60,7 @@ class ModelConfig:
             _require(bool(self.path), "model.path", self.path, "a local model folder or .gguf file (model=local model.path=/path/to/model)")
         if self.source == "random":
             _require(bool(self.arch), "model.arch", self.arch, "LlamaConfig keyword arguments (hidden_size, num_hidden_layers, ...)")
+        _require(bool(str(self.name).strip()), "model.name", self.name, "a non-empty name (it names the runs)")
 
 
 @dataclass
@@ -212,6 +213,12 @@ class TrackingConfig:
     artifact_root: str | None = None  # where a new experiment keeps its artifacts (local stores)
     run_name: str | None = None
 
+    def __post_init__(self) -> None:
+        _require(bool(str(self.uri).strip()), "tracking.uri", self.uri, "sqlite:///path/mlflow.db, http(s)://host:port or a database URI")
+        _require(bool(str(self.experiment).strip()), "tracking.experiment", self.experiment, "a non-empty experiment name")
+        _require(self.run_name is None or bool(str(self.run_name).strip()), "tracking.run_name", self.run_name,
+                 "a non-empty name, or null for gb10exp's own (<model>-<qformat>-...)")
+
 
 @dataclass
 class Config:
@@ -229,11 +236,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     force: bool = False  # rerun even if an identical finished run exists
     cache: bool = True  # reuse quantized models and evaluation results from $GB10EXP_CACHE
-    # Write modelopt's unified Hugging Face checkpoint of the run's quantized model (what trtllm-serve and vllm
-    # serve load) to <job output dir>/checkpoint, or to export_dir. (Hydra cannot take `export=true` for a
-    # config group, hence two flat keys.)
-    export: bool = False
-    export_dir: str | None = None
+    # Hydra cannot take `export=true` for a config group, hence two flat keys. (--help prints these comments.)
+    export: bool = False  # write the quantized model as modelopt's unified HF checkpoint (trtllm-serve, vllm)
+    export_dir: str | None = None  # where (with export=true); default <job output dir>/checkpoint
 
     def __post_init__(self) -> None:
         _require(self.calib_size > 0, "calib_size", self.calib_size, "a positive number of calibration samples")

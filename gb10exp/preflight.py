@@ -56,11 +56,36 @@ def check_job(cfg: Config) -> None:
     _passed.add(key)
 
 
+def top_level_keys() -> str:
+    """--help's list of top-level keys, read from the schema (``config.Config``: each field, its default and
+    its comment), so it cannot drift from what the config accepts."""
+    import inspect
+    import re
+
+    out, comment = [], []
+    for line in inspect.getsource(Config).splitlines()[1:]:
+        if line.strip().startswith("#"):
+            comment.append(line.strip().lstrip("# "))
+            continue
+        found = re.match(r"^    (\w+): ([^=]+?) = ([^#]+?)\s*(?:#\s*(.*))?$", line)
+        if found and not found.group(2).strip().endswith("Config"):
+            name, _, default, note = found.groups()
+            text = note or " ".join(comment)
+            default = {"True": "true", "False": "false", "None": "null"}.get(default.strip(), default.strip().strip('"'))
+            out.append(f"  {name}={default}".ljust(28) + text)
+        comment = [] if not line.strip().startswith("#") else comment
+        if line.strip().startswith("def "):
+            break
+    return "\n".join(out).replace("$", "$$")  # Hydra fills the template with string.Template
+
+
 def register_configs() -> None:
     """Register the typed schemas with Hydra (YAML files in conf/ are validated against them): the whole
     tree once, and each backend's options under ``backend_schema/<name>`` (its YAML's defaults list)."""
     from hydra.core.config_store import ConfigStore
 
+    if not OmegaConf.has_resolver("gb10exp_keys"):  # --help's key list (conf/hydra/help/gb10exp.yaml)
+        OmegaConf.register_new_resolver("gb10exp_keys", top_level_keys)
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for name, schema in backends_.schemas().items():

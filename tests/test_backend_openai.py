@@ -151,7 +151,7 @@ def test_openai_streaming_run_against_a_real_server(tmp_path, server, f16_gguf):
     _, runs = mlflow_runs(tmp_path)
     m, tags = runs[0].data.metrics, runs[0].data.tags
     assert m["ttft_s"] > 0 and m["decode_tokens_per_s"] > 0 and 0 < m["roofline_fraction"] <= 1
-    assert tags["roofline.bytes_source"] == "the served GGUF file"
+    assert tags["roofline.bytes_source"] == "the GGUF file"
     # The server's own kernels scored a window of the same F16 weights PyTorch ran: F16 activations and KV
     # cache (2^-11 per value) keep them within 0.5%; a position slip or garbage kernels are off by far more.
     assert tags["engine_ppl_check"].startswith("ok"), tags["engine_ppl_check"]

@@ -13,7 +13,7 @@ from inprocess import all_runs, compose, new_store, run_job, tracking
 
 from gb10exp import data
 from gb10exp.config import ConfigError, ModelConfig, TrackingConfig
-from gb10exp.models import check_model, embedded_file
+from gb10exp.models import EMBEDDED, check_model, embedded_file, load_tokenizer
 from gb10exp.runner import GpuOutOfMemory, NonFiniteMetric, prepare
 from gb10exp.tracking import check_store
 
@@ -54,6 +54,7 @@ def test_not_a_causal_lm(tmp_path):
     with pytest.raises(ConfigError, match=r"^model='local' is not a causal language model \(BertModel\); gb10exp quantizes decoder LMs"):
         check_model(ModelConfig(name="local", source="local", path=str(tmp_path / "bert")))
     LlamaForCausalLM(LlamaConfig(**tiny, architectures=["LlamaForCausalLM"])).save_pretrained(tmp_path / "llama")
+    load_tokenizer(EMBEDDED).save_pretrained(tmp_path / "llama")  # a complete folder: weights and a tokenizer
     check_model(ModelConfig(name="local", source="local", path=str(tmp_path / "llama")))  # a decoder LM passes
 
 
@@ -171,6 +172,9 @@ BAD_SWEEPS = [
      r"calib_size=32 is not allowed: the calibration text holds only \d+ samples of 64 tokens"),
     (["hydra.sweeper.params.qformat=bf16,int5"], r"qformat='int5' is not allowed \(did you mean int4\?\): one of \[.*'bf16', "),
     (["hydra.sweeper.params.qformat='bf16,int5'"], r"qformat='int5' is not allowed \(did you mean int4\?\): one of \[.*'bf16', "),
+    # Speed only is a recipe preflight checks too: the hf backend has no served model to time.
+    (["eval.enabled=false", "bench.enabled=true"], r"eval.enabled=false is not allowed with backend=hf: speed-only runs "
+                                                   r"time what an engine serves; use backend=openai"),
     (["backend=hf", "backend.options.pdl=maybe"], r"backend.options.pdl='maybe' is not allowed: auto, true or false"),
     (["backend=hf", "backend.options.pdl=0"], r"backend.options.pdl=0 is not allowed: auto, true or false"),
 ]
@@ -231,3 +235,62 @@ def test_backend_batch_size_limit_is_checked_in_preflight():
     cfg, _ = compose([*TINY, "backend=llamacpp", "qformat=gguf_q4_k_m", "bench.enabled=true", "bench.batch_size=2"])
     with pytest.raises(ConfigError, match=r"^bench.batch_size=2 is not allowed with backend=llamacpp: at most 1"):
         backends.check(cfg)
+
+
+def _path_fixtures(tmp_path: Path) -> None:
+    """A real file or folder of each kind a user may name wrongly."""
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01text then \xff\xfe not UTF-8")
+    (tmp_path / "fake.gguf").write_text("a text file named .gguf\n")
+    (tmp_path / "a-file").write_text("x")
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99,
+                architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "config-only")
+    weights_only = tmp_path / "no-tokenizer"
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99,
+                architectures=["LlamaForCausalLM"]).save_pretrained(weights_only)
+    (weights_only / "model.safetensors").write_bytes(b"")  # present: the tokenizer is what is missing
+
+
+PATH_CASES = [  # (overrides, the line's start after "gb10exp: error: ")
+    (["eval=text_file", "eval.path={tmp}/binary.txt"], "eval.path='{tmp}/binary.txt' is not allowed: not UTF-8 text (byte 0xff"),
+    (["calib=text_file", "calib.path={tmp}/binary.txt"], "calib.path='{tmp}/binary.txt' is not allowed: not UTF-8 text"),
+    (["eval=text_file", "eval.path={tmp}"], "eval.path='{tmp}' is not allowed: no such file"),
+    (["model=local", "model.path={tmp}/config-only"], "model.path='{tmp}/config-only' has no weights (*.safetensors"),
+    (["model=local", "model.path={tmp}/no-tokenizer"], "model.path='{tmp}/no-tokenizer' has no tokenizer (tokenizer.json"),
+    (["model=local", "model.path={tmp}/fake.gguf"], "model.path='{tmp}/fake.gguf' is a truncated or corrupt GGUF file"),
+    (["backend=llamacpp", "qformat=gguf_q4_k_m", "backend.options.gguf={tmp}/fake.gguf"],
+     "backend.options.gguf='{tmp}/fake.gguf' is not allowed: {tmp}/fake.gguf is not a GGUF file that parses"),
+    (["qformat=fp8", "export=true", "export_dir={tmp}/a-file/ckpt"], "export_dir='{tmp}/a-file/ckpt' is not writable (Not a directory"),
+    (["tracking.experiment="], "tracking.experiment='' is not allowed: a non-empty experiment name"),
+    (["tracking.run_name="], "tracking.run_name='' is not allowed: a non-empty name"),
+    (["model.name="], "model.name='' is not allowed: a non-empty name"),
+    (["model=hub", "model.id="], "model.id='' is not allowed: a Hugging Face model id"),
+]
+
+
+@pytest.mark.parametrize(("args", "start"), PATH_CASES, ids=[" ".join(a) for a, _ in PATH_CASES])
+def test_every_path_and_name_is_checked_before_any_work(tmp_path, args, start):
+    if "backend=llamacpp" in args:
+        pytest.importorskip("llama_cpp")
+    _path_fixtures(tmp_path)
+    line = cli_error(*[a.format(tmp=tmp_path) for a in args], store=tmp_path / "store")
+    assert line.startswith("gb10exp: error: " + start.format(tmp=tmp_path)), line
+
+
+def test_a_hub_model_that_cannot_be_had_fails_in_seconds(tmp_path, monkeypatch):
+    """Not cached, the hub unreachable (this machine has no route to it; on one with network, a closed local
+    port stands in for the hub): one line, well before transformers' minute of retries."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    started = time.monotonic()
+    line = cli_error("model=hub", "model.id=nobody/no-such-model", store=tmp_path / "store")
+    assert time.monotonic() - started < 30
+    assert line.startswith("gb10exp: error: model.id='nobody/no-such-model' is not in the local hub cache and the "
+                           "hub cannot be reached ("), line

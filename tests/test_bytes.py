@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from gb10exp.config import QFormatConfig
-from gb10exp.models import EMBEDDED, embedded_file, load_model, random_llama
+from gb10exp.models import EMBEDDED, embedded_file, random_llama
 from gb10exp.quant import bytes as qbytes
 from gb10exp.quant import calibration_loop, formats, quantize
 
@@ -73,10 +73,16 @@ def test_a_checkpoint_folder_reads_as_its_module(tmp_path, tied):
 
 
 def test_a_gguf_file_reads_as_its_module():
-    """The embedded SmolLM2-135M: its GGUF (Q4_1, tied embeddings) and the model transformers loads from it
-    have the same KV geometry (30 layers, 3 KV heads of 64) and the same tensors."""
-    gguf = qbytes.from_gguf(embedded_file(EMBEDDED))
-    module = qbytes.from_module(load_model(EMBEDDED, CPU, torch.float32))
+    """The embedded SmolLM2-135M: its GGUF (Q4_1, tied embeddings) and the model transformers builds from it
+    (the GGUF's own config; on the meta device: shapes, not 540 MB of dequantized weights) have the same KV
+    geometry (30 layers, 3 KV heads of 64) and the same tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = embedded_file(EMBEDDED)
+    gguf = qbytes.from_gguf(path)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    with torch.device("meta"):
+        module = qbytes.from_module(AutoModelForCausalLM.from_config(config))
     assert gguf.kv_bytes_per_token == module.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
     assert gguf.head == gguf.embed == "token_embd.weight" and module.head == module.embed  # tied
     assert qbytes.decode_step_bytes(gguf) == gguf.weight_bytes  # a tied table is the output head: read in full

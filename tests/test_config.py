@@ -3,6 +3,7 @@ shows its groups, and bad input fails in one line before any work, leaving nothi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,16 @@ def test_help_lists_groups_and_options():
     qformats = sorted(p.stem for p in (CONF_DIR / "qformat").glob("*.yaml"))
     assert "qformat: " + ", ".join(qformats) in out.stdout and "nvfp4_mlp_only" in qformats
     assert "model:" in out.stdout and "smollm2_135m" in out.stdout and "calib:" in out.stdout
+    # Every top-level key of the schema, with its default, read from gb10exp/config.py (it cannot drift).
+    import dataclasses
+
+    from gb10exp.config import Config
+
+    scalars = [f for f in dataclasses.fields(Config) if not f.type.endswith("Config")]
+    assert {f.name for f in scalars} >= {"calib_size", "seed", "device", "export", "export_dir"}
+    for f in scalars:
+        assert re.search(rf"^  {f.name}=\S+ +\S", out.stdout, re.M), f.name
+    assert "  export=false " in out.stdout and "  cache=true " in out.stdout and "$GB10EXP_CACHE" in out.stdout
 
 
 def test_cfg_job_prints_the_composed_config():

@@ -87,7 +87,7 @@ def test_calibration_free_format_runs_once_across_calib_sizes_with_the_calibrate
 
 
 # What each format reads, by hand from modelopt's configs: weight-only round-to-nearest reads no data.
-CALIBRATION_FREE = {"bf16", "gguf_q4_k_m", "int4", "nvfp4_wo"}
+CALIBRATION_FREE = {"bf16", "gguf_nvfp4", "gguf_q4_k_m", "int4", "nvfp4_wo"}
 
 
 @pytest.mark.parametrize("name", formats.options())

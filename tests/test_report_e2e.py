@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, cli_error, free_port, run_gb10exp, serving
+from inprocess import run_job
 from test_report import BASE_NLL, EXPERIMENT, log_run, shifted
 
 from gb10exp.report import Selection, build_report
@@ -36,7 +37,7 @@ def test_claim_preset_then_report(tmp_path):
     sweep = run_gb10exp(*preset, "calib_size=4,8", store=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     # Calibration does not touch bf16: its calib-8 job finds the calib-4 run and skips.
-    assert "skipping tiny_llama-bf16-calib8-hf: identical run" in sweep.stdout + sweep.stderr
+    assert "skipping tiny_llama-bf16-hf: identical run" in sweep.stdout + sweep.stderr
 
     out = tmp_path / "report"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -164,13 +165,7 @@ def card_sweep_then_report(tmp_path: Path, in_run: bool) -> None:
     )
     assert fp8.returncode == 0, fp8.stderr[-3000:]
     # And a separate bf16 job on the same windows, into the same store.
-    store = [
-        f"tracking.uri={uri}",
-        f"tracking.artifact_root={tmp_path}/artifacts",
-        f"hydra.sweep.dir={tmp_path}/outputs-bf16",
-    ]
-    bf16 = run_gb10exp(*TINY, "qformat=bf16", *store)
-    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    run_job(["qformat=bf16"], tmp_path)  # into the same store (tmp_path/mlflow.db), in this process
     second = report_cli("--tracking-uri", uri, "--out", str(tmp_path / "b"), "--no-log")
     assert second.returncode == 0, second.stderr[-3000:]
     after = json.loads((tmp_path / "b" / "report.json").read_text())

@@ -117,7 +117,8 @@ def test_two_concurrent_sweeps_each_keep_one_id_across_their_jobs(tmp_path):
         default_dir,
     ]
     sweeps = [
-        [*common, "qformat=bf16,int4", "hydra/launcher=local_parallel"],  # jobs in two worker processes
+        # Two jobs in the launcher's process (parallel workers keep their sweep's id too: tests/test_load.py).
+        [*common, "qformat=bf16,int4"],
         [*common, "qformat=bf16", "eval.num_windows=2"],
     ]
     procs = [

@@ -74,7 +74,11 @@ def gguf_fields(path: Path) -> tuple[list[str], str]:
     """(vocabulary as token strings, general.name) of a GGUF file, from its header."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError, struct/index errors on truncated or foreign files
+        raise ConfigError(f"{path} is not a GGUF file that parses ({type(exc).__name__}: {str(exc)[:100]}); "
+                          "give a .gguf file (convert_hf_to_gguf.py writes one)") from None
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = [bytes(tokens.parts[i]).decode("utf-8", errors="replace") for i in tokens.data] if tokens else []
     name = reader.fields.get("general.name")
@@ -82,8 +86,14 @@ def gguf_fields(path: Path) -> tuple[list[str], str]:
 
 
 def check_gguf(path: Path, tokenizer, key: str) -> tuple[str, str]:
-    """Refuse a GGUF whose vocabulary is not the tokenizer's; (model name, tag) otherwise."""
-    vocab, name = gguf_fields(path)
+    """Refuse a file that is not a GGUF, or a GGUF whose vocabulary is not the tokenizer's; (model name, tag)
+    otherwise (``tokenizer`` None: only the file is checked)."""
+    try:
+        vocab, name = gguf_fields(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{key} is not allowed: {exc}") from None
+    if tokenizer is None:
+        return name, "not checked (speed only: eval.enabled=false)"
     if not vocab:
         return name, "not checked: the GGUF holds no tokenizer.ggml.tokens"
     compare_token_strings(vocab, tokenizer, key, f"the GGUF {path.name}")

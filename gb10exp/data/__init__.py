@@ -56,7 +56,11 @@ def _text_file(split: str, cfg: DataConfig) -> str:
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{split}.path={cfg.path!r} is not allowed: no such file; give an existing UTF-8 text file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{split}.path={cfg.path!r} is not allowed: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                          f"at offset {exc.start}); give a text file") from None
     cut = (len(lines) * 3) // 4  # first 3/4 of the lines calibrate, the last 1/4 evaluates
     return "\n".join(lines[:cut] if split == "calib" else lines[cut:])
 

@@ -107,6 +107,33 @@ def check_model(cfg: ModelConfig) -> None:
             )
         if os.environ.get("HF_HUB_OFFLINE") == "1" and not cached:
             raise ConfigError(f"model.id={cfg.id!r} is not in the local hub cache and HF_HUB_OFFLINE=1; download it first")
+        if not cached:
+            _resolve_on_hub(cfg)
+
+
+HUB_TIMEOUT_S = 10  # one question to the hub before any work: seconds, not transformers' minute of retries
+
+
+def _resolve_on_hub(cfg: ModelConfig) -> None:
+    """A model not in the local cache must exist on the hub and the hub must answer: one request, a short
+    timeout, a one-line error (the download itself happens when the job loads the model)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(cfg.id, revision=cfg.revision, token=hf_token(), timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ConfigError(f"model.id={cfg.id!r} is gated: accept its licence on the hub with the account of your "
+                          "HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"model.revision={cfg.revision!r} does not exist for model.id={cfg.id!r}") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"model.id={cfg.id!r} does not exist on the Hugging Face Hub (or is private: export "
+                          "HF_TOKEN=...); check the id") from None
+    except Exception as exc:  # no network, DNS, proxy, timeout: whatever the HTTP client raises
+        raise ConfigError(f"model.id={cfg.id!r} is not in the local hub cache and the hub cannot be reached "
+                          f"({type(exc).__name__}: {str(exc)[:120]}); connect, or download it where you can and "
+                          "copy the cache (HF_HUB_OFFLINE=1 then uses it)") from None
 
 
 def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, gguf_file: str | None = None, **hub):
@@ -367,3 +394,16 @@ def check_local(cfg: ModelConfig) -> None:
         check_gguf(path / cfg.gguf_file, "model.gguf_file")
     else:
         check_causal_lm(str(path), cfg)
+        check_folder(path)
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "*.tiktoken")
+
+
+def check_folder(path: Path) -> None:
+    """A model folder holds what loading needs: config.json (check_causal_lm read it), weights, a tokenizer."""
+    for what, patterns in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES)):
+        if not any(next(path.glob(p), None) for p in patterns):
+            raise ConfigError(f"model.path={str(path)!r} has no {what} ({', '.join(patterns)}); give a complete "
+                              "model folder (config.json, weights and tokenizer files, as save_pretrained writes)")

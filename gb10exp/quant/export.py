@@ -33,6 +33,7 @@ from gb10exp.quant import formats
 from gb10exp.quant.bytes import safetensors_header
 from gb10exp.quant.formats import Format
 from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
+from gb10exp.utils import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def check(cfg: Config) -> None:
     """Preflight, per job: refuse an export that cannot work, in one line, before any work."""
     if not cfg.export:
         return
+    if cfg.export_dir is not None:
+        check_writable(cfg.export_dir, "export_dir")
     fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
     if fmt.kind == "gguf":
         raise ConfigError(

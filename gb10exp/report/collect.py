@@ -105,12 +105,6 @@ class RunRow:
         return int(value) if self.calibrated and value not in NONE else None
 
     @property
-    def window_key(self) -> tuple:
-        """Runs with equal keys were evaluated on the same windows of the same model."""
-        model = sorted((k, v) for k, v in self.params.items() if k.startswith("model."))
-        return (tuple(model), tuple(self.params.get(k) for k in WINDOW_PARAMS))
-
-    @property
     def has_digests(self) -> bool:
         return all(self.tags.get(t) for t in PAIR_TAGS)
 

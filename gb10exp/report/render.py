@@ -222,7 +222,7 @@ def resolution_table(summaries: list[FormatSummary]) -> Block:
                 (
                     s.model,
                     s.qformat,
-                    str(s.row.run.calib_size),
+                    str(s.row.run.calib_size or "–"),
                     against,
                     judged_cell(c),
                     detectable_cell(c),
@@ -270,7 +270,7 @@ def verdict_table(summaries: list[FormatSummary]) -> Block:
         cells = (
             s.model,
             s.qformat,
-            str(r.run.calib_size),
+            str(r.run.calib_size or "–"),
             judged_cell(r.vs_bf16),
             verdict_cell(r.vs_bf16),
             judged_cell(r.vs_fp8),

@@ -80,10 +80,7 @@ class LlamaCppBackend:
             raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
         if self.gguf is not None:
             key = f"backend.options.gguf={str(self.gguf)!r}"
-            if tokenizer is not None:
-                self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
-            else:
-                self.served_model, self.model_check = self.gguf.stem, "not checked (speed only: eval.enabled=false)"
+            self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
         self.on_gpu = hardware.resolve("auto").type == "cuda" and self.n_gpu_layers != 0
         if self.on_gpu and not llama_cpp.llama_supports_gpu_offload() and not self.allow_cpu:
             raise ConfigError("backend=llamacpp: a CUDA GPU is present but this llama-cpp-python was built without "

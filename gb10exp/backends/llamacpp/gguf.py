@@ -165,11 +165,12 @@ def _model_key(cfg: ModelConfig) -> str:
     return f"{safe_name(cfg.name)}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
 
 
-def run_converter(folder: Path, out: Path, outtype: str = "f16") -> None:
-    """llama.cpp's convert_hf_to_gguf.py on a Hugging Face checkpoint folder, in a child process; one line
-    with its last error otherwise."""
+def run_converter(folder: Path, out: Path, outtype: str = "f16", script: Path | None = None) -> None:
+    """llama.cpp's convert_hf_to_gguf.py (``script``, default the installed one) on a Hugging Face checkpoint
+    folder, in a child process; one line with its last error otherwise."""
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # set at all, it skips its own gguf-py
-    got = subprocess.run([sys.executable, str(converter()), str(folder), "--outfile", str(out), "--outtype", outtype],
+    command = [sys.executable, str(script or converter()), str(folder), "--outfile", str(out), "--outtype", outtype]
+    got = subprocess.run(command,
                          capture_output=True, text=True, env=env)
     if got.returncode != 0 or not out.is_file():
         last = (got.stderr or got.stdout).strip().splitlines()[-1:] or ["no output"]

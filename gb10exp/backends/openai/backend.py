@@ -188,6 +188,8 @@ class OpenAIBackend:
         self.meta = next((m.get("meta") or {} for m in listed if m["id"] == self.model), {})
         if self.gguf is not None and not self.gguf.is_file():
             raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
+        if self.gguf is not None:  # a GGUF that parses (its bytes are the roofline's), whatever else is checked
+            same_model.check_gguf(self.gguf, None, f"backend.options.gguf={str(self.gguf)!r}")
         if tokenizer is None:
             self.model_check = "not checked: speed only (eval.enabled=false)"
         else:
