@@ -3,9 +3,10 @@ layer-by-layer calibration and disk offload, on the CPU.
 
     python benchmarks/layerwise_cpu.py            # writes benchmarks/results/layerwise_cpu.{json,log}
 
-Three fresh processes run the same job (qformat=nvfp4_wo: load, calibrate, perplexity + KL + top-1 on 1 window
+Fresh processes run the same job (qformat=nvfp4_wo: load, calibrate, perplexity + KL + top-1 on 1 window
 of 128 tokens, export): ordinary in memory; quant.layerwise=true in memory; quant.layerwise=true with
-quant.offload_dir. Each one's figures are the run's own MLflow metrics (peak resident memory per phase from
+quant.offload_dir; then qformat=fp8 (activations quantized too) ordinary and with quant.offload_dir. Each
+layerwise job's perplexity, KL and top-1 are compared with the ordinary job's of the same format (TOLERANCE). Each one's figures are the run's own MLflow metrics (peak resident memory per phase from
 the kernel's VmHWM, reset at each phase; wall seconds per phase; bytes kept on disk and read back). All three
 run with MALLOC_MMAP_THRESHOLD_=131072 (glibc returns freed large blocks at once), so the only difference is
 the mode. The memory-capped proof is tests/test_layerwise.py (RLIMIT_DATA below the model's size).
@@ -28,10 +29,21 @@ VARIANTS = {
     "ordinary": [],
     "layerwise_in_memory": ["quant.layerwise=true"],
     "layerwise_offload": ["quant.layerwise=true", "quant.offload_dir={tmp}/offload"],
+    # A format that quantizes activations too (FP8 weights and inputs): its input scales come from calibration
+    # data, so this pair checks that layer-by-layer calibration sees the same activations as a whole-model pass.
+    "fp8_ordinary": ["qformat=fp8"],
+    "fp8_layerwise_offload": ["qformat=fp8", "quant.layerwise=true", "quant.offload_dir={tmp}/offload"],
 }
+# Layerwise vs ordinary, same format: the accuracy metrics may differ by at most this much (absolute). With
+# max calibration and modelopt's default get_qdq_activations_from_prev_layer=False, every layer sees the
+# full-precision activations of a whole-model pass, so the expected difference is exactly 0.
+TOLERANCE = 0.0
+PAIRS = {"nvfp4_wo": ("ordinary", "layerwise_offload"), "nvfp4_wo_in_memory": ("ordinary", "layerwise_in_memory"),
+         "fp8": ("fp8_ordinary", "fp8_layerwise_offload")}
 KEYS = ("mem_rss_peak_gib", "mem_rss_peak_load_gib", "mem_rss_peak_quantize_gib", "mem_rss_peak_evaluate_gib",
         "mem_rss_peak_export_gib", "load_s", "quantize_s", "evaluate_s", "export_s", "total_s", "perplexity", "kl_mean",
-        "top1_agreement", "offload_gib", "offload_resident_gib", "offload_read_gib")
+        "top1_agreement", "offload_gib", "offload_resident_gib", "offload_read_gib", "offload_read_quantize_gib",
+        "offload_read_evaluate_gib", "offload_read_export_gib")
 
 
 def cpu_model() -> str:
@@ -46,14 +58,19 @@ def main() -> int:
 
     out = ROOT / "benchmarks" / "results"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    results: dict = {"command": "python benchmarks/layerwise_cpu.py", "commit": commit, "cpu": cpu_model(),
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
+    results: dict = {"command": "python benchmarks/layerwise_cpu.py", "commit": commit + ("-dirty" if dirty else ""), "cpu": cpu_model(),
                      "cores": os.cpu_count(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                     "job": JOB, "env": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "variants": {}}
+                     "job": JOB, "env": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+                     # the machine is shared: its load says how far the wall times are from an idle machine's
+                     "loadavg_start": os.getloadavg(), "variants": {}}
     log = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANTS.items():
             store = Path(tmp) / name
-            args = [*JOB, *(e.format(tmp=tmp) for e in extra), f"export_dir={store}/export",
+            keys = {e.split("=")[0] for e in extra}  # a variant's qformat replaces JOB's (Hydra refuses two)
+            args = [*(a for a in JOB if a.split("=")[0] not in keys), *(e.format(tmp=tmp) for e in extra), f"export_dir={store}/export",
                     f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_root={store}/artifacts",
                     f"hydra.sweep.dir={store}/outputs"]
             proc = subprocess.run([sys.executable, "-m", "gb10exp", *args], cwd=ROOT, capture_output=True, text=True,
@@ -68,14 +85,29 @@ def main() -> int:
             results["variants"][name] = {"overrides": extra, **{k: run.data.metrics[k] for k in KEYS
                                                                  if k in run.data.metrics}}
             print(name, json.dumps(results["variants"][name]), flush=True)
-    table = ["variant              peak RSS GiB (load / quantize / evaluate / export)    wall s   ppl"]
+    results["loadavg_end"] = os.getloadavg()
+    from gb10exp.models import EMBEDDED, embedded_cache
+
+    results["model_file_bytes"] = (embedded_cache(EMBEDDED) / "model.safetensors").stat().st_size  # float32
+    results["tolerance"] = TOLERANCE
+    results["comparisons"] = {}
+    for pair, (a, b) in PAIRS.items():
+        if a in results["variants"] and b in results["variants"]:
+            diff = {k: abs(results["variants"][a][k] - results["variants"][b][k])
+                    for k in ("perplexity", "kl_mean", "top1_agreement")}
+            results["comparisons"][pair] = {"ordinary": a, "layerwise": b, "abs_diff": diff,
+                                            "within_tolerance": max(diff.values()) <= TOLERANCE}
+    table = ["variant                peak RSS GiB (load / quantize / evaluate / export)    wall s   ppl"]
     for name, m in results["variants"].items():
-        table.append(f"{name:20s} {m['mem_rss_peak_gib']:.3f} ({m['mem_rss_peak_load_gib']:.3f} / "
+        table.append(f"{name:22s} {m['mem_rss_peak_gib']:.3f} ({m['mem_rss_peak_load_gib']:.3f} / "
                      f"{m['mem_rss_peak_quantize_gib']:.3f} / {m['mem_rss_peak_evaluate_gib']:.3f} / "
                      f"{m['mem_rss_peak_export_gib']:.3f})   {m['total_s']:.0f}   {m['perplexity']:.4f}")
+    table += [f"{pair}: |ordinary - layerwise| {c['abs_diff']} within tolerance {TOLERANCE}: {c['within_tolerance']}"
+              for pair, c in results["comparisons"].items()]
     (out / "layerwise_cpu.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "layerwise_cpu.log").write_text("\n".join([*(f"{k}: {results[k]}" for k in ("command", "commit", "cpu",
-                                                                                     "cores", "date", "job", "env")),
+                                                                                     "cores", "date", "loadavg_start",
+                                                                                     "loadavg_end", "job", "env")),
                                                       "", *log, "", *table]) + "\n")
     print("\n".join(table))
     return 0 if len(results["variants"]) == len(VARIANTS) else 1

@@ -98,14 +98,18 @@ class Job:
     def timed(self, key: str, memory: bool = True) -> Iterator[None]:
         """Time the block into metric ``key`` (seconds); with ``memory``, also its peak resident memory
         (``mem_rss_peak_<phase>_gib``, on a GPU ``mem_gpu_peak_<phase>_gib``) and the job's peak so far
-        (``mem_rss_peak_gib``, ``mem_gpu_peak_gib``). Phases must not nest: each starts a new peak."""
+        (``mem_rss_peak_gib``, ``mem_gpu_peak_gib``) and, with ``quant.offload_dir``, the bytes it read back from
+        the offload folder (``offload_read_<phase>_gib``). Phases must not nest: each starts a new peak."""
         if memory:
             hardware.reset_peak_memory(self.device)
+        read = self.reads.bytes if self.reads else 0
         start = time.perf_counter()
         yield
         self.metrics[key] = time.perf_counter() - start
         if memory:
             phase = key.removesuffix("_s")
+            if self.reads:
+                self.metrics[f"offload_read_{phase}_gib"] = (self.reads.bytes - read) / 2**30
             for kind, peak in hardware.peak_memory(self.device).items():
                 self.metrics[f"mem_{kind}_peak_{phase}_gib"] = peak / 2**30
                 self.metrics[f"mem_{kind}_peak_gib"] = max(self.metrics.get(f"mem_{kind}_peak_gib", 0.0), peak / 2**30)

@@ -24,6 +24,7 @@ from gb10exp.config import Config, ConfigError, QFormatConfig
 from gb10exp.quant import formats
 from gb10exp.quant.auto import search
 from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
+from gb10exp.utils import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def check_layerwise(cfg: Config, fmt: formats.Format) -> None:
         raise ConfigError(f"quant.offload_dir={q.offload_dir!r} is not allowed with backend={cfg.backend.name}: the "
                           "engine would load the whole model (and its unquantized reference) into memory; use "
                           "backend=hf with export=true, then serve the checkpoint")
+    check_writable(q.offload_dir, "quant.offload_dir")
     if cfg.bench.enabled and cfg.bench.measure_fake_quant:
         raise ConfigError("bench.measure_fake_quant=true is not allowed with quant.offload_dir: it would time reading "
                           "every layer from disk at each token; set bench.measure_fake_quant=false")
