@@ -188,6 +188,25 @@ class BackendConfig:
 
 
 @dataclass
+class QuantConfig:
+    """How modelopt calibrates, whatever the format: for models larger than memory (docs/large_models.md)."""
+
+    # Calibrate one decoder layer at a time (modelopt's layerwise calibration). With max calibration the result
+    # is bit-identical to calibrating the whole model at once; it re-runs the calibration data once per layer.
+    layerwise: bool = False
+    # With layerwise=true: keep the decoder layers' weights on disk in this folder (accelerate's per-tensor
+    # .dat files, written once per model and dtype), loading one module's weights at a time; the embedding,
+    # final norm and lm_head stay in memory. null: the whole model in memory.
+    offload_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.offload_dir is not None:
+            _require(self.layerwise and bool(self.offload_dir.strip()), "quant.offload_dir", self.offload_dir,
+                     "a folder, together with quant.layerwise=true (ordinary calibration would pull every "
+                     "offloaded weight back into memory)")
+
+
+@dataclass
 class TrackingConfig:
     uri: str = MISSING  # sqlite:///... (default), http://host:5000, postgresql://...
     experiment: str = MISSING
@@ -210,6 +229,7 @@ class Config:
     backend: BackendConfig = MISSING
     tracking: TrackingConfig = MISSING
     bench: BenchConfig = field(default_factory=BenchConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     calib_size: int = 128  # calibration samples of calib.seq_len tokens
     kv_cache_qformat: str = "none"  # KV-cache quantization; off so that it never confounds a comparison
     seed: int = 0  # picks the calibration samples (the same for every format)

@@ -13,6 +13,7 @@ where the table knows the device, is recorded beside it, never instead of it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import statistics
@@ -155,6 +156,33 @@ def memory_gib() -> float:
     except OSError:
         pass
     return 0.0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the kernel's resident high-water mark (VmHWM; writing 5 to /proc/self/clear_refs,
+    Linux 4.0+) and, on a GPU, the CUDA allocator's. Where the reset is not allowed, peaks stay process-wide."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak bytes since the last ``reset_peak_memory``: ``rss`` (resident memory of this process, from VmHWM)
+    and, on a GPU, ``gpu`` (what PyTorch's allocator held; on a GB10 that is the same memory pool as ``rss``)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB; process-wide fallback
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    out = {"rss": rss}
+    if device.type == "cuda":
+        out["gpu"] = float(torch.cuda.max_memory_allocated(device))
+    return out
 
 
 def describe(device: torch.device) -> str:

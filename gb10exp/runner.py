@@ -31,7 +31,8 @@ from gb10exp.evaluate.engine import engine_accuracy
 from gb10exp.evaluate.tasks import run_tasks
 from gb10exp.isolation import restored_globals
 from gb10exp.models import load_model, load_tokenizer, resolve_dtype
-from gb10exp.quant import auto, export, formats
+from gb10exp.models.offload import Offloaded, ReadCounter, load_offloaded
+from gb10exp.quant import Unquantized, auto, export, formats
 from gb10exp.quant import bytes as qbytes
 from gb10exp.quant import cache as quant_cache
 from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
@@ -75,6 +76,8 @@ class Job:
     cached: AccuracyResult | None = None  # this exact evaluation, from the eval cache
     eval_entry: Path | None = None  # its folder in the eval cache (None with cache=false)
     deployed: qbytes.Tensors | None = None  # the format's deployed tensors (the byte rule's input)
+    offload: Offloaded | None = None  # quant.offload_dir: what stays on disk
+    reads: ReadCounter | None = None  # bytes read back from the offload folder
 
     @property
     def speed_only(self) -> bool:
@@ -92,11 +95,24 @@ class Job:
         return f"{cfg.model.name}-{cfg.qformat.name}{kv}{calib}-{cfg.backend.name}"
 
     @contextlib.contextmanager
-    def timed(self, key: str) -> Iterator[None]:
-        """Time the block into metric ``key`` (seconds)."""
+    def timed(self, key: str, memory: bool = True) -> Iterator[None]:
+        """Time the block into metric ``key`` (seconds); with ``memory``, also its peak resident memory
+        (``mem_rss_peak_<phase>_gib``, on a GPU ``mem_gpu_peak_<phase>_gib``) and the job's peak so far
+        (``mem_rss_peak_gib``, ``mem_gpu_peak_gib``) and, with ``quant.offload_dir``, the bytes it read back from
+        the offload folder (``offload_read_<phase>_gib``). Phases must not nest: each starts a new peak."""
+        if memory:
+            hardware.reset_peak_memory(self.device)
+        read = self.reads.bytes if self.reads else 0
         start = time.perf_counter()
         yield
         self.metrics[key] = time.perf_counter() - start
+        if memory:
+            phase = key.removesuffix("_s")
+            if self.reads:
+                self.metrics[f"offload_read_{phase}_gib"] = (self.reads.bytes - read) / 2**30
+            for kind, peak in hardware.peak_memory(self.device).items():
+                self.metrics[f"mem_{kind}_peak_{phase}_gib"] = peak / 2**30
+                self.metrics[f"mem_{kind}_peak_gib"] = max(self.metrics.get(f"mem_{kind}_peak_gib", 0.0), peak / 2**30)
 
     def run_tags(self, sweep_tags: dict[str, str]) -> dict[str, str]:
         cfg, arch = self.cfg, hardware.arch(self.device)
@@ -156,7 +172,7 @@ def run(cfg: Config, resolved: dict, overrides: list[str], sweep_tags: dict[str,
         return skipped
     with job.recorder.run(job.name, resolved, overrides, job.run_tags(sweep_tags)) as rec, oom_hint(), cpu_nvfp4():
         rec.log_inputs(dataset_inputs(cfg, job.identity.tags, job.calib, job.windows))
-        with job.timed("total_s"):
+        with job.timed("total_s", memory=False):
             model = load(job)
             model = quantize(job, model, rec)
             accuracy = evaluate(job, model)
@@ -186,7 +202,12 @@ def load(job: Job) -> torch.nn.Module | None:
     if job.speed_only:
         return None
     with job.timed("load_s"):
-        model = load_model(job.cfg.model, job.device, job.dtype)
+        if job.cfg.quant.offload_dir:
+            model, job.offload = load_offloaded(job.cfg.model, job.device, job.dtype, job.cfg.quant.offload_dir)
+            job.reads = ReadCounter(model)
+            job.recorder.set_tags({"offload.folder": str(job.offload.folder), "offload.layers": job.offload.layers})
+        else:
+            model = load_model(job.cfg.model, job.device, job.dtype)
         export.check_model(model, job.cfg)  # an export that cannot work fails before quantization
     return model
 
@@ -200,10 +221,13 @@ def quantize(job: Job, model: torch.nn.Module | None, rec: Recorder) -> torch.nn
     job.eval_entry = eval_cache.entry(cfg, job.calib, job.windows, job.device, job.dtype)
     job.cached = eval_cache.load(job.eval_entry)
     if job.fmt.modelopt and cfg.eval.compare_baseline and not job.cached:
-        job.baseline = copy.deepcopy(model)
+        # An offloaded model has no room for a copy: the same model with its quantizers off is the reference
+        # (exact for the scale-only algorithms quant.layerwise allows).
+        job.baseline = Unquantized(model) if job.offload else copy.deepcopy(model)
     job.model_key = quant_cache.quant_key(cfg, job.calib, job.device, job.dtype)
     with job.timed("quantize_s"):
-        model, state = quant_cache.quantize_cached(model, cfg, job.calib, job.device, job.dtype)
+        model, state = quant_cache.quantize_cached(model, cfg, job.calib, job.device, job.dtype,
+                                                   offloaded=job.offload is not None)
     rec.set_tags({"quant_cache": state, "eval_cache": eval_cache.state(job.eval_entry, job.cached)})
     job.deployed = qbytes.from_module(model, job.fmt, kv_cache_qformat=cfg.kv_cache_qformat)
     return model
@@ -263,6 +287,10 @@ def engine(job: Job, model: torch.nn.Module | None, accuracy: AccuracyResult | N
 
 def record(job: Job, rec: Recorder) -> dict[str, Any]:
     """The run's metrics, its one-line description and results.json."""
+    if job.offload is not None:
+        job.metrics |= {"offload_gib": job.offload.disk_bytes / 2**30,
+                        "offload_resident_gib": job.offload.resident_bytes / 2**30,
+                        "offload_read_gib": job.reads.bytes / 2**30}
     rec.log_metrics(job.metrics)
     if not job.speed_only:
         rec.set_tags({"mlflow.note.content": run_note(job.cfg, job.metrics, job.tags)})

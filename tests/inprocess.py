@@ -82,5 +82,7 @@ def all_runs(store: Path) -> list:
 
 
 def accuracy(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics a rerun must reproduce exactly (timers and speeds excluded)."""
-    return {k: v for k, v in metrics.items() if not k.endswith("_s") and "per_s" not in k}
+    """The metrics a rerun must reproduce exactly (timers, speeds, peak memory and offload reads excluded:
+    they measure the process and the machine, not the model)."""
+    return {k: v for k, v in metrics.items()
+            if not k.endswith("_s") and "per_s" not in k and not k.startswith(("mem_", "offload_read"))}

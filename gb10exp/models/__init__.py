@@ -220,13 +220,18 @@ def _load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def embedded_cache(cfg: ModelConfig) -> Path:
+    """The folder where the embedded model's float32 safetensors are cached (written by its first load)."""
+    return cache_dir("models") / _gguf_key(embedded_file(cfg))
+
+
 def _load_embedded(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
     # Dequantizing the GGUF file takes ~11 s on 2 cores; the float32 result is cached as safetensors
     # (540 MB) so that every later run loads in about a second.
     from safetensors.torch import save_model
 
     gguf = embedded_file(cfg)
-    cached = cache_dir("models") / _gguf_key(gguf)
+    cached = embedded_cache(cfg)
     if not (cached / "model.safetensors").is_file():
         log.info("dequantizing %s once (cached in %s)", gguf.name, cached)
         model = _from_pretrained(str(gguf.parent), cfg, torch.float32, gguf_file=gguf.name)

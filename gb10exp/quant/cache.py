@@ -98,18 +98,25 @@ def quant_key(cfg: Config, calib: torch.Tensor, device: torch.device, dtype: tor
 
 
 def quantize_cached(
-    model: torch.nn.Module, cfg: Config, calib: torch.Tensor, device: torch.device, dtype: torch.dtype
+    model: torch.nn.Module, cfg: Config, calib: torch.Tensor, device: torch.device, dtype: torch.dtype,
+    offloaded: bool = False,
 ) -> tuple[torch.nn.Module, str]:
-    """``quantize`` through the cache: (model, "hit" | "miss" | "off" | "none" when nothing is quantized)."""
+    """``quantize`` through the cache: (model, "hit" | "miss" | "off..." | "none" when nothing is quantized).
+
+    ``quant.layerwise`` is not in the key: with the scale-only algorithms it allows, the result is bit-identical
+    (docs/large_models.md), so an in-memory layerwise job and an ordinary one share entries. An ``offloaded``
+    model bypasses the cache: ``mto.save`` would store its on-disk weights as meta tensors."""
     if not formats.of(cfg.qformat, cfg.kv_cache_qformat).modelopt:
         return model, "none"
     loop = calibration_loop(calib, cfg.calib.batch_size, device)
-    if not cfg.cache:
-        return quantize(model, cfg.qformat, loop, cfg.kv_cache_qformat), "off"
+    run = lambda m: quantize(m, cfg.qformat, loop, cfg.kv_cache_qformat, cfg.quant.layerwise, offloaded,  # noqa: E731
+                             device)
+    if not cfg.cache or offloaded:
+        return run(model), "off" if not cfg.cache else "off: quant.offload_dir (weights on disk are not cached)"
     entry = cache_dir("quantized") / quant_key(cfg, calib, device, dtype)
     if (entry / STATE_FILE).is_file():
         return _restore(model, entry, device), "hit"
-    model = quantize(model, cfg.qformat, loop, cfg.kv_cache_qformat)
+    model = run(model)
     _save(model, entry, cfg)
     return model, "miss"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,18 +152,9 @@ def _downcast_unquantized(folder: Path, dtype: torch.dtype) -> None:
 
     Only a float32 model (the CPU) needs it; it is done on the files because the export itself runs the
     model, which must stay in one dtype until then. Scales keep float32: they were calibrated in it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     name = str(dtype).removeprefix("torch.")
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-        for key, t in tensors.items():
-            if t.dtype == torch.float32 and not key.endswith(SCALE_SUFFIXES):
-                tensors[key] = t.to(dtype)
-        save_file(tensors, str(file), metadata=metadata)
+        _downcast_file(file, dtype)
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # its total_size must match the rewritten shards
         data = json.loads(index.read_text())
@@ -177,6 +169,55 @@ def _downcast_unquantized(folder: Path, dtype: torch.dtype) -> None:
     data = json.loads(config.read_text())
     data["dtype"] = name
     config.write_text(json.dumps(data, indent=2))
+
+
+def offloaded(model: torch.nn.Module) -> bool:
+    """Some of the model's modules keep their weights on disk (``quant.offload_dir``: accelerate hooks)."""
+    return "disk" in getattr(model, "hf_device_map", {}).values()
+
+
+def _shard_size(model: torch.nn.Module) -> str:
+    """modelopt's streaming export (what it does for an offloaded model) buffers a whole shard before writing
+    it: shards of two decoder layers (100 MB at least) keep that buffer near the one layer it materializes."""
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    layers = LayerActivationCollector.get_decoder_layers(model)
+    layer = sum(p.numel() * p.element_size() for p in layers[0].parameters()) if layers else 0
+    return f"{max(2 * layer, 100 * 10**6) // 10**6}MB"
+
+
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _downcast_file(file: Path, dtype: torch.dtype) -> None:
+    """``_downcast_unquantized`` for one file, one tensor in memory at a time (a shard of a model larger than
+    memory must not be loaded whole): the safetensors layout (8-byte header length, JSON header, data) is
+    written directly, tensors in their original order, then the file is replaced."""
+    from safetensors import safe_open
+
+    header = safetensors_header(file)
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    down = {k for k in keys if header[k]["dtype"] == "F32" and not k.endswith(SCALE_SUFFIXES)}
+    table: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key in keys:
+        start, end = header[key]["data_offsets"]
+        size = (end - start) // 4 * dtype.itemsize if key in down else end - start
+        table[key] = {"dtype": SAFETENSORS_DTYPES[dtype] if key in down else header[key]["dtype"],
+                      "shape": header[key]["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(table, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "wb") as out, safe_open(str(file), "pt", backend="pread") as f:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        for key in keys:
+            tensor = f.get_tensor(key)
+            tensor = tensor.to(dtype) if key in down else tensor
+            out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, file)
 
 
 def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quantized: bool) -> Checkpoint:
@@ -196,8 +237,9 @@ def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quant
     if quantized:
         from modelopt.torch.export import export_hf_checkpoint
 
+        shards = {"max_shard_size": _shard_size(model)} if offloaded(model) else {}
         with cpu_nvfp4():  # NVFP4 on the CPU: modelopt's own numerics through the project's adapter
-            export_hf_checkpoint(model, dtype=dtype, export_dir=str(folder))
+            export_hf_checkpoint(model, dtype=dtype, export_dir=str(folder), **shards)
         method = "modelopt export_hf_checkpoint"
     else:
         model.save_pretrained(str(folder))
@@ -235,7 +277,8 @@ def serve_commands(ckpt: Checkpoint, overrides: list[str], port: int = 8000) -> 
     vllm = f"vllm serve {folder} --port {port}"
     if ckpt.quant_algo in VLLM_QUANTIZATION:
         vllm += f" --quantization {VLLM_QUANTIZATION[ckpt.quant_algo]}"
-    dropped = ("backend", "export", "export_dir", "tracking.run_name", "+experiment", "audit")
+    dropped = ("backend", "export", "export_dir", "tracking.run_name", "+experiment", "audit", "quant.layerwise",
+               "quant.offload_dir")
     keep = [
         o
         for o in overrides

@@ -233,14 +233,15 @@ def _layer_algo(weight: dict | list[dict] | None, inputs: dict | None, method: s
     return None  # e.g. MXFP6's E3M2: modelopt's export raises on it
 
 
-def _algorithm(modelopt_cfg: dict) -> str | None:
+def algorithm(modelopt_cfg: dict) -> str | None:
+    """The calibration algorithm's name (max, awq_lite, mse...; None: no calibration)."""
     algorithm = modelopt_cfg.get("algorithm", "max")
     return algorithm.get("method") if isinstance(algorithm, dict) else algorithm
 
 
 def _modelopt_facts(modelopt_cfg: dict) -> dict[str, Any]:
     quantizers = _quantizers(modelopt_cfg)
-    method = _algorithm(modelopt_cfg)
+    method = algorithm(modelopt_cfg)
     layers = {m: _layer_algo(quantizers[f"{m}.weight_quantizer"], quantizers[f"{m}.input_quantizer"], method)
               for m in LINEARS}
     algos = sorted({a for a in layers.values() if a is not None})
