@@ -96,7 +96,7 @@ report: $(VENV)/.core  ## report + verdict of the latest experiment; ARGS="--exp
 	$(PY) -m gb10exp.report $(ARGS)
 
 ui: $(VENV)/.core  ## MLflow UI on http://127.0.0.1:5000, printing the link to the latest experiment's runs table
-	$(PY) -m gb10exp.tracking.ui --store sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+	$(VENV)/bin/gb10exp-ui --store sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 trtllm-env:  ## inside NVIDIA's TensorRT-LLM container: install gb10exp, keeping its torch/modelopt/tensorrt_llm
 	python3 -m gb10exp.backends.trtllm.install $(ARGS)
