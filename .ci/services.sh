@@ -67,7 +67,8 @@ export GB10EXP_TEST_RAY_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
 export GB10EXP_TEST_RAY_TOKEN_PATH="$GB10EXP_SERVICES_DIR/ray/auth_token"
 
 [ "$(id -u)" = 0 ] && chown postgres "$GB10EXP_SERVICES_DIR/pg"
-as_pg "$PG_BIN/initdb" -D "$GB10EXP_SERVICES_DIR/pg/data" -U postgres -A trust >/dev/null
+as_pg "$PG_BIN/initdb" -D "$GB10EXP_SERVICES_DIR/pg/data" -U postgres -A trust >/dev/null \
+    || { echo "services: initdb failed in $GB10EXP_SERVICES_DIR/pg/data"; exit 1; }
 as_pg "$PG_BIN/pg_ctl" -D "$GB10EXP_SERVICES_DIR/pg/data" -l "$GB10EXP_SERVICES_DIR/pg/log" -w start \
     -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $GB10EXP_SERVICES_DIR/pg" >/dev/null \
     || { echo "services: PostgreSQL did not start:"; tail -5 "$GB10EXP_SERVICES_DIR/pg/log"; exit 1; }  # errexit is off under `source ... &&`
@@ -75,7 +76,8 @@ as_pg "$PG_BIN/pg_ctl" -D "$GB10EXP_SERVICES_DIR/pg/data" -l "$GB10EXP_SERVICES_
 # its users and permissions (apart, so that the open server shows none of the authenticated runs).
 as_pg "$PG_BIN/psql" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE USER mlflow PASSWORD '$PG_PASSWORD'" \
     -c "CREATE DATABASE mlflow OWNER mlflow" -c "CREATE DATABASE mlflow_auth_runs OWNER mlflow" \
-    -c "CREATE DATABASE mlflow_auth_users OWNER mlflow"
+    -c "CREATE DATABASE mlflow_auth_users OWNER mlflow" \
+    || { echo "services: could not create MLflow's databases on 127.0.0.1:$PG_PORT"; exit 1; }
 pg_base="postgresql+psycopg2://mlflow:$PG_PASSWORD@127.0.0.1:$PG_PORT"
 export GB10EXP_TEST_PG_URI="$pg_base/mlflow"
 export GB10EXP_TEST_PG_LOGIN_RUNS_URI="$pg_base/mlflow_auth_runs"
