@@ -30,21 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gb10exp.config import QFormatConfig  # noqa: E402
 from gb10exp.quant import bytes as weight_bytes  # noqa: E402
 from gb10exp.quant import calibration_loop, formats, quantize  # noqa: E402
 from gb10exp.quant.bytes import safetensors_header  # noqa: E402
 from gb10exp.quant.export import write_checkpoint  # noqa: E402
+from gb10exp.quant.nvfp4_cpu import cpu_nvfp4  # noqa: E402
 
-FORMATS = {
-    "nvfp4": QFormatConfig(
-        name="nvfp4", modelopt_cfg="NVFP4_DEFAULT_CFG", weight_bits=4.5, quant_algo="NVFP4"
-    ),
-    "fp8": QFormatConfig(name="fp8", modelopt_cfg="FP8_DEFAULT_CFG", weight_bits=8, quant_algo="FP8"),
-    "int4_awq": QFormatConfig(
-        name="int4_awq", modelopt_cfg="INT4_AWQ_CFG", weight_bits=4.125, quant_algo="W4A16_AWQ"
-    ),
-}
+FORMATS = {name: formats.load_qformat(name) for name in ("nvfp4", "fp8", "int4_awq")}  # conf/qformat/
 SMALL = dict(
     hidden_size=1024,
     intermediate_size=2816,
@@ -85,6 +77,7 @@ def check_one(name: str, arch: dict, device: torch.device, out: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     qformat = FORMATS[name]
+    fmt = formats.of(qformat)  # quant_algo and bits, derived from the modelopt config
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = LlamaForCausalLM(LlamaConfig(**arch)).to(device=device, dtype=dtype).eval()  # architectures None
@@ -92,7 +85,7 @@ def check_one(name: str, arch: dict, device: torch.device, out: Path) -> dict:
     t0 = time.perf_counter()
     model = quantize(model, qformat, calibration_loop(calib, 4, device))
     quantize_s = time.perf_counter() - t0
-    expected_bytes = weight_bytes.from_module(model, formats.of(qformat)).weight_bytes
+    expected_bytes = weight_bytes.from_module(model, fmt).weight_bytes
     layer = dict(model.named_modules())[LAYER]
     with torch.no_grad():
         simulated = layer.weight_quantizer(layer.weight).float().cpu()
@@ -101,10 +94,10 @@ def check_one(name: str, arch: dict, device: torch.device, out: Path) -> dict:
     ckpt = write_checkpoint(model, None, out / name, quantized=True)
     export_s = time.perf_counter() - t0
 
-    checks: dict[str, bool] = {"quant_algo": ckpt.quant_algo == qformat.quant_algo}
+    checks: dict[str, bool] = {"quant_algo": ckpt.quant_algo == fmt.quant_algo}
     header = safetensors_header(out / name / "model.safetensors")
     for suffix, (want_dtype, want_shape) in expected_tensors(
-        qformat.quant_algo, arch["hidden_size"], arch["intermediate_size"]
+        fmt.quant_algo, arch["hidden_size"], arch["intermediate_size"]
     ).items():
         info = header.get(f"{LAYER}.{suffix}")
         checks[f"{suffix}"] = (
@@ -136,7 +129,7 @@ def check_one(name: str, arch: dict, device: torch.device, out: Path) -> dict:
             if k.startswith(LAYER + ".")
         },
     }
-    if qformat.quant_algo == "NVFP4":
+    if fmt.quant_algo == "NVFP4":
         from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
         from safetensors.torch import load_file
 
@@ -192,7 +185,8 @@ def main() -> int:
     checkpoints = Path(tempfile.mkdtemp(prefix="export_check-"))
     for name in args.formats.split(","):
         try:
-            results.append(check_one(name, arch, device, checkpoints))
+            with cpu_nvfp4():  # modelopt's NVFP4 ops on CPU tensors (the runner wraps every job alike)
+                results.append(check_one(name, arch, device, checkpoints))
         except Exception as exc:  # one format failing must not hide the others
             log.exception("%s failed", name)
             results.append({"format": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"})

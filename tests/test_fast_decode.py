@@ -61,8 +61,13 @@ PROMPT = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
-    """Each test its own $GB10EXP_CACHE: a PDL decision one test's trial stores must not decide another's."""
+    """Each test its own $GB10EXP_CACHE: a PDL decision one test's trial stores must not decide another's.
+    The compile cache folders a compiled decoder exports (fast.use_compile_cache) are removed for the test
+    and restored after it: left set by an earlier test, they would read as a folder the user chose."""
     monkeypatch.setenv("GB10EXP_CACHE", str(tmp_path / "cache"))
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "")  # remembers the value before the test, restored at its end
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
