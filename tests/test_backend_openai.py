@@ -142,20 +142,24 @@ def test_benchmark_prompts_share_no_prefix_with_scored_windows_or_each_other(ser
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_openai_streaming_run_against_a_real_server(tmp_path, server, f16_gguf):
-    # eval.protocol=windows: every window starts with BOS (SmolLM2's <|im_start|>, id 1), which
-    # llama-cpp-python's server drops before pairing tokens with positions: its echo log-probabilities are
-    # then in place (next test: without BOS they are one position late).
+    # eval.protocol=rolling: its first window starts with BOS (SmolLM2's <|im_start|>, id 1; the tokenizer adds
+    # none, so eval.protocol=windows and llamacpp have no BOS here), which llama-cpp-python's server drops before
+    # pairing tokens with positions: its echo log-probabilities are then in place (next test: without BOS
+    # they are one position late). bench.engine_ppl_windows=1 scores that window only.
     out = run_gb10exp("backend=openai", f"backend.options.base_url={server}", f"backend.options.gguf={f16_gguf}",
-                      "qformat=bf16", "eval.protocol=windows", *SMALL, store=tmp_path)
+                      "qformat=bf16", "eval.protocol=rolling", *SMALL, store=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path)
     m, tags = runs[0].data.metrics, runs[0].data.tags
     assert m["ttft_s"] > 0 and m["decode_tokens_per_s"] > 0 and 0 < m["roofline_fraction"] <= 1
     assert tags["roofline.bytes_source"] == "the GGUF file"
-    # The server's own kernels scored a window of the same F16 weights PyTorch ran: F16 activations and KV
-    # cache (2^-11 per value) keep them within 0.5%; a position slip or garbage kernels are off by far more.
+    # The server's own kernels scored a window of the same F16 weights PyTorch ran. It never returns the first
+    # token's log-probability after the BOS it drops, so the engine's mean covers 126 of the 127 targets
+    # PyTorch's does: one token's share of the mean (its loss minus the mean, over 127: a few percent)
+    # separates them, within the check's 10%. A position slip or garbage kernels are off by x1000 (the
+    # previous run of this test without BOS: 20,777 against 26).
     assert tags["engine_ppl_check"].startswith("ok"), tags["engine_ppl_check"]
-    assert m["engine_ppl_ratio"] == pytest.approx(1, abs=0.005) and m["engine_ppl_windows"] == 1
+    assert m["engine_ppl_ratio"] == pytest.approx(1, abs=0.1) and m["engine_ppl_windows"] == 1
 
 
 @pytest.mark.slow

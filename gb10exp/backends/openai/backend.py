@@ -269,7 +269,10 @@ class OpenAIBackend:
             generated = usage.get("completion_tokens", 1)
             # Token prompts: the ids sent. Text prompts: the server's own count of its tokens.
             count = len(prompt) if isinstance(prompt, list) else usage.get("prompt_tokens")
-            values = prompt_logprobs(choices[0], count, len(prompt) if isinstance(prompt, str) else None, generated)
+            # The prompt's characters as echoed: a leading special token (BOS) has no echoed text on llama.cpp's
+            # servers, so counting its characters would take the generated token for a prompt token.
+            chars = len(self.tokenizer.decode(window, skip_special_tokens=True)) if isinstance(prompt, str) else None
+            values = prompt_logprobs(choices[0], count, chars, generated)
             values = values[-(len(window) - s) :] if s > 1 else values  # the scored tail, counted from the end
             out.append((-sum(values), len(values)))
         return out
