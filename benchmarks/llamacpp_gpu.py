@@ -327,25 +327,16 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
 
 
+def llama_bench(bin_dir: Path, path: Path, n_prompt: int, n_gen: int, reps: int) -> list[str]:
+    """llama-bench on one GGUF, every layer on the GPU: the command both the timing and the profile run."""
+    return [str(bin_dir / "llama-bench"), "-m", str(path), "-ngl", "99", "-p", str(n_prompt), "-n", str(n_gen),
+            "-r", str(reps)]
+
+
 def bench(bin_dir: Path, path: Path, args, timeout: float, work: Path) -> dict:
     """llama-bench on one GGUF: pp and tg tokens/s (every repetition), and the load log lines that say what
     llama.cpp used."""
-    command = [
-        str(bin_dir / "llama-bench"),
-        "-m",
-        str(path),
-        "-ngl",
-        "99",
-        "-p",
-        str(args.n_prompt),
-        "-n",
-        str(args.n_gen),
-        "-r",
-        str(args.reps),
-        "-o",
-        "json",
-        "-v",
-    ]
+    command = [*llama_bench(bin_dir, path, args.n_prompt, args.n_gen, args.reps), "-o", "json", "-v"]
     got = shell(command, timeout=timeout)
     (work / f"bench_{path.stem}.log").write_text(got.stderr)
     if got.returncode != 0:
@@ -396,17 +387,7 @@ def nsys_kernels(bin_dir: Path, path: Path, nsys: str, work: Path, timeout: floa
             str(report),
             "--force-overwrite",
             "true",
-            str(bin_dir / "llama-bench"),
-            "-m",
-            str(path),
-            "-ngl",
-            "99",
-            "-p",
-            "512",
-            "-n",
-            "32",
-            "-r",
-            "1",
+            *llama_bench(bin_dir, path, 512, 32, 1),
         ],
         timeout=timeout,
     )
