@@ -201,6 +201,17 @@ def test_ray_token_file_is_a_secret_and_its_path_is_not(tmp_path, monkeypatch):
     assert redact(f"{token} ray-default-{token[:20]}") == f"{token} ***"
 
 
+def _start_sweep(services, driver_env, workdir, prefix: str, windows: str):
+    """A 3-job sweep (bf16, fp8, int4) on the two-node cluster, started in the background: (experiment, its
+    command, the driver process)."""
+    _two_nodes(services)
+    experiment = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    command = _sweep_args(services, experiment, "qformat=bf16,fp8,int4", windows)
+    proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **driver_env})
+    return experiment, command, proc
+
+
 def _wait_for_running(client, experiment: str, proc: subprocess.Popen, enough) -> list:
     """Poll the sweep's RUNNING runs until ``enough(runs)`` holds (the sweep must still be running)."""
     deadline = time.time() + 600
@@ -214,11 +225,7 @@ def _wait_for_running(client, experiment: str, proc: subprocess.Popen, enough) -
 
 @pytest.mark.server
 def test_sigterm_in_the_driver_stops_every_job_and_marks_its_run_killed(services, client, driver_env, workdir):
-    _two_nodes(services)
-    experiment = f"ray-term-{uuid.uuid4().hex[:8]}"
-    command = _sweep_args(services, experiment, "qformat=bf16,fp8,int4", "eval.num_windows=64")
-    proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **driver_env})
+    experiment, _, proc = _start_sweep(services, driver_env, workdir, "ray-term", "eval.num_windows=64")
     _wait_for_running(client, experiment, proc, lambda running: len(running) == 2)  # one job per node
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
@@ -231,12 +238,8 @@ def test_sigterm_in_the_driver_stops_every_job_and_marks_its_run_killed(services
 
 @pytest.mark.server
 def test_lost_node_fails_its_job_only_and_a_rerun_finishes_the_sweep(services, client, driver_env, workdir):
-    _two_nodes(services)
-    experiment = f"ray-lost-{uuid.uuid4().hex[:8]}"
     # 32 windows: the job on the node has a few seconds of evaluation in which to lose its node.
-    command = _sweep_args(services, experiment, "qformat=bf16,fp8,int4", "eval.num_windows=32")
-    proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **driver_env})
+    experiment, command, proc = _start_sweep(services, driver_env, workdir, "ray-lost", "eval.num_windows=32")
     running = _wait_for_running(client, experiment, proc,
                                 lambda running: any(r.data.tags.get("ray.node_ip") == WORKER_IP for r in running))
     victim = next(r for r in running if r.data.tags.get("ray.node_ip") == WORKER_IP)
