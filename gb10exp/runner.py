@@ -218,15 +218,16 @@ def quantize(job: Job, model: torch.nn.Module | None, rec: Recorder) -> torch.nn
     if model is None:
         return None
     cfg = job.cfg
-    job.eval_entry = eval_cache.entry(cfg, job.calib, job.windows, job.device, job.dtype)
+    # The quantized model's key, computed once: the quant cache, the eval cache and the engines' builds use it.
+    job.model_key = quant_cache.quant_key(cfg, job.calib, job.device, job.dtype)
+    job.eval_entry = eval_cache.entry(cfg, job.model_key, job.windows)
     job.cached = eval_cache.load(job.eval_entry)
     if job.fmt.modelopt and cfg.eval.compare_baseline and not job.cached:
         # An offloaded model has no room for a copy: the same model with its quantizers off is the reference
         # (exact for the scale-only algorithms quant.layerwise allows).
         job.baseline = Unquantized(model) if job.offload else copy.deepcopy(model)
-    job.model_key = quant_cache.quant_key(cfg, job.calib, job.device, job.dtype)
     with job.timed("quantize_s"):
-        model, state = quant_cache.quantize_cached(model, cfg, job.calib, job.device, job.dtype,
+        model, state = quant_cache.quantize_cached(model, cfg, job.calib, job.device, job.model_key,
                                                    offloaded=job.offload is not None)
     rec.set_tags({"quant_cache": state, "eval_cache": eval_cache.state(job.eval_entry, job.cached)})
     job.deployed = qbytes.from_module(model, job.fmt, kv_cache_qformat=cfg.kv_cache_qformat)

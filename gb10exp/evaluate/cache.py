@@ -10,24 +10,21 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from gb10exp.config import Config
 from gb10exp.data import EvalWindows
 from gb10exp.evaluate import AccuracyResult, WindowStats
-from gb10exp.quant.cache import digest, quant_key, source_digest
+from gb10exp.quant.cache import digest, source_digest
 from gb10exp.utils import cache_dir, publish_dir
 
 EVAL_FILE = "accuracy.json"
 
 
-def entry(cfg: Config, calib: torch.Tensor, windows: EvalWindows, device: torch.device,
-          dtype: torch.dtype) -> Path | None:
-    """The eval-cache folder of this job (None with cache=false)."""
+def entry(cfg: Config, model_key: str, windows: EvalWindows) -> Path | None:
+    """The eval-cache folder of this job (None with cache=false); ``model_key``: the job's ``quant_key``."""
     if not cfg.cache:
         return None
     return cache_dir("eval") / digest({
-        "model": quant_key(cfg, calib, device, dtype),
+        "model": model_key,
         "windows": windows.digest(),  # tokens, scored positions and protocol
         "batch_size": cfg.eval.batch_size,
         "compare_baseline": cfg.eval.compare_baseline,

@@ -98,10 +98,11 @@ def quant_key(cfg: Config, calib: torch.Tensor, device: torch.device, dtype: tor
 
 
 def quantize_cached(
-    model: torch.nn.Module, cfg: Config, calib: torch.Tensor, device: torch.device, dtype: torch.dtype,
+    model: torch.nn.Module, cfg: Config, calib: torch.Tensor, device: torch.device, key: str,
     offloaded: bool = False,
 ) -> tuple[torch.nn.Module, str]:
     """``quantize`` through the cache: (model, "hit" | "miss" | "off..." | "none" when nothing is quantized).
+    ``key``: the job's ``quant_key`` (computed once per job, also for the eval cache).
 
     ``quant.layerwise`` is not in the key: with the scale-only algorithms it allows, the result is bit-identical
     (docs/large_models.md), so an in-memory layerwise job and an ordinary one share entries. An ``offloaded``
@@ -113,7 +114,7 @@ def quantize_cached(
                              device)
     if not cfg.cache or offloaded:
         return run(model), "off" if not cfg.cache else "off: quant.offload_dir (weights on disk are not cached)"
-    entry = cache_dir("quantized") / quant_key(cfg, calib, device, dtype)
+    entry = cache_dir("quantized") / key
     if (entry / STATE_FILE).is_file():
         return _restore(model, entry, device), "hit"
     model = run(model)
