@@ -9,7 +9,8 @@ weights, each of ``--modes``: plain eager ``generate``, ``generate(cache_impleme
 gb10exp's fast path (``gb10exp/backends/hf/fast.py``): ``fast`` is the default of
 ``backend=hf`` (Programmatic Dependent Launch chosen by timing both), ``fast_pdl`` / ``fast_nopdl``
 with it forced on / off, ``fast_tuned`` its ``backend.options.tuned=true``; for diagnosis,
-``fast_plain`` (no Inductor tuning), ``fast_regional`` (compiled by layer), ``fast_hf`` (the HF-forward step every non-Llama-like model gets) and
+``fast_plain`` (no Inductor tuning), ``fast_whole`` (the whole step compiled as one graph instead of by
+layer), ``fast_hf`` (the HF-forward step every non-Llama-like model gets) and
 ``fast_nograph`` (no CUDA graph). Every mode is warmed up first (compilation and capture reported as
 ``compile_s``, never as decode time), then each request decodes exactly ``--output-len`` tokens
 greedily (EOS ignored) from its own prompt.
@@ -99,7 +100,8 @@ MODES: dict[str, dict | None] = {
     "fast_plain": {"preset": "plain"},
     "fast_pdl": {"pdl": True},  # the default compile, Programmatic Dependent Launch forced on
     "fast_nopdl": {"pdl": False},  # ... forced off (the default, pdl=auto, times both and keeps the faster)
-    "fast_regional": {"regional": True},  # compiled by layer: half the cold compile, a slower step
+    "fast_regional": {"regional": True},  # compiled by layer: now the default, as fast
+    "fast_whole": {"regional": False},  # the whole step as one graph (the default until issue 19's cold start)
     "fast_autotune": {"preset": "autotune"},  # cold-start candidates (issue 19): no coordinate descent
     "fast_untuned": {"preset": "untuned"},
     "fast_regional_autotune": {"regional": True, "preset": "autotune"},

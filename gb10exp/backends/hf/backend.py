@@ -34,7 +34,7 @@ class HFBackend:
 
     def __init__(self, options: HFOptions):
         self.modes = [options.mode, *[m for m in options.compare if m != options.mode]]
-        self.compile, self.cuda_graph, self.tuned, self.pdl = options.compile, options.cuda_graph, options.tuned, options.pdl
+        self.options = options
 
     def check(self, fmt: Format, tokenizer=None) -> None:
         if fmt.kind == "gguf":
@@ -82,10 +82,11 @@ class HFBackend:
         length = cfg.depth + cfg.input_len  # bench.depth: context prefilled inside the timed request here
         warm_prompt = batch(inputs.prompt_tokens[:length].tolist())
         if mode == "fast":
-            compile_step = self.compile if self.compile != "auto" else device.type == "cuda"
+            o = self.options
+            compile_step = o.compile if o.compile != "auto" else device.type == "cuda"
             # close(): the model's weights get their own storage back (the fast path fuses them in place).
-            with FastDecoder(model, cfg.batch_size, length, cfg.output_len, compile_step,
-                             self.cuda_graph, tuned=self.tuned, pdl=self.pdl) as decoder:
+            with FastDecoder(model, cfg.batch_size, length, cfg.output_len, compile_step, o.cuda_graph,
+                             tuned=o.tuned, pdl=o.pdl, regional=o.regional) as decoder:
                 compile_s = decoder.warm(warm_prompt)
                 metrics, tags = measure(lambda p: decoder.generate(batch(p)), inputs.prompt_tokens, cfg, target)
                 tags["bench.fast"] = decoder.describe()

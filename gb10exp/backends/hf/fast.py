@@ -24,13 +24,12 @@ hundreds of small kernels one by one. Here, for greedy decoding of exactly ``out
   tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
   host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
   global flags are set only inside ``inductor_flags`` while compiling, then restored.
-- **Regional compilation** of the native step, on request (``regional=True``): one decoder layer is
+- **Regional compilation** of the native step (the default, ``regional=True``): one decoder layer is
   compiled once and called for every layer with that layer's weights and cache (plus a small compiled
   prologue and head), so Dynamo traces, and Inductor lowers and autotunes, one layer instead of all of
-  them; the CUDA graph still holds the whole step. On an H100 (8B shape, bf16) it compiled cold in 48 s
-  instead of 97 s but decoded 158.8 tokens/s against the whole step's 166.8 in the same call
-  (benchmarks/results/hf_decode_regional_cold_warm_h100.json, hf_decode_base_30b0337_h100.json): the default
-  stays the whole step.
+  them; the CUDA graph still holds the whole step. On an H100 (8B shape, bf16, two calls on one machine at
+  f6f4bf6) it compiled cold in 25-29 s against 61-68 s for the whole step (``regional=False``) and decoded
+  172.8-173.3 tokens/s against 168.0-172.9 (benchmarks/results/cold_start_h100.log).
 - **A persistent compile cache**: Inductor's FX-graph, autotuning and Triton caches live under
   ``$GB10EXP_CACHE/compile/<GPU, torch, Triton, CUDA>`` (``use_compile_cache``), so a process that
   finds the shape compiled before loads it instead of tuning it again.
@@ -516,8 +515,8 @@ class FastDecoder:
     exactly as the default does. ``pdl``: Programmatic Dependent Launch on (True), off (False), or "auto":
     where it can act (a compiled, tuned step on a Hopper-or-newer GPU) the remembered decision
     (``remembered_pdl``), else both compiled and timed in ``warm``, the faster kept and remembered;
-    elsewhere it is off. ``native=False`` forces the HF-forward step (for comparison); ``regional=True``
-    compiles the native step by layer (a cold compile about half as long, a slower step). ``record_logits``:
+    elsewhere it is off. ``native=False`` forces the HF-forward step (for comparison); ``regional``
+    compiles the native step by layer (the default: a cold compile under half as long, the same speed). ``record_logits``:
     the step also keeps its logits, for ``decode_logits`` (a check, never timed). Use as a context
     manager, or call ``close`` when done: the native step shares the model's weights until then."""
 
@@ -534,7 +533,7 @@ class FastDecoder:
         native: bool = True,
         pdl: str | bool = "auto",
         record_logits: bool = False,
-        regional: bool = False,
+        regional: bool = True,
     ):
         self.model, self.input_len, self.output_len = model, input_len, output_len
         self.device = next(model.parameters()).device
