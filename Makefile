@@ -10,6 +10,9 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
+# make test's pytest workers: much of the suite waits (Python start-up, servers, subprocess jobs), so two
+# workers on two cores finish sooner than one. A test file runs in one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter system
 
@@ -67,7 +70,7 @@ demo: $(VENV)/.core  ## the README's table: every format (bf16, fp8, nvfp4, nvfp
 	$(PY) -m gb10exp +experiment=readme_table $(ARGS)
 
 test: $(VENV)/.core $(VENV)/.llamacpp system  ## the whole CPU suite, end-to-end runs included, its servers started and stopped (what CI runs)
-	bash -c 'source .ci/services.sh && $(PY) -m pytest -m "not gpu" --durations=30 $(PYTEST_ARGS)'
+	bash -c 'source .ci/services.sh && $(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)'
 
 test-fast: $(VENV)/.core  ## the fast CPU tests only (plain pytest)
 	$(PY) -m pytest $(PYTEST_ARGS)

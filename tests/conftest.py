@@ -28,6 +28,19 @@ def pytest_report_header(config) -> list[str]:
             f"{'on' if loader.use_extra_bufts() else 'off'}"]
 
 
+# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup): a test file is one group, so its module
+# fixtures (a server, a GGUF, a cluster) are built once; files that read the same session sweep share a group.
+_GROUPS = {"test_determinism": "test_e2e", "test_nvfp4_deployed": "test_backend_llamacpp"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(module, module)))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skipped test fails, unless it is GPU-only: a skip there means something CI should have
@@ -40,8 +53,13 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") and item.get_closest_marker("gpu") is None:
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (only GPU tests may skip): {reason}"
-    else:
-        _skipped.append((item.nodeid, reason))
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Every skip, seen where the summary is written (under pytest-xdist the workers' reports come here)."""
+    if report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        _skipped.append((report.nodeid, str(longrepr[-1]) if isinstance(longrepr, tuple) else str(longrepr)))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
