@@ -1,27 +1,25 @@
 """Which quantization should I run on my device? A recommendation under a memory and speed budget.
 
-For every finished run of the report (one point per run): quality (perplexity change against bf16 with the
-interval its verdict used, over evaluation windows and calibration seeds; KL; task scores when present),
-deployed weight bytes (``weight_gib``), decode speed on the chosen device, and whether an engine serves the
-format natively there (``gb10exp.backends.support.native_engines``).
+Per finished run: quality (loss vs bf16 with the interval its verdict used; KL; task scores), deployed
+weight bytes (``weight_gib``), decode speed on the device, and whether an engine serves the format
+natively there (``gb10exp.backends.support.native_engines``).
 
 Decode speed is *measured* when a run's ``hardware``/``gpu`` tag names the device and its speed is valid
 (not a fake-quantized model). Otherwise it is *projected*: for GB10, a run measured on another GPU gives
-``gb10_projected_decode_tokens_per_s`` (the same fraction of the bandwidth bound, with GB10's bandwidth);
-without a measurement, the bandwidth bound itself (device bandwidth / the deployed format's bytes per
-decode step, metric ``decode_gib``: ``gb10exp.quant.bytes.decode_step_bytes``, batch 1, short context), an
-upper bound. Both are labelled "projected".
+``gb10_projected_decode_tokens_per_s`` (the same fraction of the bandwidth bound, at GB10's bandwidth);
+without a measurement, the bound itself (bandwidth / the bytes per decode step, metric ``decode_gib``:
+``gb10exp.quant.bytes.decode_step_bytes``, batch 1, short context), an upper bound.
 
-The choice is the run with the smallest perplexity loss among those that meet every constraint (ties: the
-smaller one); runs whose loss intervals overlap the choice's are named as statistically indistinguishable.
-When no run meets the constraints, the constraint that binds is the one whose relaxation alone would admit
-a run, with the value it would need.
+The choice: the smallest loss among the runs meeting every constraint (ties: the smaller); runs whose
+intervals overlap it are named as indistinguishable. When none meets them, the binding constraint is the
+one whose relaxation alone would admit a run, with the value it would need.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +28,13 @@ from gb10exp.backends.support import native_engines
 from gb10exp.config import ConfigError
 from gb10exp.report import render
 from gb10exp.report.compare import ReportRow
-from gb10exp.report.render import Block, pct
-from gb10exp.report.stats import Interval
+from gb10exp.report.render import Block, ci, number_cell, pct, speed_valid
+from gb10exp.report.stats import Interval, interval_json
 
 PLOT_NAME = "pareto.png"
 GIB = 2**30
 WEIGHT, SPEED, NATIVE = "--max-weight-gib", "--min-decode-tokens-per-s", "native engine"
+
 
 @dataclass
 class Constraints:
@@ -56,8 +55,10 @@ def device_spec(device: str) -> hardware.DeviceSpec:
     row = hardware.spec(device)
     if row is None:
         names = ", ".join(d.pattern for d in hardware.DEVICES)
-        raise ConfigError(f"--device={device!r} is not allowed: its bandwidth and architecture are unknown; one of "
-                          f"{names} (add a row to DEVICES in gb10exp/hardware.py)")
+        raise ConfigError(
+            f"--device={device!r} is not allowed: its bandwidth and architecture are unknown; one of "
+            f"{names} (add a row to DEVICES in gb10exp/hardware.py)"
+        )
     return row
 
 
@@ -68,10 +69,6 @@ class Candidate:
     row: ReportRow
     loss: Interval | None  # perplexity change vs bf16: the interval its verdict used
     loss_basis: str  # "windows" | "seeds" | "exact" (the bf16 run itself) | ""
-    reference: str  # which bf16 reference
-    kl: float | None
-    tasks: dict[str, float]
-    weight_gib: float | None
     speed: float | None
     speed_kind: str  # "measured" | "projected" | ""
     speed_note: str
@@ -83,6 +80,24 @@ class Candidate:
     @property
     def name(self) -> str:
         return self.row.run.name
+
+    @property
+    def reference(self) -> str:
+        """Which bf16 reference."""
+        return "itself" if self.loss_basis == "exact" else self.row.vs_bf16.label
+
+    @property
+    def kl(self) -> float | None:
+        return self.row.run.metrics.get("kl_mean")
+
+    @property
+    def weight_gib(self) -> float | None:
+        return self.row.run.metrics.get("weight_gib")
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        names = render.task_metric_names([self.row])
+        return {k.removeprefix("task/"): v for k, v in self.row.run.metrics.items() if k in names}
 
     @property
     def label(self) -> str:
@@ -118,7 +133,7 @@ def _native(run, arch: str) -> list[str] | None:
 def _speed(row: ReportRow, device_name: str, bandwidth: float) -> tuple[float | None, str, str]:
     run, m = row.run, row.run.metrics
     where = run.tags.get("hardware") or run.tags.get("gpu") or ""
-    valid = run.tags.get("speed_valid", "true") != "false"
+    valid = speed_valid(run)
     if valid and "decode_tokens_per_s" in m and device_name.lower() in where.lower():
         return m["decode_tokens_per_s"], "measured", f"measured on {where}"
     if valid and device_name == "GB10" and "gb10_projected_decode_tokens_per_s" in m:
@@ -139,48 +154,28 @@ def _speed(row: ReportRow, device_name: str, bandwidth: float) -> tuple[float | 
 
 def candidates(rows: list[ReportRow], c: Constraints) -> tuple[list[Candidate], str, float, str]:
     spec = device_spec(c.device)
-    device_name, bandwidth, arch = spec.pattern, spec.peak_gbps, spec.arch
     out = []
     for row in rows:
-        run, comp = row.run, row.vs_bf16
-        if comp.note == "reference":
-            loss, basis = Interval(0.0, 0.0, 0.0), "exact"
-        else:
-            loss, basis = comp.judged, comp.judged_by
-        weight = run.metrics.get("weight_gib")
-        speed, kind, note = _speed(row, device_name, bandwidth)
-        tasks = {
-            k.removeprefix("task/"): v for k, v in run.metrics.items() if k in render.task_metric_names([row])
-        }
+        comp = row.vs_bf16
+        loss, basis = (
+            (Interval(0.0, 0.0, 0.0), "exact") if comp.note == "reference" else (comp.judged, comp.judged_by)
+        )
         cand = Candidate(
-            row,
-            loss,
-            basis,
-            "itself" if basis == "exact" else comp.label,
-            run.metrics.get("kl_mean"),
-            tasks,
-            weight,
-            speed,
-            kind,
-            note,
-            _native(run, arch),
+            row, loss, basis, *_speed(row, spec.pattern, spec.peak_gbps), _native(row.run, spec.arch)
         )
         cand.fails = _fails(cand, c)
         out.append(cand)
-    return out, device_name, bandwidth, arch
+    return out, spec.pattern, spec.peak_gbps, spec.arch
 
 
 def _fails(cand: Candidate, c: Constraints) -> list[str]:
-    fails = []
-    if c.max_weight_gib is not None and (cand.weight_gib is None or cand.weight_gib > c.max_weight_gib):
-        fails.append(WEIGHT)
-    if c.min_decode_tokens_per_s is not None and (
-        cand.speed is None or cand.speed < c.min_decode_tokens_per_s
-    ):
-        fails.append(SPEED)
-    if cand.native is not None and not cand.native:
-        fails.append(NATIVE)
-    return fails
+    weight, speed = c.max_weight_gib, c.min_decode_tokens_per_s
+    failed = {
+        WEIGHT: weight is not None and (cand.weight_gib is None or cand.weight_gib > weight),
+        SPEED: speed is not None and (cand.speed is None or cand.speed < speed),
+        NATIVE: cand.native is not None and not cand.native,
+    }
+    return [flag for flag, fails in failed.items() if fails]
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -208,7 +203,7 @@ def _interval_text(x: Candidate) -> str:
     }.get(x.loss_basis, "")
     if not x.loss.has_ci:
         return f"{pct(x.loss.point)} (point estimate, no interval)"
-    return f"{pct(x.loss.point)} [{x.loss.lo * 100:+.2f}, {x.loss.hi * 100:+.2f}] ({how})"
+    return f"{ci(x.loss)} ({how})"
 
 
 def _binding(scored: list[Candidate], c: Constraints) -> list[str]:
@@ -283,18 +278,15 @@ def recommend(rows: list[ReportRow], c: Constraints) -> Recommendation:
     return Recommendation(c, device_name, bandwidth, arch, cands, choice, reasons, uncertainty, [], unscored)
 
 
+def _overlap(a: Interval, b: Interval) -> bool:
+    return a.lo <= b.hi and b.lo <= a.hi
+
+
 def _uncertainty(choice: Candidate, ok: list[Candidate]) -> str:
     text = f"Loss {_interval_text(choice)}."
     if choice.loss is not None and choice.loss_basis != "exact" and not choice.loss.has_ci:
         text += " Without per-window results there is no interval: treat the ranking as provisional."
-    close = [
-        x
-        for x in ok
-        if x is not choice
-        and x.loss is not None
-        and x.loss.lo <= choice.loss.hi
-        and choice.loss.lo <= x.loss.hi
-    ]
+    close = [x for x in ok if x is not choice and x.loss is not None and _overlap(x.loss, choice.loss)]
     if close:
         names = "; ".join(f"{x.name} ({_interval_text(x)}, {x.weight_gib or 0:.3f} GiB)" for x in close)
         text += (
@@ -309,9 +301,6 @@ def _uncertainty(choice: Candidate, ok: list[Candidate]) -> str:
 
 
 def as_json(rec: Recommendation) -> dict[str, Any]:
-    def interval(i: Interval | None) -> dict | None:
-        return None if i is None else {"point": i.point, "lo": i.lo, "hi": i.hi, "has_ci": i.has_ci}
-
     return {
         "constraints": {
             "max_weight_gib": rec.constraints.max_weight_gib,
@@ -321,9 +310,7 @@ def as_json(rec: Recommendation) -> dict[str, Any]:
             "bandwidth_gbps": rec.bandwidth_gbps,
             "arch": rec.arch,
         },
-        "choice": None
-        if rec.choice is None
-        else {"run_id": rec.choice.row.run.run_id, "name": rec.choice.name},
+        "choice": rec.choice and {"run_id": rec.choice.row.run.run_id, "name": rec.choice.name},
         "reasons": rec.reasons,
         "uncertainty": rec.uncertainty,
         "binding": rec.binding,
@@ -335,7 +322,7 @@ def as_json(rec: Recommendation) -> dict[str, Any]:
                 "qformat": x.row.run.qformat,
                 "calib_size": x.row.run.calib_size,
                 "seed": x.row.run.seed,
-                "loss": interval(x.loss),
+                "loss": interval_json(x.loss),
                 "loss_basis": x.loss_basis,
                 "reference": x.reference,
                 "kl_mean": x.kl,
@@ -354,6 +341,19 @@ def as_json(rec: Recommendation) -> dict[str, Any]:
     }
 
 
+def _cells(x: Candidate, tasks: bool) -> tuple[str, ...]:
+    """One run's row of the recommendation table."""
+    cells = [x.name, _interval_text(x), number_cell(x.kl, "{:.4f}")]
+    cells += [", ".join(f"{k} {v:.3f}" for k, v in x.tasks.items()) or "–"] if tasks else []
+    cells += [
+        number_cell(x.weight_gib, "{:.3f}"),
+        "–" if x.speed is None else f"{x.speed:.1f} ({x.speed_kind})",
+    ]
+    cells.append("unknown" if x.native is None else (", ".join(x.native) or "none"))
+    cells.append("/".join(("yes" if f else "no") for f in (x.front_bytes, x.front_speed)) if x.loss else "–")
+    return (*cells, ", ".join(x.fails) or "–")
+
+
 def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
     c = rec.constraints
     limits = [
@@ -366,15 +366,10 @@ def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
         Block("p", "Constraints: " + ", ".join(x for x in limits if x) + "."),
     ]
     if rec.choice is not None:
-        out.append(
-            Block(
-                "p",
-                f"**Run {rec.choice.name}** ({rec.choice.row.run.qformat}"
-                f"{f', calib {rec.choice.row.run.calib_size}' if rec.choice.row.run.calib_size else ''}). "
-                "Why: " + "; ".join(rec.reasons) + ".",
-            )
-        )
-        out.append(Block("p", "Uncertainty: " + rec.uncertainty))
+        run = rec.choice.row.run
+        calib = f", calib {run.calib_size}" if run.calib_size else ""
+        why = f"**Run {rec.choice.name}** ({run.qformat}{calib}). Why: " + "; ".join(rec.reasons) + "."
+        out += [Block("p", why), Block("p", "Uncertainty: " + rec.uncertainty)]
     else:
         out.append(Block("p", "**No run meets the constraints.** " + " ".join(b + "." for b in rec.binding)))
     headers = (
@@ -387,31 +382,10 @@ def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
         "Pareto (bytes / speed)",
         "fails",
     )
-    if any(x.tasks for x in rec.candidates):  # task scores only when some run has them
+    tasks = any(x.tasks for x in rec.candidates)  # task scores only when some run has them
+    if tasks:
         headers = headers[:3] + ("tasks",) + headers[3:]
-    body = []
-    for x in rec.candidates:
-        speed = "–" if x.speed is None else f"{x.speed:.1f} ({x.speed_kind})"
-        native = "unknown" if x.native is None else (", ".join(x.native) or "none")
-        front = "/".join(("yes" if f else "no") for f in (x.front_bytes, x.front_speed)) if x.loss else "–"
-        body.append(
-            (
-                x.name,
-                _interval_text(x),
-                "–" if x.kl is None else f"{x.kl:.4f}",
-                *(
-                    (", ".join(f"{k} {v:.3f}" for k, v in x.tasks.items()) or "–",)
-                    if "tasks" in headers
-                    else ()
-                ),
-                "–" if x.weight_gib is None else f"{x.weight_gib:.3f}",
-                speed,
-                native,
-                front,
-                ", ".join(x.fails) or "–",
-            )
-        )
-    out.append(Block("table", headers=headers, rows=tuple(body)))
+    out.append(Block("table", headers=headers, rows=tuple(_cells(x, tasks) for x in rec.candidates)))
     if any(x.speed_kind == "projected" for x in rec.candidates):
         out.append(
             Block(
@@ -431,22 +405,14 @@ def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
     return out
 
 
-def _front_panel(
-    ax,
-    cands: list[Candidate],
-    x_of,
-    on_front,
-    xlabel: str,
-    limit: float | None,
-    choice,
-    symlog: bool,
-    speed_axis: bool,
-) -> None:
+def _front_panel(ax, cands, attr: str, front_attr: str, xlabel: str, limit, choice, symlog: bool) -> None:
+    """Loss against the candidates' ``attr`` (``weight_gib`` or ``speed``); ``front_attr`` marks the front."""
+    x_of, on_front = attrgetter(attr), attrgetter(front_attr)
     shown = [x for x in cands if x.loss is not None and x_of(x) is not None]
     for x in shown:
         lo, hi = (x.loss.point - x.loss.lo) * 100, (x.loss.hi - x.loss.point) * 100
         front = on_front(x)
-        hollow = speed_axis and x.speed_kind == "projected"
+        hollow = attr == "speed" and x.speed_kind == "projected"
         ax.errorbar(
             [x_of(x)],
             [x.loss.point * 100],
@@ -469,13 +435,8 @@ def _front_panel(
         )
     front = sorted((x for x in shown if on_front(x)), key=x_of)
     if len(front) > 1:
-        ax.plot(
-            [x_of(x) for x in front],
-            [x.loss.point * 100 for x in front],
-            color="tab:blue",
-            linewidth=1.5,
-            label="Pareto front",
-        )
+        xs, ys = [x_of(x) for x in front], [x.loss.point * 100 for x in front]
+        ax.plot(xs, ys, color="tab:blue", linewidth=1.5, label="Pareto front")
     if choice is not None and x_of(choice) is not None and choice.loss is not None:
         ax.plot(
             [x_of(choice)],
@@ -501,40 +462,16 @@ def _front_panel(
 
 def plot(rec: Recommendation, title: str, path: Path) -> Path | None:
     """Quality loss against weight bytes and against decode speed; the fronts highlighted, the choice starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     placed = [x for x in rec.candidates if x.loss is not None]
     if not placed:
         return None
     symlog = max((abs(v) for x in placed for v in (x.loss.lo, x.loss.hi)), default=0) > 0.2
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    _front_panel(
-        axes[0],
-        placed,
-        lambda x: x.weight_gib,
-        lambda x: x.front_bytes,
-        "weights (GiB, deployed bytes)",
-        rec.constraints.max_weight_gib,
-        rec.choice,
-        symlog,
-        False,
-    )
-    _front_panel(
-        axes[1],
-        placed,
-        lambda x: x.speed,
-        lambda x: x.front_speed,
-        f"decode tokens/s on {rec.device_name} (hollow: projected)",
-        rec.constraints.min_decode_tokens_per_s,
-        rec.choice,
-        symlog,
-        True,
-    )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    speed_label = f"decode tokens/s on {rec.device_name} (hollow: projected)"
+    panels = [
+        ("weight_gib", "front_bytes", "weights (GiB, deployed bytes)", rec.constraints.max_weight_gib),
+        ("speed", "front_speed", speed_label, rec.constraints.min_decode_tokens_per_s),
+    ]
+    with render.figure(title, path, 2, (14, 5)) as axes:
+        for ax, panel in zip(axes, panels, strict=True):
+            _front_panel(ax, placed, *panel, rec.choice, symlog)
     return path
