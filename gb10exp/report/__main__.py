@@ -57,17 +57,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     rec.add_argument(
         "--device",
-        default=None,
         help="the device to deploy on (default gb10): speed measured there if "
         "a run was, else projected from its bandwidth",
     )
     return parser.parse_args(argv)
 
 
+def _error(message: object) -> int:
+    print(f"gb10exp.report: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _said(c) -> str:
     if c.verdict is None:
         return c.note or "–"
-    how = f"{c.label}" + ("; judged over seeds and windows" if c.judged_by == SEEDS_AND_WINDOWS else "")
+    how = c.label + ("; judged over seeds and windows" if c.judged_by == SEEDS_AND_WINDOWS else "")
     return f"{c.verdict.value} ({how})"
 
 
@@ -90,31 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             selection.experiment = latest_experiment(MlflowClient(tracking_uri=args.tracking_uri))
         except ConfigError as exc:
-            print(f"gb10exp.report: error: {exc}", file=sys.stderr)
-            return 2
-    label = selection.label()
-    constraints = None
+            return _error(exc)
+    label, constraints = selection.label(), None
     if args.recommend:
         constraints = Constraints(args.max_weight_gib, args.min_decode_tokens_per_s, args.device or "gb10")
-    elif (
-        args.max_weight_gib is not None or args.min_decode_tokens_per_s is not None or args.device is not None
-    ):
-        print(
-            "gb10exp.report: error: --max-weight-gib/--min-decode-tokens-per-s/--device are not allowed without "
-            "--recommend: add --recommend",
-            file=sys.stderr,
+    elif any(v is not None for v in (args.max_weight_gib, args.min_decode_tokens_per_s, args.device)):
+        return _error(
+            "--max-weight-gib/--min-decode-tokens-per-s/--device are not allowed without --recommend: "
+            "add --recommend"
         )
-        return 2
     try:
         report = build_report(args.tracking_uri, selection, args.out or Path("reports") / label, constraints)
     except ConfigError as exc:
-        print(f"gb10exp.report: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     for s in report.summaries:
-        bf16, fp8 = s.row.vs_bf16, s.row.vs_fp8
+        bf16 = s.row.vs_bf16
         print(
             f"{s.model} {s.qformat} ({_calib(s.row.run.calib_size)}): "
-            f"vs bf16 {_said(bf16)}, vs fp8 {_said(fp8)}"
+            f"vs bf16 {_said(bf16)}, vs fp8 {_said(s.row.vs_fp8)}"
         )
         if bf16.recipe is not None:
             print(
