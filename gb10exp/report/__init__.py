@@ -27,7 +27,8 @@ from gb10exp.report.compare import (
     resolution,
     summarize,
 )
-from gb10exp.report.stats import RecipeChange, interval_json
+from gb10exp.report.render import attrs, interval_json
+from gb10exp.report.stats import RecipeChange
 from gb10exp.tracking.secrets import redact
 
 PLOT_NAME = "loss.png"
@@ -44,19 +45,13 @@ class Report:
     recommendation: Any = None  # recommend.Recommendation with --recommend
 
 
-def _fields(obj: Any, *names: str) -> dict[str, Any]:
-    return {n: getattr(obj, n) for n in names}
-
-
 def _recipe(r: RecipeChange | None) -> dict[str, Any] | None:
     if r is None:
         return None
     return {
         "interval": interval_json(r.interval),
         "windows_only": interval_json(r.windows_only),  # the seeds held fixed: the windows' share
-        "seed_half_width": r.seed_half_width,
-        "seeds": r.seeds,
-        "windows": r.windows,
+        **attrs(r, "seed_half_width", "seeds", "windows"),
         "detectable": r.detectable,  # the smallest loss told apart from zero at 95%, at this loss
         "cannot_tell": r.cannot_tell,  # the loss is below it: its interval contains zero
         "windows_for_half_point": r.windows_needed(),  # windows for ±0.5 pp (None: more seeds needed)
@@ -66,7 +61,7 @@ def _recipe(r: RecipeChange | None) -> dict[str, Any] | None:
 def _comparison(c) -> dict[str, Any]:
     return {
         "reference": c.reference.run_id if c.reference else None,
-        **_fields(c, "source", "paired_by", "label"),
+        **attrs(c, "source", "paired_by", "label"),
         "change": interval_json(c.change),
         "seed_spread": interval_json(c.seed_spread),
         "recipe": _recipe(c.recipe),
@@ -96,7 +91,7 @@ def as_json(
     return {
         "engine": [
             {
-                **_fields(e.run, "run_id", "model", "backend", "qformat", "calib_size"),
+                **attrs(e.run, "run_id", "model", "backend", "qformat", "calib_size"),
                 "engine_perplexity": e.engine_ppl,
                 "vs_unquantized": e.vs_unquantized and asdict(e.vs_unquantized),
                 "simulated_perplexity": e.simulated_ppl,
@@ -107,7 +102,7 @@ def as_json(
         ],
         "rows": [
             {
-                **_fields(r.run, "run_id", "name", "model", "qformat", "calib_size", "seed", "metrics"),
+                **attrs(r.run, "run_id", "name", "model", "qformat", "calib_size", "seed", "metrics"),
                 "vs_bf16": _comparison(r.vs_bf16),
                 "vs_fp8": _comparison(r.vs_fp8),
             }
@@ -115,8 +110,8 @@ def as_json(
         ],
         "verdicts": [
             {
-                **_fields(s, "model", "qformat"),
-                **_fields(s.row.run, "calib_size", "run_id"),
+                **attrs(s, "model", "qformat"),
+                **attrs(s.row.run, "calib_size", "run_id"),
                 "seeds": s.seeds,
                 "vs_bf16": _comparison(s.row.vs_bf16),
                 "vs_fp8": _comparison(s.row.vs_fp8),
@@ -126,7 +121,7 @@ def as_json(
         ],
         "unpaired": [
             {
-                **_fields(u.run, "run_id", "name"),
+                **attrs(u.run, "run_id", "name"),
                 "role": u.role,
                 "candidate": u.candidate.run_id,
                 "candidate_name": u.candidate.name,
@@ -137,7 +132,7 @@ def as_json(
         ],
         "fp8_command": fp8_command,
         "resolution_near_1pct": near_1,
-        "unfinished": [_fields(r, "run_id", "name", "status", "error") for r in collected.unfinished],
+        "unfinished": [attrs(r, "run_id", "name", "status", "error") for r in collected.unfinished],
         "prerun_failures": [{"job": j, "error": e} for j, e in collected.prerun_failures],
     }
 
@@ -179,9 +174,8 @@ def build_report(tracking_uri: str, selection: Selection, out_dir: Path, constra
     files = [out_dir / "report.md", out_dir / "report.html", out_dir / "report.json"]
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(render.to_html(blocks, out_dir))
-    files[2].write_text(
-        json.dumps(as_json(rows, summaries, collected, fp8_command, res, engine), indent=2, default=str)
-    )
+    data = as_json(rows, summaries, collected, fp8_command, res, engine)
+    files[2].write_text(json.dumps(data, indent=2, default=str))
     files += [png] if png else []
     rec = None
     if constraints is not None:
@@ -197,9 +191,8 @@ def write_recommendation(
     rec = recommend.recommend(rows, constraints)
     title = f"Which quantization on {rec.device_name}? — {label}"
     png = recommend.plot(rec, title, out_dir / recommend.PLOT_NAME)
-    blocks = [render.Block("h1", title), render.Block("p", meta)] + recommend.blocks(
-        rec, png.name if png else None
-    )
+    plot_name = png.name if png else None
+    blocks = [render.Block("h1", title), render.Block("p", meta)] + recommend.blocks(rec, plot_name)
     files = [out_dir / "recommend.md", out_dir / "recommend.json"]
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(json.dumps(recommend.as_json(rec), indent=2, default=str))

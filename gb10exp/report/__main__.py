@@ -28,9 +28,7 @@ DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m gb10exp.report",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "python -m gb10exp.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -123,19 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"no fp8 run exists, so there is no verdict against fp8; add the fp8 runs with:\n  {report.fp8_command}"
         )
-    failed = len(report.collected.unfinished) + len(report.collected.prerun_failures)
-    if failed:
+    if failed := len(report.collected.unfinished) + len(report.collected.prerun_failures):
         print(f"{failed} run(s) of the selection did not finish: listed in the report")
-    print(f"report: {report.folder / 'report.md'}")
+    folder = report.folder
+    print(f"report: {folder / 'report.md'}")
     if (rec := report.recommendation) is not None:
         if rec.choice is not None:
             print(f"recommendation on {rec.device_name}: {rec.choice.name} — " + "; ".join(rec.reasons))
             print(f"uncertainty: {rec.uncertainty}")
         else:
             print("recommendation: no run meets the constraints. " + " ".join(rec.binding))
-        print(
-            f"recommendation: {report.folder / 'recommend.md'} (Pareto front: {report.folder / 'pareto.png'})"
-        )
+        print(f"recommendation: {folder / 'recommend.md'} (Pareto front: {folder / 'pareto.png'})")
     if not args.no_log and (run_id := log_report(args.tracking_uri, report, label)):
         print(f"logged as MLflow run {run_id} (artifacts under report/)")
     return 0

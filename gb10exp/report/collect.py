@@ -87,24 +87,15 @@ class RunRow:
         return formats.from_params(self.params)
 
     @property
-    def calibrated(self) -> bool:
-        """Calibrated by modelopt (weight-only round-to-nearest formats touch no calibration sample)."""
-        return self.fmt.calibrates
-
-    @property
     def quantized(self) -> bool:
         """By modelopt, ``mtq.auto_quantize`` or llama.cpp's quantizer: not a bf16 reference."""
         return self.fmt.quantized
 
     @property
     def calib_size(self) -> int | None:
-        """None for runs that no calibration touched."""
+        """None for runs that no calibration touched (weight-only round-to-nearest formats among them)."""
         value = self.params.get("calib_size")
-        return int(value) if self.calibrated and value not in NONE else None
-
-    @property
-    def has_digests(self) -> bool:
-        return all(self.tags.get(t) for t in PAIR_TAGS)
+        return int(value) if self.fmt.calibrates and value not in NONE else None
 
     @property
     def seed(self) -> str:
@@ -138,7 +129,7 @@ def _differ(a: dict[str, str], b: dict[str, str], keys) -> list[str]:
 
 def pair_basis(a: RunRow, b: RunRow) -> str:
     """How two runs are matched: by the digest tags when both carry them, else by params."""
-    return PAIRED_BY_TAGS if a.has_digests and b.has_digests else PAIRED_BY_PARAMS
+    return PAIRED_BY_TAGS if all(a.tags.get(t) and b.tags.get(t) for t in PAIR_TAGS) else PAIRED_BY_PARAMS
 
 
 def pair_differences(a: RunRow, b: RunRow) -> list[str]:
@@ -215,8 +206,7 @@ def load_overrides(client, row: RunRow) -> list[str] | None:
 
 def latest_experiment(client) -> str:
     """The name of the experiment holding the most recently started job run (report runs aside)."""
-    experiment_id = latest_experiment_id(client)
-    if experiment_id is None:
+    if (experiment_id := latest_experiment_id(client)) is None:
         raise ConfigError(
             "the tracking store holds no runs: run a sweep first (python -m gb10exp +experiment=nvfp4_claim)"
         )

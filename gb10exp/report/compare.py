@@ -1,17 +1,5 @@
-"""Pair every run with its references (bf16 and fp8 on the same windows) and judge it.
-
-Two runs pair only when they scored the same tokens the same way: equal ``eval_digest``, ``tokenizer_digest``
-and ``compute_dtype`` tags and ``model.*`` params (runs recorded before those tags: the window params,
-labelled so). The bf16 reference is the latest
-unquantized run that pairs, else the run's in-run reference (the unquantized model scored on exactly its
-windows: ``windows.ref_nll`` in results.json), so a sweep without a bf16 job still gets a verdict; every
-comparison names its reference. The fp8 reference is the fp8 run with the same calibration size and seed,
-else the one with the most calibration samples.
-
-Seeds of one recipe (``seed=0,1,2``) are judged together, on the recipe's expected loss with an interval
-over seeds and windows at once (``stats.recipe_change``), their min..max beside it. Each format's summary
-verdict is taken at its largest calibration size (the one a user would deploy), with the spread across
-calibration sizes beside it.
+"""Pair every run with its references (bf16 and fp8 scored on the same tokens the same way: see
+``collect.pair_differences``) and judge it, every comparison naming the reference it used.
 """
 
 from __future__ import annotations
@@ -20,17 +8,9 @@ import shlex
 import statistics
 from dataclasses import dataclass, field
 
+from gb10exp.report import stats
 from gb10exp.report.collect import Collected, RunRow, pair_basis, pair_differences, ref_windows
-from gb10exp.report.stats import (
-    Interval,
-    RecipeChange,
-    WindowMismatch,
-    Windows,
-    point_only,
-    ppl_interval,
-    recipe_change,
-    relative_change,
-)
+from gb10exp.report.stats import Interval, RecipeChange, Windows
 from gb10exp.report.verdict import THRESHOLD, Verdict, verdict
 
 IN_RUN = "in-run reference"  # the unquantized model, scored inside the quantized run on its windows
@@ -124,9 +104,9 @@ def _paired_change(
 ) -> tuple[Interval, RecipeChange | None]:
     """The change and its statistics from per-window sums, else the point estimate from the perplexities."""
     if windows and ref:
-        recipe = recipe_change([(windows, ref)])
+        recipe = stats.recipe_change([(windows, ref)])
         return recipe.interval, recipe
-    return point_only(ppl, ppl_ref), None
+    return stats.point_only(ppl, ppl_ref), None
 
 
 def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Comparison:
@@ -138,7 +118,7 @@ def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Compar
             change, recipe = _paired_change(
                 row.windows, ref.windows, row.metrics["perplexity"], ref.metrics["perplexity"]
             )
-        except WindowMismatch as exc:
+        except stats.WindowMismatch as exc:
             return Comparison(reference=ref, note=f"windows differ ({exc})", source=source, paired_by=basis)
         return _judged(change, recipe, reference=ref, source=source, paired_by=basis)
     if role == "bf16" and (in_run := in_run_change(row)) is not None:
@@ -171,6 +151,8 @@ def _candidates(row: RunRow, references: list[RunRow], role: str) -> tuple[list[
 
 
 def bf16_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None, list[Unpaired]]:
+    """The latest unquantized run that pairs; else ``compare`` uses the run's in-run reference (the
+    unquantized model scored on exactly its windows), so a sweep without a bf16 job still gets a verdict."""
     if not row.quantized:
         return row, []
     paired, unpaired = _candidates(row, references, "bf16")
@@ -178,6 +160,7 @@ def bf16_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None
 
 
 def fp8_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None, list[Unpaired]]:
+    """The fp8 run with the same calibration size and seed, else the one with the most calibration samples."""
     if row.qformat == "fp8" and row.run_id in {r.run_id for r in references}:
         return row, []
     paired, unpaired = _candidates(row, references, "fp8")
@@ -243,8 +226,8 @@ def combine_seeds(rows: list[ReportRow]) -> None:
             if any(w is None for w in windows):
                 continue  # point estimates only: each keeps its own verdict, marked "(point estimate)"
             try:
-                recipe = recipe_change(windows)
-            except WindowMismatch:
+                recipe = stats.recipe_change(windows)
+            except stats.WindowMismatch:
                 continue  # cannot happen for runs that paired with their references; kept apart if it does
             for c in comparisons:
                 c.recipe, c.judged, c.judged_by = recipe, recipe.interval, SEEDS_AND_WINDOWS
@@ -252,9 +235,9 @@ def combine_seeds(rows: list[ReportRow]) -> None:
 
 
 def summarize(rows: list[ReportRow]) -> list[FormatSummary]:
-    """Per model and quantized format: the verdict at the largest calibration size (with several seeds
-    there, the seed whose loss is the median one stands for the recipe; its verdict is already the
-    recipe's, over seeds and windows)."""
+    """Per model and quantized format: the verdict at the largest calibration size (the one a user would
+    deploy; with several seeds there, the median seed's, whose verdict is already the recipe's), with the
+    spread across calibration sizes."""
     groups: dict[tuple[str, str], list[ReportRow]] = {}
     for r in rows:
         if r.run.quantized:
@@ -263,14 +246,11 @@ def summarize(rows: list[ReportRow]) -> list[FormatSummary]:
     for (model, qformat), members in groups.items():
         largest = max(r.run.calib_size or 0 for r in members)
         at_largest = [r for r in members if (r.run.calib_size or 0) == largest]
-        scored = sorted(
-            (r for r in at_largest if r.vs_bf16.change is not None), key=lambda r: r.vs_bf16.change.point
-        )
+        scored = sorted((r for r in at_largest if r.vs_bf16.change), key=lambda r: r.vs_bf16.change.point)
         chosen = scored[(len(scored) - 1) // 2] if scored else at_largest[-1]
         # Calibration sizes are compared at one seed (the chosen one's), so seeds do not count twice.
-        points = [
-            r.vs_bf16.change.point for r in members if r.run.seed == chosen.run.seed and r.vs_bf16.change
-        ]
+        same_seed = [r.vs_bf16.change for r in members if r.run.seed == chosen.run.seed]
+        points = [c.point for c in same_seed if c is not None]
         spread = max(points) - min(points) if len(points) > 1 else None
         seeds = sorted({r.run.seed for r in at_largest if r.run.recipe_key == chosen.run.recipe_key})
         calib_sizes = sorted({r.run.calib_size or 0 for r in members})
@@ -327,9 +307,9 @@ def resolution(rows: list[ReportRow]) -> Resolution | None:
 def _baseline_ppl(base: RunRow | None, rows: list[ReportRow]) -> Interval | None:
     """The bf16 run's perplexity interval, or the in-run reference's when no bf16 run is in the report."""
     if base is not None and base.windows:
-        return ppl_interval(base.windows)
+        return stats.ppl_interval(base.windows)
     in_run = next((r.run.ref_windows for r in rows if r.run.ref_windows is not None), None)
-    return ppl_interval(in_run) if in_run is not None else None
+    return stats.ppl_interval(in_run) if in_run is not None else None
 
 
 @dataclass
@@ -353,8 +333,8 @@ def _paired(windows: Windows | None, ref: Windows | None) -> Interval | None:
     if not windows or not ref:
         return None
     try:
-        return relative_change(windows, ref)
-    except WindowMismatch:
+        return stats.relative_change(windows, ref)
+    except stats.WindowMismatch:
         return None
 
 

@@ -46,6 +46,15 @@ class Block:
     alt: str = "loss against model size"  # an image's alternative text
 
 
+def attrs(obj: Any, *names: str) -> dict[str, Any]:
+    """``obj``'s attributes ``names`` as a dict, for the JSON files."""
+    return {n: getattr(obj, n) for n in names}
+
+
+def interval_json(i: Interval | None) -> dict[str, Any] | None:
+    return None if i is None else attrs(i, "point", "lo", "hi", "has_ci")
+
+
 def pct(x: float | None, digits: int = 2) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x * 100:+.{digits}f}%"
 
@@ -82,9 +91,7 @@ def detectable_cell(c: Comparison) -> str:
     if c.recipe is None:
         return "–"
     text = f"{c.recipe.detectable * 100:.2f}%"
-    if c.recipe.cannot_tell:
-        return f"{text}: cannot tell {pct(c.judged.point)} from 0 at this size"
-    return text
+    return f"{text}: cannot tell {pct(c.judged.point)} from 0 at this size" if c.recipe.cannot_tell else text
 
 
 def windows_needed_cell(c: Comparison, half_width: float = RESOLVE) -> str:
@@ -151,34 +158,21 @@ def _id_cells(run: RunRow) -> tuple[str, str, str]:
 def runs_table(rows: list[ReportRow]) -> Block:
     tasks = task_metric_names(rows)
     optional = [c for c in OPTIONAL_COLUMNS if any(c[0] in r.run.metrics for r in rows)]
-    seeds = len({r.run.seed for r in rows}) > 1
-    headers = (
-        [*ID_HEADERS]
-        + (["seed"] if seeds else [])
-        + ["perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok", "top-1 agree"]
-        + [t.removeprefix("task/") for t in tasks]
-        + ["weights GiB"]
-        + [h for _, h, _ in optional]
-        + ["reference used"]
-    )
+    seeds = ["seed"] if len({r.run.seed for r in rows}) > 1 else []
+    headers = [*ID_HEADERS, *seeds, "perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok"]
+    headers += ["top-1 agree", *(t.removeprefix("task/") for t in tasks), "weights GiB"]
+    headers += [h for _, h, _ in optional] + ["reference used"]
     body = []
     for r in rows:
-        m = r.run.metrics
-        cells = [*_id_cells(r.run)] + ([r.run.seed] if seeds else [])
-        cells += [
-            number_cell(m.get("perplexity"), "{:.3f}"),
-            change_cell(r.vs_bf16),
-            change_cell(r.vs_fp8),
-            number_cell(m.get("kl_mean"), "{:.4f}"),
-            number_cell(m.get("top1_agreement"), "{:.3f}"),
-        ]
-        cells += [_task_cell(r.run, t) for t in tasks]
+        m, seed = r.run.metrics, [r.run.seed] if seeds else []
+        cells = [*_id_cells(r.run), *seed, number_cell(m.get("perplexity"), "{:.3f}"), change_cell(r.vs_bf16)]
+        cells += [change_cell(r.vs_fp8), number_cell(m.get("kl_mean"), "{:.4f}")]
+        cells += [number_cell(m.get("top1_agreement"), "{:.3f}"), *(_task_cell(r.run, t) for t in tasks)]
         cells.append(number_cell(m.get("weight_gib"), "{:.3f}"))
         for key, _, fmt in optional:
             cell = number_cell(m.get(key), fmt)
             cells.append(cell if speed_valid(r.run) or cell == "–" else f"{cell} (fake quant)")
-        cells.append(reference_cell(r))
-        body.append(tuple(cells))
+        body.append((*cells, reference_cell(r)))
     return Block("table", headers=tuple(headers), rows=tuple(body))
 
 
@@ -197,9 +191,8 @@ def engine_blocks(engine: list[EngineRow]) -> list[Block]:
     body = []
     for e in engine:
         run, m = e.run, e.run.metrics
-        own = (
-            "_deployed" if "perplexity_deployed" in m else ""
-        )  # a deployed format's KL and top-1: the engine's
+        # A deployed modelopt format's KL and top-1 are the engine's own.
+        own = "_deployed" if "perplexity_deployed" in m else ""
         keys = [f"kl_mean{own}", f"top1_agreement{own}"] + [k for k, _, _ in ENGINE_COLUMNS[2:]]
         ppl = [number_cell(e.engine_ppl, "{:.3f}"), _interval_cell(e.vs_unquantized)]
         ppl += [number_cell(e.simulated_ppl, "{:.3f}"), _interval_cell(e.vs_simulated)]
@@ -280,14 +273,12 @@ def unpaired_blocks(rows: list[ReportRow]) -> list[Block]:
 def fp8_blocks(fp8_command: str | None) -> list[Block]:
     if fp8_command is None:
         return []
-    return [
-        Block(
-            "p",
-            "No fp8 run exists in this experiment, so no verdict against fp8 is possible. This command "
-            f"adds the missing fp8 runs to the same sweep (same overrides, same experiment): `{fp8_command}`; "
-            "then run this report again.",
-        )
-    ]
+    text = (
+        "No fp8 run exists in this experiment, so no verdict against fp8 is possible. This command "
+        f"adds the missing fp8 runs to the same sweep (same overrides, same experiment): `{fp8_command}`; "
+        "then run this report again."
+    )
+    return [Block("p", text)]
 
 
 def resolution_text(res: Resolution | None) -> str:
@@ -358,26 +349,16 @@ def definitions_text() -> str:
 
 
 def failures_blocks(collected: Collected) -> list[Block]:
-    blocks = [Block("h2", "Runs that did not finish")]
-    finished_hashes = {r.tags.get("config_hash") for r in collected.rows}
-    rows = tuple(
-        (
-            r.name,
-            r.status,
-            r.experiment,
-            r.error[:200] or "(no error recorded)",
-            "yes" if r.tags.get("config_hash") in finished_hashes else "no",
-        )
-        for r in collected.unfinished
-    )
-    rows += tuple(
-        (job, "FAILED before MLflow", "–", message, "–") for job, message in collected.prerun_failures
-    )
+    finished, rows = {r.tags.get("config_hash") for r in collected.rows}, []
+    for r in collected.unfinished:
+        later = "yes" if r.tags.get("config_hash") in finished else "no"
+        rows.append((r.name, r.status, r.experiment, r.error[:200] or "(no error recorded)", later))
+    rows += [(job, "FAILED before MLflow", "–", message, "–") for job, message in collected.prerun_failures]
+    head = Block("h2", "Runs that did not finish")
     if not rows:
-        return blocks + [Block("p", "None: every run of the selection finished.")]
-    return blocks + [
-        Block("table", headers=("run", "status", "experiment", "error", "finished later"), rows=rows)
-    ]
+        return [head, Block("p", "None: every run of the selection finished.")]
+    headers = ("run", "status", "experiment", "error", "finished later")
+    return [head, Block("table", headers=headers, rows=tuple(rows))]
 
 
 def document(
@@ -398,11 +379,7 @@ def document(
     blocks += [Block("p", definitions_text())]
     if summaries and any(s.row.vs_bf16.recipe or s.row.vs_fp8.recipe for s in summaries):
         blocks += [Block("h2", "Resolution of each verdict"), resolution_table(summaries)]
-    blocks += [
-        Block("p", resolution_text(res)),
-        Block("h2", "All runs"),
-        runs_table(rows),
-    ]
+    blocks += [Block("p", resolution_text(res)), Block("h2", "All runs"), runs_table(rows)]
     if plot_name:
         blocks.append(Block("img", plot_name))
     blocks += engine_blocks(engine or [])
@@ -417,9 +394,8 @@ def _markdown(b: Block) -> str | None:
     if b.kind == "table":
         lines = ["| " + " | ".join(b.headers) + " |", "|" + "|".join("---" for _ in b.headers) + "|"]
         return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows])
-    return {"h1": f"# {b.text}", "h2": f"## {b.text}", "p": b.text, "img": f"![{b.alt}]({b.text})"}.get(
-        b.kind
-    )
+    simple = {"h1": f"# {b.text}", "h2": f"## {b.text}", "p": b.text, "img": f"![{b.alt}]({b.text})"}
+    return simple.get(b.kind)
 
 
 def to_markdown(blocks: list[Block]) -> str:
@@ -440,22 +416,21 @@ def _image_src(name: str, folder: Path | None) -> str:
     return html.escape(name)
 
 
+def _html(b: Block, folder: Path | None) -> str | None:
+    if b.kind in ("h1", "h2", "p"):
+        return f"<{b.kind}>{_html_text(b.text)}</{b.kind}>"
+    if b.kind == "img":
+        return f'<img src="{_image_src(b.text, folder)}" alt="{html.escape(b.alt)}" style="max-width:100%">'
+    if b.kind != "table":
+        return None
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+    body = "".join("<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def to_html(blocks: list[Block], folder: Path | None = None) -> str:
     """The document as one HTML page; images found in ``folder`` are embedded."""
-    parts = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "p"):
-            parts.append(f"<{b.kind}>{_html_text(b.text)}</{b.kind}>")
-        elif b.kind == "img":
-            parts.append(
-                f'<img src="{_image_src(b.text, folder)}" alt="{html.escape(b.alt)}" style="max-width:100%">'
-            )
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows
-            )
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    parts = [part for b in blocks if (part := _html(b, folder)) is not None]
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
@@ -517,20 +492,12 @@ def _panel(ax, rows: list[ReportRow], metric: str, scale: float, xlabel: str, sy
         ax.update_datalim(extent)
         ax.autoscale_view()
         ax.margins(x=0.15)
-    ax.axhline(THRESHOLD * 100, color="crimson", linestyle="--", linewidth=1)
-    ax.text(
-        1.0,
-        THRESHOLD * 100,
-        f"  {THRESHOLD:.0%} claim",
-        color="crimson",
-        va="bottom",
-        ha="right",
-        transform=ax.get_yaxis_transform(),
-        fontsize=8,
-    )
+    claim, text, axis = THRESHOLD * 100, f"  {THRESHOLD:.0%} claim", ax.get_yaxis_transform()
+    ax.axhline(claim, color="crimson", linestyle="--", linewidth=1)
+    ax.text(1.0, claim, text, color="crimson", va="bottom", ha="right", transform=axis, fontsize=8)
     ax.axhline(0, color="grey", linewidth=0.8)
     # Limits by hand: offset artists do not autoscale, and the 1% line must always be in view.
-    top = max([y for _, y in extent[1::2]] + [THRESHOLD * 100])
+    top = max([y for _, y in extent[1::2]] + [claim])
     bottom = min([y for _, y in extent[::2]] + [0.0])
     if symlog:
         ax.set_yscale("symlog", linthresh=1.0)

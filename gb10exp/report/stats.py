@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -91,10 +90,6 @@ class RecipeChange:
         if room <= 0:
             return None
         return max(1, math.ceil(self.windows * self.windows_only.half_width**2 / room))
-
-
-def interval_json(i: Interval | None) -> dict[str, Any] | None:
-    return None if i is None else {"point": i.point, "lo": i.lo, "hi": i.hi, "has_ci": i.has_ci}
 
 
 def point_only(ppl: float, ppl_ref: float) -> Interval:
@@ -205,10 +200,7 @@ def relative_change(
 
 
 def ppl_interval(
-    windows: Windows,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    confidence: float = CONFIDENCE,
-    seed: int = 0,
+    windows: Windows, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
 ) -> Interval:
     """One run's perplexity with an (unpaired) bootstrap interval: how much it moves with the text."""
     nll, tokens = np.asarray(windows["nll"], float), np.asarray(windows["tokens"], float)

@@ -1,12 +1,6 @@
-"""End of a sweep: print its runs side by side, and exit non-zero if any job failed.
-
-"ppl vs ref" is each run's relative perplexity change against a bf16 run of the same sweep scored on the
-same tokens (paired as the report pairs: digest tags, or params for old runs), else against its in-run
-reference (the unquantized model evaluated inside the run: metric ``reference_perplexity``); the cell
-says which ("bf16" or "in-run").
-
-Jobs that failed before an MLflow run existed (bad input caught in ``prepare``) leave ``failed.txt`` in
-their Hydra output folder, so the summary lists them too.
+"""End of a sweep: print its runs side by side (with ``ppl_vs_ref``), list the jobs that failed, even
+before an MLflow run existed (bad input caught in ``prepare``: their ``failed.txt``), and exit non-zero
+if any did.
 """
 
 from __future__ import annotations
@@ -35,7 +29,9 @@ REF_AFTER = "ppl"  # the column it follows
 
 
 def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
-    """Per row: the relative perplexity change against the sweep's paired bf16 run, else the in-run one."""
+    """Per row: the relative perplexity change against a bf16 run of the sweep scored on the same tokens
+    (paired as the report pairs), else against its in-run reference (metric ``reference_perplexity``); the
+    cell says which ("bf16" or "in-run")."""
     runs = []
     for r in rows:
         name, params, tags = r["name"], r.get("params", {}), r.get("tags", {})
@@ -106,9 +102,8 @@ class SweepSummary(Callback):
         try:
             rows = sweep_rows(tracking_uri(uri), str(sweep_dir))
         except Exception as exc:  # the jobs' outcome still decides the exit status below
-            print(
-                f"could not read the sweep's runs from {redact(uri)}: {redact(str(exc).splitlines()[0][:200])}"
-            )
+            why = redact(str(exc).splitlines()[0][:200])
+            print(f"could not read the sweep's runs from {redact(uri)}: {why}")
             rows = []
         print(f"\n== sweep {sweep_dir.name}: {len(rows)} MLflow run(s) in {redact(uri)} ==")
         if rows:
