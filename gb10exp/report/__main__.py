@@ -21,6 +21,7 @@ from gb10exp.report.collect import latest_experiment
 from gb10exp.report.compare import SEEDS_AND_WINDOWS
 from gb10exp.report.recommend import Constraints
 from gb10exp.report.render import detectable_cell, windows_needed_cell
+from gb10exp.report.stats import RESOLVE
 from gb10exp.tracking import secrets
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local.yaml
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  smallest detectable loss vs bf16: {detectable_cell(bf16)} ({bf16.recipe.windows} windows, "
                 f"{bf16.recipe.seeds} seed{'s' if bf16.recipe.seeds > 1 else ''}); "
-                f"windows for ±0.5 pp: {windows_needed_cell(bf16)}"
+                f"windows for ±{RESOLVE * 100:.1f} pp: {windows_needed_cell(bf16)}"
             )
     if report.fp8_command:
         print(
