@@ -1,10 +1,9 @@
 """Compare and conclude: turn the runs of a sweep or experiment into a report with a verdict.
 
-``build_report`` reads the runs from MLflow (``collect``), pairs each with its bf16 and fp8 references
-and bootstraps the relative perplexity change over evaluation windows (``compare``, ``stats``), judges
-it against the 1% threshold (``verdict``) and writes ``report.md``, ``report.html``, ``report.json`` and
-``loss.png`` (``render``). ``log_report`` stores those files as artifacts of a run tagged
-``kind=report`` in the same experiment. Command line: ``python -m gb10exp.report --help``.
+``build_report``: runs from MLflow (``collect``), paired with their bf16 and fp8 references, the relative
+perplexity change bootstrapped over windows (``compare``, ``stats``), judged against 1% (``verdict``),
+written as report.md/.html/.json and loss.png (``render``). ``log_report`` stores those files in a run
+tagged ``kind=report`` in the same experiment. Command line: ``python -m gb10exp.report --help``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ from gb10exp.report.compare import (
     resolution,
     summarize,
 )
-from gb10exp.report.stats import Interval, RecipeChange
+from gb10exp.report.render import attrs, interval_json
+from gb10exp.report.stats import RecipeChange
 from gb10exp.tracking.secrets import redact
 
 PLOT_NAME = "loss.png"
@@ -45,19 +45,13 @@ class Report:
     recommendation: Any = None  # recommend.Recommendation with --recommend
 
 
-def _interval(i: Interval | None) -> dict[str, Any] | None:
-    return None if i is None else {"point": i.point, "lo": i.lo, "hi": i.hi, "has_ci": i.has_ci}
-
-
 def _recipe(r: RecipeChange | None) -> dict[str, Any] | None:
     if r is None:
         return None
     return {
-        "interval": _interval(r.interval),
-        "windows_only": _interval(r.windows_only),  # the seeds held fixed: the windows' share
-        "seed_half_width": r.seed_half_width,
-        "seeds": r.seeds,
-        "windows": r.windows,
+        "interval": interval_json(r.interval),
+        "windows_only": interval_json(r.windows_only),  # the seeds held fixed: the windows' share
+        **attrs(r, "seed_half_width", "seeds", "windows"),
         "detectable": r.detectable,  # the smallest loss told apart from zero at 95%, at this loss
         "cannot_tell": r.cannot_tell,  # the loss is below it: its interval contains zero
         "windows_for_half_point": r.windows_needed(),  # windows for ±0.5 pp (None: more seeds needed)
@@ -67,13 +61,11 @@ def _recipe(r: RecipeChange | None) -> dict[str, Any] | None:
 def _comparison(c) -> dict[str, Any]:
     return {
         "reference": c.reference.run_id if c.reference else None,
-        "source": c.source,
-        "paired_by": c.paired_by,
-        "label": c.label,
-        "change": _interval(c.change),
-        "seed_spread": _interval(c.seed_spread),
+        **attrs(c, "source", "paired_by", "label"),
+        "change": interval_json(c.change),
+        "seed_spread": interval_json(c.seed_spread),
         "recipe": _recipe(c.recipe),
-        "judged": _interval(c.judged),
+        "judged": interval_json(c.judged),
         "judged_by": c.judged_by,
         "verdict": c.verdict.value if c.verdict else None,
         "note": c.note,
@@ -99,11 +91,7 @@ def as_json(
     return {
         "engine": [
             {
-                "run_id": e.run.run_id,
-                "model": e.run.model,
-                "backend": e.run.backend,
-                "qformat": e.run.qformat,
-                "calib_size": e.run.calib_size,
+                **attrs(e.run, "run_id", "model", "backend", "qformat", "calib_size"),
                 "engine_perplexity": e.engine_ppl,
                 "vs_unquantized": e.vs_unquantized and asdict(e.vs_unquantized),
                 "simulated_perplexity": e.simulated_ppl,
@@ -114,13 +102,7 @@ def as_json(
         ],
         "rows": [
             {
-                "run_id": r.run.run_id,
-                "name": r.run.name,
-                "model": r.run.model,
-                "qformat": r.run.qformat,
-                "calib_size": r.run.calib_size,
-                "seed": r.run.seed,
-                "metrics": r.run.metrics,
+                **attrs(r.run, "run_id", "name", "model", "qformat", "calib_size", "seed", "metrics"),
                 "vs_bf16": _comparison(r.vs_bf16),
                 "vs_fp8": _comparison(r.vs_fp8),
             }
@@ -128,10 +110,8 @@ def as_json(
         ],
         "verdicts": [
             {
-                "model": s.model,
-                "qformat": s.qformat,
-                "calib_size": s.row.run.calib_size,
-                "run_id": s.row.run.run_id,
+                **attrs(s, "model", "qformat"),
+                **attrs(s.row.run, "calib_size", "run_id"),
                 "seeds": s.seeds,
                 "vs_bf16": _comparison(s.row.vs_bf16),
                 "vs_fp8": _comparison(s.row.vs_fp8),
@@ -141,8 +121,7 @@ def as_json(
         ],
         "unpaired": [
             {
-                "run_id": u.run.run_id,
-                "name": u.run.name,
+                **attrs(u.run, "run_id", "name"),
                 "role": u.role,
                 "candidate": u.candidate.run_id,
                 "candidate_name": u.candidate.name,
@@ -153,10 +132,7 @@ def as_json(
         ],
         "fp8_command": fp8_command,
         "resolution_near_1pct": near_1,
-        "unfinished": [
-            {"run_id": r.run_id, "name": r.name, "status": r.status, "error": r.error}
-            for r in collected.unfinished
-        ],
+        "unfinished": [attrs(r, "run_id", "name", "status", "error") for r in collected.unfinished],
         "prerun_failures": [{"job": j, "error": e} for j, e in collected.prerun_failures],
     }
 
@@ -187,36 +163,23 @@ def build_report(tracking_uri: str, selection: Selection, out_dir: Path, constra
         constraints.check()  # bad flags fail before any query
     collected = collect(MlflowClient(tracking_uri=tracking_uri), selection)
     rows = compare(collected)
-    summaries = summarize(rows)
-    fp8_command = missing_fp8(collected, rows)
+    summaries, fp8_command = summarize(rows), missing_fp8(collected, rows)
+    res, engine = resolution(rows), engine_rows(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = f"Does NVFP4 lose less than 1%? — {selection.label()}"
+    title, meta = f"Does NVFP4 lose less than 1%? — {selection.label()}", _meta(tracking_uri, collected)
     png = render.plot(rows, title, out_dir / PLOT_NAME)
-    res = resolution(rows)
-    engine = engine_rows(rows)
     blocks = render.document(
-        title,
-        _meta(tracking_uri, collected),
-        collected,
-        rows,
-        summaries,
-        res,
-        png.name if png else None,
-        fp8_command,
-        engine,
+        title, meta, collected, rows, summaries, res, png.name if png else None, fp8_command, engine
     )
     files = [out_dir / "report.md", out_dir / "report.html", out_dir / "report.json"]
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(render.to_html(blocks, out_dir))
-    files[2].write_text(
-        json.dumps(as_json(rows, summaries, collected, fp8_command, res, engine), indent=2, default=str)
-    )
+    data = as_json(rows, summaries, collected, fp8_command, res, engine)
+    files[2].write_text(json.dumps(data, indent=2, default=str))
     files += [png] if png else []
     rec = None
     if constraints is not None:
-        rec, rec_files = write_recommendation(
-            rows, constraints, out_dir, selection.label(), _meta(tracking_uri, collected)
-        )
+        rec, rec_files = write_recommendation(rows, constraints, out_dir, selection.label(), meta)
         files += rec_files
     return Report(out_dir, files, collected, rows, summaries, fp8_command, rec)
 
@@ -228,9 +191,8 @@ def write_recommendation(
     rec = recommend.recommend(rows, constraints)
     title = f"Which quantization on {rec.device_name}? — {label}"
     png = recommend.plot(rec, title, out_dir / recommend.PLOT_NAME)
-    blocks = [render.Block("h1", title), render.Block("p", meta)] + recommend.blocks(
-        rec, png.name if png else None
-    )
+    plot_name = png.name if png else None
+    blocks = [render.Block("h1", title), render.Block("p", meta)] + recommend.blocks(rec, plot_name)
     files = [out_dir / "recommend.md", out_dir / "recommend.json"]
     files[0].write_text(render.to_markdown(blocks))
     files[1].write_text(json.dumps(recommend.as_json(rec), indent=2, default=str))

@@ -21,6 +21,7 @@ from gb10exp.report.collect import latest_experiment
 from gb10exp.report.compare import SEEDS_AND_WINDOWS
 from gb10exp.report.recommend import Constraints
 from gb10exp.report.render import detectable_cell, windows_needed_cell
+from gb10exp.report.stats import RESOLVE
 from gb10exp.tracking import secrets
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local.yaml
@@ -28,9 +29,7 @@ DEFAULT_URI = "sqlite:///mlruns/mlflow.db"  # the default of conf/tracking/local
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m gb10exp.report",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "python -m gb10exp.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -57,17 +56,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     rec.add_argument(
         "--device",
-        default=None,
         help="the device to deploy on (default gb10): speed measured there if "
         "a run was, else projected from its bandwidth",
     )
     return parser.parse_args(argv)
 
 
+def _error(message: object) -> int:
+    print(f"gb10exp.report: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _said(c) -> str:
     if c.verdict is None:
         return c.note or "–"
-    how = f"{c.label}" + ("; judged over seeds and windows" if c.judged_by == SEEDS_AND_WINDOWS else "")
+    how = c.label + ("; judged over seeds and windows" if c.judged_by == SEEDS_AND_WINDOWS else "")
     return f"{c.verdict.value} ({how})"
 
 
@@ -90,55 +93,46 @@ def main(argv: list[str] | None = None) -> int:
         try:
             selection.experiment = latest_experiment(MlflowClient(tracking_uri=args.tracking_uri))
         except ConfigError as exc:
-            print(f"gb10exp.report: error: {exc}", file=sys.stderr)
-            return 2
-    label = selection.label()
-    constraints = None
+            return _error(exc)
+    label, constraints = selection.label(), None
     if args.recommend:
         constraints = Constraints(args.max_weight_gib, args.min_decode_tokens_per_s, args.device or "gb10")
-    elif (
-        args.max_weight_gib is not None or args.min_decode_tokens_per_s is not None or args.device is not None
-    ):
-        print(
-            "gb10exp.report: error: --max-weight-gib/--min-decode-tokens-per-s/--device are not allowed without "
-            "--recommend: add --recommend",
-            file=sys.stderr,
+    elif any(v is not None for v in (args.max_weight_gib, args.min_decode_tokens_per_s, args.device)):
+        return _error(
+            "--max-weight-gib/--min-decode-tokens-per-s/--device are not allowed without --recommend: "
+            "add --recommend"
         )
-        return 2
     try:
         report = build_report(args.tracking_uri, selection, args.out or Path("reports") / label, constraints)
     except ConfigError as exc:
-        print(f"gb10exp.report: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     for s in report.summaries:
-        bf16, fp8 = s.row.vs_bf16, s.row.vs_fp8
+        bf16 = s.row.vs_bf16
         print(
             f"{s.model} {s.qformat} ({_calib(s.row.run.calib_size)}): "
-            f"vs bf16 {_said(bf16)}, vs fp8 {_said(fp8)}"
+            f"vs bf16 {_said(bf16)}, vs fp8 {_said(s.row.vs_fp8)}"
         )
         if bf16.recipe is not None:
             print(
                 f"  smallest detectable loss vs bf16: {detectable_cell(bf16)} ({bf16.recipe.windows} windows, "
                 f"{bf16.recipe.seeds} seed{'s' if bf16.recipe.seeds > 1 else ''}); "
-                f"windows for ±0.5 pp: {windows_needed_cell(bf16)}"
+                f"windows for ±{RESOLVE * 100:.1f} pp: {windows_needed_cell(bf16)}"
             )
     if report.fp8_command:
         print(
             f"no fp8 run exists, so there is no verdict against fp8; add the fp8 runs with:\n  {report.fp8_command}"
         )
-    failed = len(report.collected.unfinished) + len(report.collected.prerun_failures)
-    if failed:
+    if failed := len(report.collected.unfinished) + len(report.collected.prerun_failures):
         print(f"{failed} run(s) of the selection did not finish: listed in the report")
-    print(f"report: {report.folder / 'report.md'}")
+    folder = report.folder
+    print(f"report: {folder / 'report.md'}")
     if (rec := report.recommendation) is not None:
         if rec.choice is not None:
             print(f"recommendation on {rec.device_name}: {rec.choice.name} — " + "; ".join(rec.reasons))
             print(f"uncertainty: {rec.uncertainty}")
         else:
             print("recommendation: no run meets the constraints. " + " ".join(rec.binding))
-        print(
-            f"recommendation: {report.folder / 'recommend.md'} (Pareto front: {report.folder / 'pareto.png'})"
-        )
+        print(f"recommendation: {folder / 'recommend.md'} (Pareto front: {folder / 'pareto.png'})")
     if not args.no_log and (run_id := log_report(args.tracking_uri, report, label)):
         print(f"logged as MLflow run {run_id} (artifacts under report/)")
     return 0

@@ -1,10 +1,8 @@
-"""MLflow runs -> rows: the runs a report covers, their per-window results, and the runs that failed.
-
-A report covers one experiment, or one sweep (which may span experiments: a sweep over models writes to
-one experiment per model). Reference runs (bf16, fp8) are looked up in the whole experiment of every
-covered run, because resume skips a job whose twin finished in an earlier sweep. Runs that did not
-finish are listed, never dropped; so are the jobs of a local sweep folder that failed before an MLflow
-run existed (their ``failed.txt``).
+"""MLflow runs -> rows: the runs a report covers (one experiment, or one sweep, which may span one
+experiment per model), their per-window results, and the runs that failed (listed, never dropped, with
+the jobs of a local sweep folder that failed before an MLflow run existed: their ``failed.txt``).
+Reference runs (bf16, fp8) are looked up in the whole experiment of every covered run, because resume
+skips a job whose twin finished in an earlier sweep.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from gb10exp.config import ConfigError
 from gb10exp.quant import formats
@@ -28,8 +25,11 @@ WINDOW_PARAMS = ("eval.dataset", "eval.path", "eval.seq_len", "eval.num_windows"
 # The tags that make two runs comparable (CONTRACT: identity helper): the digest of the scored tokens and
 # scoring protocol, of the tokenizer, and the dtype the numbers were computed in.
 PAIR_TAGS = ("eval_digest", "tokenizer_digest", "compute_dtype")
-PAIRED_BY_TAGS = "eval_digest, tokenizer_digest, compute_dtype"
+PAIRED_BY_TAGS = ", ".join(PAIR_TAGS)
 PAIRED_BY_PARAMS = "params (old run without digest tags)"
+# The config hash's exclusions: they never change what a run measures, so they do not split a recipe.
+UNMEASURED = ("tracking", "force", "cache")
+FAILED_FILE = "failed.txt"  # in a job's Hydra output folder: why it failed (no MLflow run may exist)
 
 
 @dataclass
@@ -84,29 +84,18 @@ class RunRow:
 
     @property
     def fmt(self) -> formats.Format:
-        """The run's format, rebuilt from its params (``gb10exp.quant.formats.from_params``)."""
         return formats.from_params(self.params)
 
     @property
-    def calibrated(self) -> bool:
-        """Quantized by modelopt with calibration data (not weight-only round-to-nearest formats, whose
-        result no calibration sample touches)."""
-        return self.fmt.calibrates
-
-    @property
     def quantized(self) -> bool:
-        """Quantized (modelopt, ``mtq.auto_quantize`` or llama.cpp's quantizer): not a bf16 reference."""
+        """By modelopt, ``mtq.auto_quantize`` or llama.cpp's quantizer: not a bf16 reference."""
         return self.fmt.quantized
 
     @property
     def calib_size(self) -> int | None:
-        """None for runs that no calibration touched."""
+        """None for runs that no calibration touched (weight-only round-to-nearest formats among them)."""
         value = self.params.get("calib_size")
-        return int(value) if self.calibrated and value not in NONE else None
-
-    @property
-    def has_digests(self) -> bool:
-        return all(self.tags.get(t) for t in PAIR_TAGS)
+        return int(value) if self.fmt.calibrates and value not in NONE else None
 
     @property
     def seed(self) -> str:
@@ -115,30 +104,32 @@ class RunRow:
     @property
     def recipe_key(self) -> tuple:
         """Runs with equal keys differ at most in their seed: the calibrations of one recipe."""
-        # Keys that never change what a run measures (the config hash's exclusions) do not split a recipe.
-        return tuple(
-            sorted(
-                (k, v)
-                for k, v in self.params.items()
-                if k != "seed" and k.split(".")[0] not in ("tracking", "force", "cache")
-            )
-        )
+        keep = [(k, v) for k, v in self.params.items() if k != "seed" and k.split(".")[0] not in UNMEASURED]
+        return tuple(sorted(keep))
 
     @property
     def ref_windows(self) -> dict[str, list[float]] | None:
-        """The in-run reference: the unquantized model scored on exactly this run's positions."""
-        if not self.windows or not self.windows.get("ref_nll"):
-            return None
-        return {"nll": self.windows["ref_nll"], "tokens": self.windows["tokens"]}
+        return ref_windows(self.windows)
 
     @property
     def error(self) -> str:
         return self.tags.get("error", "")
 
 
+def ref_windows(windows: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+    """The in-run reference's sums in ``windows``: the unquantized model scored on exactly its positions."""
+    if not windows or not windows.get("ref_nll"):
+        return None
+    return {"nll": windows["ref_nll"], "tokens": windows["tokens"]}
+
+
+def _differ(a: dict[str, str], b: dict[str, str], keys) -> list[str]:
+    return [f"{k} {a.get(k)} != {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+
+
 def pair_basis(a: RunRow, b: RunRow) -> str:
     """How two runs are matched: by the digest tags when both carry them, else by params."""
-    return PAIRED_BY_TAGS if a.has_digests and b.has_digests else PAIRED_BY_PARAMS
+    return PAIRED_BY_TAGS if all(a.tags.get(t) and b.tags.get(t) for t in PAIR_TAGS) else PAIRED_BY_PARAMS
 
 
 def pair_differences(a: RunRow, b: RunRow) -> list[str]:
@@ -147,14 +138,9 @@ def pair_differences(a: RunRow, b: RunRow) -> list[str]:
         return [f"model {a.model} != {b.model}"]
     # The digests say nothing about the weights: the model's own params must agree either way.
     keys = [k for k in sorted(set(a.params) | set(b.params)) if k.startswith("model.")]
-    out = [f"{k} {a.params.get(k)} != {b.params.get(k)}" for k in keys if a.params.get(k) != b.params.get(k)]
     if pair_basis(a, b) == PAIRED_BY_TAGS:
-        return out + [f"{t} {a.tags[t]} != {b.tags[t]}" for t in PAIR_TAGS if a.tags[t] != b.tags[t]]
-    return out + [
-        f"{k} {a.params.get(k)} != {b.params.get(k)}"
-        for k in WINDOW_PARAMS
-        if a.params.get(k) != b.params.get(k)
-    ]
+        return _differ(a.params, b.params, keys) + _differ(a.tags, b.tags, PAIR_TAGS)
+    return _differ(a.params, b.params, keys + list(WINDOW_PARAMS))
 
 
 @dataclass
@@ -166,22 +152,19 @@ class Collected:
     experiments: list[str] = field(default_factory=list)
 
 
-def _search(client, experiment_ids: list[str], filter_string: str = "") -> list[Any]:
-    """Every run (all pages), oldest first, without report runs."""
-    runs, token = [], None
+def _search(client, experiments: dict[str, str], filter_string: str = "") -> list[RunRow]:
+    """Every run of ``experiments`` (id -> name; all pages), oldest first, without report runs."""
+    runs, token, order = [], None, ["attributes.start_time ASC"]
     while True:
         page = client.search_runs(
-            experiment_ids,
-            filter_string=filter_string,
-            max_results=1000,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
+            list(experiments), filter_string=filter_string, max_results=1000, order_by=order, page_token=token
         )
         runs.extend(page)
-        token = page.token
-        if not token:
+        if not (token := page.token):
             break
-    return [r for r in runs if r.data.tags.get(REPORT_TAG) != "report"]
+    return [
+        _row(r, experiments[r.info.experiment_id]) for r in runs if r.data.tags.get(REPORT_TAG) != "report"
+    ]
 
 
 def _row(run, experiment: str) -> RunRow:
@@ -197,32 +180,33 @@ def _row(run, experiment: str) -> RunRow:
     )
 
 
-def load_windows(client, row: RunRow) -> None:
-    """The per-window sums of ``results.json`` into ``row`` (works for local stores and tracking servers alike):
-    the run's, and the engine's own where it deployed a simulated format."""
+def _artifact(client, row: RunRow, name: str) -> str | None:
+    """The text of the run's artifact ``name`` (local stores and tracking servers alike), or None."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(row.run_id, "results.json", tmp)
+            path = client.download_artifacts(row.run_id, name, tmp)
         except Exception:  # no artifact (an old or foreign run): the report falls back to the metrics
-            return
-        results = json.loads(Path(path).read_text())
-    row.windows, row.deployed_windows = results.get("windows"), results.get("windows_deployed")
+            return None
+        return Path(path).read_text()
+
+
+def load_windows(client, row: RunRow) -> None:
+    """The per-window sums of ``results.json`` into ``row``: the run's, and the engine's own where it
+    deployed a simulated format."""
+    if (text := _artifact(client, row, "results.json")) is not None:
+        results = json.loads(text)
+        row.windows, row.deployed_windows = results.get("windows"), results.get("windows_deployed")
 
 
 def load_overrides(client, row: RunRow) -> list[str] | None:
     """The job's command-line overrides (``overrides.yaml``: one per line), or None for a run without it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(row.run_id, "overrides.yaml", tmp)
-        except Exception:  # an old or foreign run
-            return None
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    text = _artifact(client, row, "overrides.yaml")
+    return None if text is None else [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def latest_experiment(client) -> str:
     """The name of the experiment holding the most recently started job run (report runs aside)."""
-    experiment_id = latest_experiment_id(client)
-    if experiment_id is None:
+    if (experiment_id := latest_experiment_id(client)) is None:
         raise ConfigError(
             "the tracking store holds no runs: run a sweep first (python -m gb10exp +experiment=nvfp4_claim)"
         )
@@ -253,24 +237,21 @@ def prerun_failures(sweep_dir: str | None) -> list[tuple[str, str]]:
     """Jobs of a local sweep folder that failed before an MLflow run existed."""
     if not sweep_dir or not Path(sweep_dir).is_dir():
         return []
-    return [(f.parent.name, f.read_text().strip()) for f in sorted(Path(sweep_dir).glob("*/failed.txt"))]
+    return [(f.parent.name, f.read_text().strip()) for f in sorted(Path(sweep_dir).glob(f"*/{FAILED_FILE}"))]
 
 
 def collect(client, selection: Selection) -> Collected:
     """The runs of ``selection``, their references, and their failures, with per-window results."""
     experiments = _experiment_ids(client, selection)
-    selected = [
-        _row(r, experiments[r.info.experiment_id])
-        for r in _search(client, list(experiments), selection.filter_string())
-    ]
+    selected = _search(client, experiments, selection.filter_string())
     if not selected and not prerun_failures(selection.sweep_dir):
         raise ConfigError(
             f"no runs match {selection.label()!r} in this tracking store; check --experiment/--sweep "
             "and --tracking-uri"
         )
     involved = {r.experiment for r in selected}
-    ids = [i for i, n in experiments.items() if n in involved]
-    pool = [_row(r, experiments[r.info.experiment_id]) for r in _search(client, ids)] if ids else []
+    ids = {i: n for i, n in experiments.items() if n in involved}
+    pool = _search(client, ids) if ids else []
     finished = _latest_per_config([r for r in selected if r.status == "FINISHED"])
     references = _latest_per_config(
         [r for r in pool if r.status == "FINISHED" and (not r.quantized or r.qformat == "fp8")]

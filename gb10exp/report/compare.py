@@ -1,19 +1,5 @@
-"""Pair every run with its references (bf16 and fp8 on the same windows) and judge it.
-
-Two runs pair only when they scored the same tokens the same way: equal ``eval_digest``,
-``tokenizer_digest`` and ``compute_dtype`` tags and equal ``model.*`` params. Runs recorded before those
-tags existed fall back to the window params (``WINDOW_PARAMS``) and are labelled so. The bf16 reference of
-a run is the latest finished unquantized run that pairs with it; when there is none, the run's in-run
-reference (the unquantized model scored on exactly its windows: ``windows.ref_nll`` in results.json) is
-used, so a sweep without a bf16 job still gets a verdict. Every comparison says which reference it used.
-The fp8 reference is the fp8 run with the same calibration size and seed when there is one, else the fp8
-run with the most calibration samples.
-
-Calibrations of one recipe with different seeds (``seed=0,1,2``) are judged together: the verdict of each
-is on the recipe's expected loss, with an interval that accounts for the seeds and the evaluation windows
-at once (``stats.recipe_change``); their spread (min..max of their own losses) is shown beside it. Each
-format's summary verdict is taken at its largest calibration size (the one a user would deploy); the
-spread across calibration sizes is reported beside it.
+"""Pair every run with its references (bf16 and fp8 scored on the same tokens the same way: see
+``collect.pair_differences``) and judge it, every comparison naming the reference it used.
 """
 
 from __future__ import annotations
@@ -22,17 +8,9 @@ import shlex
 import statistics
 from dataclasses import dataclass, field
 
-from gb10exp.report.collect import Collected, RunRow, pair_basis, pair_differences
-from gb10exp.report.stats import (
-    Interval,
-    RecipeChange,
-    WindowMismatch,
-    Windows,
-    point_only,
-    ppl_interval,
-    recipe_change,
-    relative_change,
-)
+from gb10exp.report import stats
+from gb10exp.report.collect import Collected, RunRow, pair_basis, pair_differences, ref_windows
+from gb10exp.report.stats import Interval, RecipeChange, Windows
 from gb10exp.report.verdict import THRESHOLD, Verdict, verdict
 
 IN_RUN = "in-run reference"  # the unquantized model, scored inside the quantized run on its windows
@@ -64,11 +42,9 @@ class Comparison:
     @property
     def label(self) -> str:
         """Which reference, and how it was matched: printed beside every verdict."""
-        if not self.source:
-            return ""
-        return (
-            self.source if self.paired_by in ("", SAME_RUN) else f"{self.source}, paired by {self.paired_by}"
-        )
+        if not self.source or self.paired_by in ("", SAME_RUN):
+            return self.source
+        return f"{self.source}, paired by {self.paired_by}"
 
 
 @dataclass
@@ -124,13 +100,13 @@ def _judged(change: Interval, recipe: RecipeChange | None, **kwargs) -> Comparis
 
 
 def _paired_change(
-    windows: Windows | None, ref: Windows | None, ppl: float, ppl_ref: float
+    windows: Windows | None, ref: Windows | None, ppl: float | None, ppl_ref: float | None
 ) -> tuple[Interval, RecipeChange | None]:
     """The change and its statistics from per-window sums, else the point estimate from the perplexities."""
     if windows and ref:
-        recipe = recipe_change([(windows, ref)])
+        recipe = stats.recipe_change([(windows, ref)])
         return recipe.interval, recipe
-    return point_only(ppl, ppl_ref), None
+    return stats.point_only(ppl, ppl_ref), None
 
 
 def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Comparison:
@@ -142,7 +118,7 @@ def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Compar
             change, recipe = _paired_change(
                 row.windows, ref.windows, row.metrics["perplexity"], ref.metrics["perplexity"]
             )
-        except WindowMismatch as exc:
+        except stats.WindowMismatch as exc:
             return Comparison(reference=ref, note=f"windows differ ({exc})", source=source, paired_by=basis)
         return _judged(change, recipe, reference=ref, source=source, paired_by=basis)
     if role == "bf16" and (in_run := in_run_change(row)) is not None:
@@ -151,12 +127,13 @@ def _compare(row: RunRow, ref: RunRow | None, role: str, missing: str) -> Compar
 
 
 def in_run_change(row: RunRow) -> tuple[Interval, RecipeChange | None] | None:
-    """The change against the unquantized model evaluated inside the run (same windows by construction)."""
-    if (ref := row.ref_windows) is not None and row.windows:
-        recipe = recipe_change([(row.windows, ref)])
-        return recipe.interval, recipe
-    if "reference_perplexity" in row.metrics and "perplexity" in row.metrics:  # no per-window sums kept
-        return point_only(row.metrics["perplexity"], row.metrics["reference_perplexity"]), None
+    """The change against the unquantized model evaluated inside the run (same windows by construction);
+    without per-window sums, from its ``reference_perplexity``."""
+    m = row.metrics
+    if (row.ref_windows and row.windows) or ("reference_perplexity" in m and "perplexity" in m):
+        return _paired_change(
+            row.windows, row.ref_windows, m.get("perplexity"), m.get("reference_perplexity")
+        )
     return None
 
 
@@ -169,17 +146,13 @@ def _candidates(row: RunRow, references: list[RunRow], role: str) -> tuple[list[
         and r.run_id != row.run_id
         and ((role == "bf16" and not r.quantized) or (role == "fp8" and r.quantized and r.qformat == "fp8"))
     ]
-    paired, unpaired = [], []
-    for ref in pool:
-        differences = pair_differences(row, ref)
-        if differences:
-            unpaired.append(Unpaired(row, ref, role, differences))
-        else:
-            paired.append(ref)
-    return paired, unpaired
+    found = [(ref, pair_differences(row, ref)) for ref in pool]
+    return [ref for ref, d in found if not d], [Unpaired(row, ref, role, d) for ref, d in found if d]
 
 
 def bf16_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None, list[Unpaired]]:
+    """The latest unquantized run that pairs; else ``compare`` uses the run's in-run reference (the
+    unquantized model scored on exactly its windows), so a sweep without a bf16 job still gets a verdict."""
     if not row.quantized:
         return row, []
     paired, unpaired = _candidates(row, references, "bf16")
@@ -187,6 +160,7 @@ def bf16_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None
 
 
 def fp8_reference(row: RunRow, references: list[RunRow]) -> tuple[RunRow | None, list[Unpaired]]:
+    """The fp8 run with the same calibration size and seed, else the one with the most calibration samples."""
     if row.qformat == "fp8" and row.run_id in {r.run_id for r in references}:
         return row, []
     paired, unpaired = _candidates(row, references, "fp8")
@@ -252,8 +226,8 @@ def combine_seeds(rows: list[ReportRow]) -> None:
             if any(w is None for w in windows):
                 continue  # point estimates only: each keeps its own verdict, marked "(point estimate)"
             try:
-                recipe = recipe_change(windows)
-            except WindowMismatch:
+                recipe = stats.recipe_change(windows)
+            except stats.WindowMismatch:
                 continue  # cannot happen for runs that paired with their references; kept apart if it does
             for c in comparisons:
                 c.recipe, c.judged, c.judged_by = recipe, recipe.interval, SEEDS_AND_WINDOWS
@@ -261,9 +235,9 @@ def combine_seeds(rows: list[ReportRow]) -> None:
 
 
 def summarize(rows: list[ReportRow]) -> list[FormatSummary]:
-    """Per model and quantized format: the verdict at the largest calibration size (with several seeds
-    there, the seed whose loss is the median one stands for the recipe; its verdict is already the
-    recipe's, over seeds and windows)."""
+    """Per model and quantized format: the verdict at the largest calibration size (the one a user would
+    deploy; with several seeds there, the median seed's, whose verdict is already the recipe's), with the
+    spread across calibration sizes."""
     groups: dict[tuple[str, str], list[ReportRow]] = {}
     for r in rows:
         if r.run.quantized:
@@ -272,20 +246,15 @@ def summarize(rows: list[ReportRow]) -> list[FormatSummary]:
     for (model, qformat), members in groups.items():
         largest = max(r.run.calib_size or 0 for r in members)
         at_largest = [r for r in members if (r.run.calib_size or 0) == largest]
-        scored = sorted(
-            (r for r in at_largest if r.vs_bf16.change is not None), key=lambda r: r.vs_bf16.change.point
-        )
+        scored = sorted((r for r in at_largest if r.vs_bf16.change), key=lambda r: r.vs_bf16.change.point)
         chosen = scored[(len(scored) - 1) // 2] if scored else at_largest[-1]
         # Calibration sizes are compared at one seed (the chosen one's), so seeds do not count twice.
-        same_seed = [r for r in members if r.run.seed == chosen.run.seed]
-        points = [r.vs_bf16.change.point for r in same_seed if r.vs_bf16.change is not None]
+        same_seed = [r.vs_bf16.change for r in members if r.run.seed == chosen.run.seed]
+        points = [c.point for c in same_seed if c is not None]
         spread = max(points) - min(points) if len(points) > 1 else None
         seeds = sorted({r.run.seed for r in at_largest if r.run.recipe_key == chosen.run.recipe_key})
-        out.append(
-            FormatSummary(
-                model, qformat, chosen, sorted({r.run.calib_size or 0 for r in members}), spread, seeds
-            )
-        )
+        calib_sizes = sorted({r.run.calib_size or 0 for r in members})
+        out.append(FormatSummary(model, qformat, chosen, calib_sizes, spread, seeds))
     return out
 
 
@@ -338,9 +307,9 @@ def resolution(rows: list[ReportRow]) -> Resolution | None:
 def _baseline_ppl(base: RunRow | None, rows: list[ReportRow]) -> Interval | None:
     """The bf16 run's perplexity interval, or the in-run reference's when no bf16 run is in the report."""
     if base is not None and base.windows:
-        return ppl_interval(base.windows)
+        return stats.ppl_interval(base.windows)
     in_run = next((r.run.ref_windows for r in rows if r.run.ref_windows is not None), None)
-    return ppl_interval(in_run) if in_run is not None else None
+    return stats.ppl_interval(in_run) if in_run is not None else None
 
 
 @dataclass
@@ -364,8 +333,8 @@ def _paired(windows: Windows | None, ref: Windows | None) -> Interval | None:
     if not windows or not ref:
         return None
     try:
-        return relative_change(windows, ref)
-    except WindowMismatch:
+        return stats.relative_change(windows, ref)
+    except stats.WindowMismatch:
         return None
 
 
@@ -383,7 +352,6 @@ def engine_rows(rows: list[ReportRow]) -> list[EngineRow]:
             engine, sums, simulated = m["engine_perplexity"], run.deployed_windows, None
         else:
             continue
-        ref = {"nll": sums["ref_nll"], "tokens": sums["tokens"]} if sums and sums.get("ref_nll") else None
         vs_simulated = _paired(sums, run.windows) if simulated is not None else None
-        out.append(EngineRow(run, engine, _paired(sums, ref), simulated, vs_simulated))
+        out.append(EngineRow(run, engine, _paired(sums, ref_windows(sums)), simulated, vs_simulated))
     return sorted(out, key=lambda e: (e.run.model, e.run.backend, e.run.qformat, e.run.calib_size or 0))

@@ -1,27 +1,13 @@
-"""Which quantization should I run on my device? A recommendation under a memory and speed budget.
-
-For every finished run of the report (one point per run): quality (perplexity change against bf16 with the
-interval its verdict used, over evaluation windows and calibration seeds; KL; task scores when present),
-deployed weight bytes (``weight_gib``), decode speed on the chosen device, and whether an engine serves the
-format natively there (``gb10exp.backends.support.native_engines``).
-
-Decode speed is *measured* when a run's ``hardware``/``gpu`` tag names the device and its speed is valid
-(not a fake-quantized model). Otherwise it is *projected*: for GB10, a run measured on another GPU gives
-``gb10_projected_decode_tokens_per_s`` (the same fraction of the bandwidth bound, with GB10's bandwidth);
-without a measurement, the bandwidth bound itself (device bandwidth / the deployed format's bytes per
-decode step, metric ``decode_gib``: ``gb10exp.quant.bytes.decode_step_bytes``, batch 1, short context), an
-upper bound. Both are labelled "projected".
-
-The choice is the run with the smallest perplexity loss among those that meet every constraint (ties: the
-smaller one); runs whose loss intervals overlap the choice's are named as statistically indistinguishable.
-When no run meets the constraints, the constraint that binds is the one whose relaxation alone would admit
-a run, with the value it would need.
+"""Which quantization should I run on my device? A recommendation under a memory and speed budget: per
+run, its loss vs bf16 (the interval its verdict used), KL, task scores, deployed weights, decode speed on
+the device and the engines that serve its format natively there (``backends.support.native_engines``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +15,18 @@ from gb10exp import hardware
 from gb10exp.backends.support import native_engines
 from gb10exp.config import ConfigError
 from gb10exp.report import render
-from gb10exp.report.compare import ReportRow
-from gb10exp.report.render import Block, pct
+from gb10exp.report.compare import SEEDS_AND_WINDOWS, WINDOWS, ReportRow
+from gb10exp.report.render import Block, attrs, ci, interval_json, number_cell, pct, speed_valid
 from gb10exp.report.stats import Interval
 
 PLOT_NAME = "pareto.png"
 GIB = 2**30
 WEIGHT, SPEED, NATIVE = "--max-weight-gib", "--min-decode-tokens-per-s", "native engine"
+INTERVAL_OVER = {  # by Comparison.judged_by
+    SEEDS_AND_WINDOWS: "95% interval over calibration seeds and evaluation windows",
+    WINDOWS: "95% interval over evaluation windows",
+}
+
 
 @dataclass
 class Constraints:
@@ -56,8 +47,10 @@ def device_spec(device: str) -> hardware.DeviceSpec:
     row = hardware.spec(device)
     if row is None:
         names = ", ".join(d.pattern for d in hardware.DEVICES)
-        raise ConfigError(f"--device={device!r} is not allowed: its bandwidth and architecture are unknown; one of "
-                          f"{names} (add a row to DEVICES in gb10exp/hardware.py)")
+        raise ConfigError(
+            f"--device={device!r} is not allowed: its bandwidth and architecture are unknown; one of "
+            f"{names} (add a row to DEVICES in gb10exp/hardware.py)"
+        )
     return row
 
 
@@ -68,10 +61,6 @@ class Candidate:
     row: ReportRow
     loss: Interval | None  # perplexity change vs bf16: the interval its verdict used
     loss_basis: str  # "windows" | "seeds" | "exact" (the bf16 run itself) | ""
-    reference: str  # which bf16 reference
-    kl: float | None
-    tasks: dict[str, float]
-    weight_gib: float | None
     speed: float | None
     speed_kind: str  # "measured" | "projected" | ""
     speed_note: str
@@ -85,13 +74,28 @@ class Candidate:
         return self.row.run.name
 
     @property
+    def reference(self) -> str:
+        """Which bf16 reference."""
+        return "itself" if self.loss_basis == "exact" else self.row.vs_bf16.label
+
+    @property
+    def kl(self) -> float | None:
+        return self.row.run.metrics.get("kl_mean")
+
+    @property
+    def weight_gib(self) -> float | None:
+        return self.row.run.metrics.get("weight_gib")
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        names = render.task_metric_names([self.row])
+        return {k.removeprefix("task/"): v for k, v in self.row.run.metrics.items() if k in names}
+
+    @property
     def label(self) -> str:
         run = self.row.run
-        return (
-            run.qformat
-            + (f"/c{run.calib_size}" if run.calib_size else "")
-            + (f"/s{run.seed}" if run.seed not in ("0", "None") else "")
-        )
+        calib = f"/c{run.calib_size}" if run.calib_size else ""
+        return run.qformat + calib + (f"/s{run.seed}" if run.seed not in ("0", "None") else "")
 
 
 @dataclass
@@ -116,71 +120,47 @@ def _native(run, arch: str) -> list[str] | None:
 
 
 def _speed(row: ReportRow, device_name: str, bandwidth: float) -> tuple[float | None, str, str]:
+    """Decode speed, "measured" or "projected", and how. Measured when the run's ``hardware``/``gpu`` tag
+    names the device and its speed is valid (not fake-quantized). Else projected: on GB10, a run measured on
+    another GPU gives ``gb10_projected_decode_tokens_per_s`` (the same fraction of the bandwidth bound);
+    otherwise the bound itself, bandwidth / bytes per decode step (``decode_gib``:
+    ``quant.bytes.decode_step_bytes``, batch 1, short context), an upper bound."""
     run, m = row.run, row.run.metrics
     where = run.tags.get("hardware") or run.tags.get("gpu") or ""
-    valid = run.tags.get("speed_valid", "true") != "false"
+    valid = speed_valid(run)
     if valid and "decode_tokens_per_s" in m and device_name.lower() in where.lower():
         return m["decode_tokens_per_s"], "measured", f"measured on {where}"
     if valid and device_name == "GB10" and "gb10_projected_decode_tokens_per_s" in m:
-        return (
-            m["gb10_projected_decode_tokens_per_s"],
-            "projected",
-            f"projected from {where or 'another device'}: its fraction of the bandwidth bound at GB10's bandwidth",
-        )
+        how = f"from {where or 'another device'}: its fraction of the bandwidth bound at GB10's bandwidth"
+        return m["gb10_projected_decode_tokens_per_s"], "projected", f"projected {how}"
     if step := m.get("decode_gib"):
-        return (
-            bandwidth * 1e9 / (step * GIB),
-            "projected",
-            f"projected: bandwidth bound {bandwidth:.0f} GB/s / {step:.3f} GiB read per decode step (an upper "
-            "bound, batch 1, short context)",
-        )
+        how = f"{step:.3f} GiB read per decode step (an upper bound, batch 1, short context)"
+        speed = bandwidth * 1e9 / (step * GIB)
+        return speed, "projected", f"projected: bandwidth bound {bandwidth:.0f} GB/s / {how}"
     return None, "", "no speed: no measurement, and the run predates the decode_gib metric"
 
 
-def candidates(rows: list[ReportRow], c: Constraints) -> tuple[list[Candidate], str, float, str]:
+def candidates(rows: list[ReportRow], c: Constraints) -> tuple[list[Candidate], hardware.DeviceSpec]:
     spec = device_spec(c.device)
-    device_name, bandwidth, arch = spec.pattern, spec.peak_gbps, spec.arch
     out = []
     for row in rows:
-        run, comp = row.run, row.vs_bf16
-        if comp.note == "reference":
-            loss, basis = Interval(0.0, 0.0, 0.0), "exact"
-        else:
-            loss, basis = comp.judged, comp.judged_by
-        weight = run.metrics.get("weight_gib")
-        speed, kind, note = _speed(row, device_name, bandwidth)
-        tasks = {
-            k.removeprefix("task/"): v for k, v in run.metrics.items() if k in render.task_metric_names([row])
-        }
-        cand = Candidate(
-            row,
-            loss,
-            basis,
-            "itself" if basis == "exact" else comp.label,
-            run.metrics.get("kl_mean"),
-            tasks,
-            weight,
-            speed,
-            kind,
-            note,
-            _native(run, arch),
-        )
+        comp, speed = row.vs_bf16, _speed(row, spec.pattern, spec.peak_gbps)
+        exact = comp.note == "reference"
+        loss, basis = (Interval(0.0, 0.0, 0.0), "exact") if exact else (comp.judged, comp.judged_by)
+        cand = Candidate(row, loss, basis, *speed, _native(row.run, spec.arch))
         cand.fails = _fails(cand, c)
         out.append(cand)
-    return out, device_name, bandwidth, arch
+    return out, spec
 
 
 def _fails(cand: Candidate, c: Constraints) -> list[str]:
-    fails = []
-    if c.max_weight_gib is not None and (cand.weight_gib is None or cand.weight_gib > c.max_weight_gib):
-        fails.append(WEIGHT)
-    if c.min_decode_tokens_per_s is not None and (
-        cand.speed is None or cand.speed < c.min_decode_tokens_per_s
-    ):
-        fails.append(SPEED)
-    if cand.native is not None and not cand.native:
-        fails.append(NATIVE)
-    return fails
+    weight, speed = c.max_weight_gib, c.min_decode_tokens_per_s
+    failed = {
+        WEIGHT: weight is not None and (cand.weight_gib is None or cand.weight_gib > weight),
+        SPEED: speed is not None and (cand.speed is None or cand.speed < speed),
+        NATIVE: cand.native is not None and not cand.native,
+    }
+    return [flag for flag, fails in failed.items() if fails]
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -202,13 +182,9 @@ def _interval_text(x: Candidate) -> str:
         return "–"
     if x.loss_basis == "exact":
         return "0 (the bf16 reference itself)"
-    how = {
-        "seeds and windows": "95% interval over calibration seeds and evaluation windows",
-        "windows": "95% interval over evaluation windows",
-    }.get(x.loss_basis, "")
     if not x.loss.has_ci:
         return f"{pct(x.loss.point)} (point estimate, no interval)"
-    return f"{pct(x.loss.point)} [{x.loss.lo * 100:+.2f}, {x.loss.hi * 100:+.2f}] ({how})"
+    return f"{ci(x.loss)} ({INTERVAL_OVER.get(x.loss_basis, '')})"
 
 
 def _binding(scored: list[Candidate], c: Constraints) -> list[str]:
@@ -248,9 +224,13 @@ def _binding(scored: list[Candidate], c: Constraints) -> list[str]:
 
 
 def recommend(rows: list[ReportRow], c: Constraints) -> Recommendation:
-    """The candidates, their Pareto fronts, and one choice (or why there is none)."""
+    """The candidates, their Pareto fronts, and the choice: the smallest loss among the runs meeting every
+    constraint (ties: the smaller), naming those whose intervals overlap it as indistinguishable. When none
+    meets them, the binding constraint is the one whose relaxation alone would admit a run, with the value
+    it would need."""
     c.check()
-    cands, device_name, bandwidth, arch = candidates(rows, c)
+    cands, spec = candidates(rows, c)
+    setting = (c, spec.pattern, spec.peak_gbps, spec.arch)  # the fields every Recommendation starts with
     _mark_fronts(cands)
     scored = [x for x in cands if x.loss is not None]
     unscored = [
@@ -258,9 +238,7 @@ def recommend(rows: list[ReportRow], c: Constraints) -> Recommendation:
     ]
     ok = [x for x in scored if not x.fails]
     if not ok:
-        return Recommendation(
-            c, device_name, bandwidth, arch, cands, None, [], "", _binding(scored, c), unscored
-        )
+        return Recommendation(*setting, cands, None, [], "", _binding(scored, c), unscored)
     choice = min(ok, key=lambda x: (x.loss.point, x.weight_gib or math.inf))
     reasons = [
         f"smallest perplexity loss vs bf16 among the {len(ok)} of {len(scored)} runs that meet every "
@@ -275,26 +253,22 @@ def recommend(rows: list[ReportRow], c: Constraints) -> Recommendation:
     if choice.native is None:
         reasons.append("native engine support unknown (the format's export is unknown)")
     else:
-        reasons.append(f"served natively on {c.device} ({arch}) by {', '.join(choice.native)}")
+        reasons.append(f"served natively on {c.device} ({spec.arch}) by {', '.join(choice.native)}")
     if choice.kl is not None:
         reasons.append(f"KL {choice.kl:.4f} nats/token")
     reasons += [f"{k} {v:.3f}" for k, v in choice.tasks.items()]
-    uncertainty = _uncertainty(choice, ok)
-    return Recommendation(c, device_name, bandwidth, arch, cands, choice, reasons, uncertainty, [], unscored)
+    return Recommendation(*setting, cands, choice, reasons, _uncertainty(choice, ok), [], unscored)
+
+
+def _overlap(a: Interval, b: Interval) -> bool:
+    return a.lo <= b.hi and b.lo <= a.hi
 
 
 def _uncertainty(choice: Candidate, ok: list[Candidate]) -> str:
     text = f"Loss {_interval_text(choice)}."
     if choice.loss is not None and choice.loss_basis != "exact" and not choice.loss.has_ci:
         text += " Without per-window results there is no interval: treat the ranking as provisional."
-    close = [
-        x
-        for x in ok
-        if x is not choice
-        and x.loss is not None
-        and x.loss.lo <= choice.loss.hi
-        and choice.loss.lo <= x.loss.hi
-    ]
+    close = [x for x in ok if x is not choice and x.loss is not None and _overlap(x.loss, choice.loss)]
     if close:
         names = "; ".join(f"{x.name} ({_interval_text(x)}, {x.weight_gib or 0:.3f} GiB)" for x in close)
         text += (
@@ -309,41 +283,22 @@ def _uncertainty(choice: Candidate, ok: list[Candidate]) -> str:
 
 
 def as_json(rec: Recommendation) -> dict[str, Any]:
-    def interval(i: Interval | None) -> dict | None:
-        return None if i is None else {"point": i.point, "lo": i.lo, "hi": i.hi, "has_ci": i.has_ci}
-
     return {
         "constraints": {
-            "max_weight_gib": rec.constraints.max_weight_gib,
-            "min_decode_tokens_per_s": rec.constraints.min_decode_tokens_per_s,
-            "device": rec.constraints.device,
-            "device_name": rec.device_name,
-            "bandwidth_gbps": rec.bandwidth_gbps,
-            "arch": rec.arch,
+            **attrs(rec.constraints, "max_weight_gib", "min_decode_tokens_per_s", "device"),
+            **attrs(rec, "device_name", "bandwidth_gbps", "arch"),
         },
-        "choice": None
-        if rec.choice is None
-        else {"run_id": rec.choice.row.run.run_id, "name": rec.choice.name},
-        "reasons": rec.reasons,
-        "uncertainty": rec.uncertainty,
-        "binding": rec.binding,
-        "unscored": rec.unscored,
+        "choice": rec.choice and {"run_id": rec.choice.row.run.run_id, "name": rec.choice.name},
+        **attrs(rec, "reasons", "uncertainty", "binding", "unscored"),
         "runs": [
             {
-                "run_id": x.row.run.run_id,
-                "name": x.name,
-                "qformat": x.row.run.qformat,
-                "calib_size": x.row.run.calib_size,
-                "seed": x.row.run.seed,
-                "loss": interval(x.loss),
-                "loss_basis": x.loss_basis,
-                "reference": x.reference,
+                **attrs(x.row.run, "run_id", "name", "qformat", "calib_size", "seed"),
+                "loss": interval_json(x.loss),
+                **attrs(x, "loss_basis", "reference"),
                 "kl_mean": x.kl,
-                "tasks": x.tasks,
-                "weight_gib": x.weight_gib,
+                **attrs(x, "tasks", "weight_gib"),
                 "decode_tokens_per_s": x.speed,
-                "speed_kind": x.speed_kind,
-                "speed_note": x.speed_note,
+                **attrs(x, "speed_kind", "speed_note"),
                 "native_engines": x.native,
                 "fails": x.fails,
                 "pareto_bytes": x.front_bytes,
@@ -354,102 +309,63 @@ def as_json(rec: Recommendation) -> dict[str, Any]:
     }
 
 
+def _cells(x: Candidate, tasks: bool) -> tuple[str, ...]:
+    """One run's row of the recommendation table."""
+    cells = [x.name, _interval_text(x), number_cell(x.kl, "{:.4f}")]
+    cells += [", ".join(f"{k} {v:.3f}" for k, v in x.tasks.items()) or "–"] if tasks else []
+    cells += [
+        number_cell(x.weight_gib, "{:.3f}"),
+        "–" if x.speed is None else f"{x.speed:.1f} ({x.speed_kind})",
+    ]
+    cells.append("unknown" if x.native is None else (", ".join(x.native) or "none"))
+    cells.append("/".join(("yes" if f else "no") for f in (x.front_bytes, x.front_speed)) if x.loss else "–")
+    return (*cells, ", ".join(x.fails) or "–")
+
+
 def blocks(rec: Recommendation, plot_name: str | None) -> list[Block]:
     c = rec.constraints
-    limits = [
-        f"{WEIGHT} {c.max_weight_gib:g}" if c.max_weight_gib is not None else None,
-        f"{SPEED} {c.min_decode_tokens_per_s:g}" if c.min_decode_tokens_per_s is not None else None,
-        f"--device {c.device} ({rec.device_name}, {rec.bandwidth_gbps:.0f} GB/s, {rec.arch})",
-    ]
-    out = [
-        Block("h2", "Recommendation"),
-        Block("p", "Constraints: " + ", ".join(x for x in limits if x) + "."),
-    ]
+    budget = ((WEIGHT, c.max_weight_gib), (SPEED, c.min_decode_tokens_per_s))
+    limits = [f"{flag} {v:g}" for flag, v in budget if v is not None]
+    limits.append(f"--device {c.device} ({rec.device_name}, {rec.bandwidth_gbps:.0f} GB/s, {rec.arch})")
+    out = [Block("h2", "Recommendation"), Block("p", "Constraints: " + ", ".join(limits) + ".")]
     if rec.choice is not None:
-        out.append(
-            Block(
-                "p",
-                f"**Run {rec.choice.name}** ({rec.choice.row.run.qformat}"
-                f"{f', calib {rec.choice.row.run.calib_size}' if rec.choice.row.run.calib_size else ''}). "
-                "Why: " + "; ".join(rec.reasons) + ".",
-            )
-        )
-        out.append(Block("p", "Uncertainty: " + rec.uncertainty))
+        run = rec.choice.row.run
+        calib = f", calib {run.calib_size}" if run.calib_size else ""
+        why = f"**Run {rec.choice.name}** ({run.qformat}{calib}). Why: " + "; ".join(rec.reasons) + "."
+        out += [Block("p", why), Block("p", "Uncertainty: " + rec.uncertainty)]
     else:
         out.append(Block("p", "**No run meets the constraints.** " + " ".join(b + "." for b in rec.binding)))
-    headers = (
-        "run",
-        "loss vs bf16 (interval used)",
-        "KL",
-        "weights GiB",
-        "decode tok/s",
-        "native engines",
-        "Pareto (bytes / speed)",
-        "fails",
-    )
-    if any(x.tasks for x in rec.candidates):  # task scores only when some run has them
-        headers = headers[:3] + ("tasks",) + headers[3:]
-    body = []
-    for x in rec.candidates:
-        speed = "–" if x.speed is None else f"{x.speed:.1f} ({x.speed_kind})"
-        native = "unknown" if x.native is None else (", ".join(x.native) or "none")
-        front = "/".join(("yes" if f else "no") for f in (x.front_bytes, x.front_speed)) if x.loss else "–"
-        body.append(
-            (
-                x.name,
-                _interval_text(x),
-                "–" if x.kl is None else f"{x.kl:.4f}",
-                *(
-                    (", ".join(f"{k} {v:.3f}" for k, v in x.tasks.items()) or "–",)
-                    if "tasks" in headers
-                    else ()
-                ),
-                "–" if x.weight_gib is None else f"{x.weight_gib:.3f}",
-                speed,
-                native,
-                front,
-                ", ".join(x.fails) or "–",
-            )
-        )
-    out.append(Block("table", headers=headers, rows=tuple(body)))
+    tasks = any(x.tasks for x in rec.candidates)  # task scores only when some run has them
+    headers = ("run", "loss vs bf16 (interval used)", "KL", *(("tasks",) if tasks else ()), "weights GiB")
+    headers += ("decode tok/s", "native engines", "Pareto (bytes / speed)", "fails")
+    out.append(Block("table", headers=headers, rows=tuple(_cells(x, tasks) for x in rec.candidates)))
     if any(x.speed_kind == "projected" for x in rec.candidates):
-        out.append(
-            Block(
-                "p",
-                f"Speeds labelled projected were not measured on {rec.device_name}: a run measured on "
-                "another GPU keeps the fraction of the bandwidth bound it achieved there (GB10 only); "
-                f"otherwise the bound itself, {rec.bandwidth_gbps:.0f} GB/s / weight bytes at batch 1, "
-                "which no engine reaches (expect 60-85% of it).",
-            )
+        text = (
+            f"Speeds labelled projected were not measured on {rec.device_name}: a run measured on "
+            "another GPU keeps the fraction of the bandwidth bound it achieved there (GB10 only); "
+            f"otherwise the bound itself, {rec.bandwidth_gbps:.0f} GB/s / weight bytes at batch 1, "
+            "which no engine reaches (expect 60-85% of it)."
         )
+        out.append(Block("p", text))
     if rec.unscored:
         out.append(Block("p", "Not placed (no perplexity change vs bf16): " + "; ".join(rec.unscored) + "."))
     if plot_name:
-        out.append(
-            Block("img", plot_name, alt="Pareto front: quality loss against weight bytes and decode speed")
-        )
+        alt = "Pareto front: quality loss against weight bytes and decode speed"
+        out.append(Block("img", plot_name, alt=alt))
     return out
 
 
-def _front_panel(
-    ax,
-    cands: list[Candidate],
-    x_of,
-    on_front,
-    xlabel: str,
-    limit: float | None,
-    choice,
-    symlog: bool,
-    speed_axis: bool,
-) -> None:
+def _front_panel(ax, cands, attr: str, front_attr: str, xlabel: str, limit, choice, symlog: bool) -> None:
+    """Loss against the candidates' ``attr`` (``weight_gib`` or ``speed``); ``front_attr`` marks the front."""
+    x_of, on_front = attrgetter(attr), attrgetter(front_attr)
     shown = [x for x in cands if x.loss is not None and x_of(x) is not None]
     for x in shown:
         lo, hi = (x.loss.point - x.loss.lo) * 100, (x.loss.hi - x.loss.point) * 100
-        front = on_front(x)
-        hollow = speed_axis and x.speed_kind == "projected"
+        at, front = (x_of(x), x.loss.point * 100), on_front(x)
+        hollow = attr == "speed" and x.speed_kind == "projected"
         ax.errorbar(
-            [x_of(x)],
-            [x.loss.point * 100],
+            [at[0]],
+            [at[1]],
             yerr=[[lo], [hi]],
             fmt="o",
             capsize=3,
@@ -460,33 +376,15 @@ def _front_panel(
             zorder=3 if front else 2,
         )
         tag = f" (fails: {', '.join(x.fails)})" if x.fails else ""
-        ax.annotate(
-            x.label + tag,
-            (x_of(x), x.loss.point * 100),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=7,
-        )
+        ax.annotate(x.label + tag, at, textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = sorted((x for x in shown if on_front(x)), key=x_of)
     if len(front) > 1:
-        ax.plot(
-            [x_of(x) for x in front],
-            [x.loss.point * 100 for x in front],
-            color="tab:blue",
-            linewidth=1.5,
-            label="Pareto front",
-        )
+        xs, ys = [x_of(x) for x in front], [x.loss.point * 100 for x in front]
+        ax.plot(xs, ys, color="tab:blue", linewidth=1.5, label="Pareto front")
     if choice is not None and x_of(choice) is not None and choice.loss is not None:
+        star = {"marker": "*", "markersize": 18, "color": "gold", "markeredgecolor": "black", "zorder": 4}
         ax.plot(
-            [x_of(choice)],
-            [choice.loss.point * 100],
-            marker="*",
-            markersize=18,
-            color="gold",
-            markeredgecolor="black",
-            linestyle="",
-            zorder=4,
-            label=f"choice: {choice.label}",
+            [x_of(choice)], [choice.loss.point * 100], linestyle="", label=f"choice: {choice.label}", **star
         )
     if limit is not None:
         ax.axvline(limit, color="crimson", linestyle="--", linewidth=1, label="constraint")
@@ -501,40 +399,16 @@ def _front_panel(
 
 def plot(rec: Recommendation, title: str, path: Path) -> Path | None:
     """Quality loss against weight bytes and against decode speed; the fronts highlighted, the choice starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     placed = [x for x in rec.candidates if x.loss is not None]
     if not placed:
         return None
     symlog = max((abs(v) for x in placed for v in (x.loss.lo, x.loss.hi)), default=0) > 0.2
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    _front_panel(
-        axes[0],
-        placed,
-        lambda x: x.weight_gib,
-        lambda x: x.front_bytes,
-        "weights (GiB, deployed bytes)",
-        rec.constraints.max_weight_gib,
-        rec.choice,
-        symlog,
-        False,
-    )
-    _front_panel(
-        axes[1],
-        placed,
-        lambda x: x.speed,
-        lambda x: x.front_speed,
-        f"decode tokens/s on {rec.device_name} (hollow: projected)",
-        rec.constraints.min_decode_tokens_per_s,
-        rec.choice,
-        symlog,
-        True,
-    )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    speed_label = f"decode tokens/s on {rec.device_name} (hollow: projected)"
+    panels = [
+        ("weight_gib", "front_bytes", "weights (GiB, deployed bytes)", rec.constraints.max_weight_gib),
+        ("speed", "front_speed", speed_label, rec.constraints.min_decode_tokens_per_s),
+    ]
+    with render.figure(title, path, 2, (14, 5)) as axes:
+        for ax, panel in zip(axes, panels, strict=True):
+            _front_panel(ax, placed, *panel, rec.choice, symlog)
     return path

@@ -5,11 +5,14 @@ the plot of loss against model size (and against tokens/s where it was measured)
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gb10exp.report.collect import Collected, RunRow
 from gb10exp.report.compare import (
@@ -29,6 +32,9 @@ OPTIONAL_COLUMNS = [
     ("decode_tokens_per_s", "tok/s", "{:.1f}"),
     ("roofline_fraction", "roofline", "{:.0%}"),  # achieved / bandwidth-bound decode rate
 ]
+ID_HEADERS = ("model", "format", "calib")  # the cells of ``_id_cells``
+ENGINE_COLUMNS = [("kl_mean", "KL nats/tok", "{:.4f}"), ("top1_agreement", "top-1 agree", "{:.3f}")]
+ENGINE_COLUMNS += [("engine_weight_gib", "engine GiB", "{:.3f}"), *OPTIONAL_COLUMNS]
 
 
 @dataclass
@@ -40,24 +46,35 @@ class Block:
     alt: str = "loss against model size"  # an image's alternative text
 
 
+def attrs(obj: Any, *names: str) -> dict[str, Any]:
+    """``obj``'s attributes ``names`` as a dict, for the JSON files."""
+    return {n: getattr(obj, n) for n in names}
+
+
+def interval_json(i: Interval | None) -> dict[str, Any] | None:
+    return None if i is None else attrs(i, "point", "lo", "hi", "has_ci")
+
+
 def pct(x: float | None, digits: int = 2) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x * 100:+.{digits}f}%"
+
+
+def ci(i: Interval) -> str:
+    """``+1.23% [+0.50, +1.96]``: the point and the interval's ends, in percent."""
+    return f"{pct(i.point)} [{i.lo * 100:+.2f}, {i.hi * 100:+.2f}]"
 
 
 def change_cell(c: Comparison) -> str:
     if c.change is None:
         return c.note or "–"
-    if not c.change.has_ci:
-        return f"{pct(c.change.point)} (no CI)"
-    return f"{pct(c.change.point)} [{c.change.lo * 100:+.2f}, {c.change.hi * 100:+.2f}]"
+    return ci(c.change) if c.change.has_ci else f"{pct(c.change.point)} (no CI)"
 
 
 def judged_cell(c: Comparison) -> str:
     """The interval the verdict used: the run's own, or its recipe's over several seeds."""
     if c.judged_by != SEEDS_AND_WINDOWS or c.recipe is None:
         return change_cell(c)
-    i = c.judged
-    return f"{pct(i.point)} [{i.lo * 100:+.2f}, {i.hi * 100:+.2f}] (mean of {c.recipe.seeds} seeds)"
+    return f"{ci(c.judged)} (mean of {c.recipe.seeds} seeds)"
 
 
 def verdict_cell(c: Comparison) -> str:
@@ -74,9 +91,7 @@ def detectable_cell(c: Comparison) -> str:
     if c.recipe is None:
         return "–"
     text = f"{c.recipe.detectable * 100:.2f}%"
-    if c.recipe.cannot_tell:
-        return f"{text}: cannot tell {pct(c.judged.point)} from 0 at this size"
-    return text
+    return f"{text}: cannot tell {pct(c.judged.point)} from 0 at this size" if c.recipe.cannot_tell else text
 
 
 def windows_needed_cell(c: Comparison, half_width: float = RESOLVE) -> str:
@@ -99,9 +114,7 @@ def windows_needed_cell(c: Comparison, half_width: float = RESOLVE) -> str:
 def seed_cell(c: Comparison, seeds: list[str] | None = None) -> str:
     if c.seed_spread is None:
         return "–"
-    s = c.seed_spread
-    which = f", seeds {', '.join(seeds)}" if seeds else ""
-    return f"{pct(s.point)} [{s.lo * 100:+.2f}, {s.hi * 100:+.2f}]{which}"
+    return ci(c.seed_spread) + (f", seeds {', '.join(seeds)}" if seeds else "")
 
 
 def reference_cell(r: ReportRow) -> str:
@@ -114,7 +127,7 @@ def reference_cell(r: ReportRow) -> str:
     return "; ".join(parts) or "–"
 
 
-def _fmt(value: float | None, fmt: str) -> str:
+def number_cell(value: float | None, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
@@ -126,8 +139,7 @@ def speed_valid(run: RunRow) -> bool:
 def task_metric_names(rows: list[ReportRow]) -> list[str]:
     """The lm-eval accuracy metrics present (``task/<name>/acc``, ``acc_norm``, ...), sorted."""
     names = {k for r in rows for k in r.run.metrics if k.startswith("task/")}
-    keep = {n for n in names if not n.endswith(("_stderr", "/sample_len"))}
-    return sorted(keep)
+    return sorted(n for n in names if not n.endswith(("_stderr", "/sample_len")))
 
 
 def _task_cell(run: RunRow, name: str) -> str:
@@ -139,37 +151,28 @@ def _task_cell(run: RunRow, name: str) -> str:
     return f"{value:.3f}" + (f" ±{stderr:.3f}" if stderr is not None else "")
 
 
+def _id_cells(run: RunRow) -> tuple[str, str, str]:
+    return run.model, run.qformat, str(run.calib_size or "–")
+
+
 def runs_table(rows: list[ReportRow]) -> Block:
     tasks = task_metric_names(rows)
     optional = [c for c in OPTIONAL_COLUMNS if any(c[0] in r.run.metrics for r in rows)]
-    seeds = len({r.run.seed for r in rows}) > 1
-    headers = (
-        ["model", "format", "calib"]
-        + (["seed"] if seeds else [])
-        + ["perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok", "top-1 agree"]
-        + [t.removeprefix("task/") for t in tasks]
-        + ["weights GiB"]
-        + [h for _, h, _ in optional]
-        + ["reference used"]
-    )
+    seeds = ["seed"] if len({r.run.seed for r in rows}) > 1 else []
+    headers = [*ID_HEADERS, *seeds, "perplexity", "vs bf16 [95% CI]", "vs fp8 [95% CI]", "KL nats/tok"]
+    headers += ["top-1 agree", *(t.removeprefix("task/") for t in tasks), "weights GiB"]
+    headers += [h for _, h, _ in optional] + ["reference used"]
     body = []
     for r in rows:
-        m = r.run.metrics
-        cells = [r.run.model, r.run.qformat, str(r.run.calib_size or "–")] + ([r.run.seed] if seeds else [])
-        cells += [
-            _fmt(m.get("perplexity"), "{:.3f}"),
-            change_cell(r.vs_bf16),
-            change_cell(r.vs_fp8),
-            _fmt(m.get("kl_mean"), "{:.4f}"),
-            _fmt(m.get("top1_agreement"), "{:.3f}"),
-        ]
-        cells += [_task_cell(r.run, t) for t in tasks]
-        cells.append(_fmt(m.get("weight_gib"), "{:.3f}"))
+        m, seed = r.run.metrics, [r.run.seed] if seeds else []
+        cells = [*_id_cells(r.run), *seed, number_cell(m.get("perplexity"), "{:.3f}"), change_cell(r.vs_bf16)]
+        cells += [change_cell(r.vs_fp8), number_cell(m.get("kl_mean"), "{:.4f}")]
+        cells += [number_cell(m.get("top1_agreement"), "{:.3f}"), *(_task_cell(r.run, t) for t in tasks)]
+        cells.append(number_cell(m.get("weight_gib"), "{:.3f}"))
         for key, _, fmt in optional:
-            cell = _fmt(m.get(key), fmt)
+            cell = number_cell(m.get(key), fmt)
             cells.append(cell if speed_valid(r.run) or cell == "–" else f"{cell} (fake quant)")
-        cells.append(reference_cell(r))
-        body.append(tuple(cells))
+        body.append((*cells, reference_cell(r)))
     return Block("table", headers=tuple(headers), rows=tuple(body))
 
 
@@ -183,32 +186,39 @@ def engine_blocks(engine: list[EngineRow]) -> list[Block]:
     disagrees beyond noise."""
     if not engine:
         return []
-    headers = ("model", "engine", "format", "calib", "perplexity (engine)", "vs 16-bit in PyTorch [95% CI]",
-               "simulated (modelopt)", "deployed vs simulated [95% CI]", "KL nats/tok", "top-1 agree",
-               "engine GiB", "TTFT s", "tok/s", "roofline")
+    headers = ("model", "engine", "format", "calib", "perplexity (engine)", "vs 16-bit in PyTorch [95% CI]")
+    headers += ("simulated (modelopt)", "deployed vs simulated [95% CI]", *(h for _, h, _ in ENGINE_COLUMNS))
     body = []
     for e in engine:
-        m, deployed = e.run.metrics, "perplexity_deployed" in e.run.metrics
-        kl, top1 = (m.get("kl_mean_deployed"), m.get("top1_agreement_deployed")) if deployed else (
-            m.get("kl_mean"), m.get("top1_agreement"))
-        body.append((e.run.model, e.run.backend, e.run.qformat, str(e.run.calib_size or "–"),
-                     _fmt(e.engine_ppl, "{:.3f}"), _interval_cell(e.vs_unquantized),
-                     _fmt(e.simulated_ppl, "{:.3f}"), _interval_cell(e.vs_simulated), _fmt(kl, "{:.4f}"),
-                     _fmt(top1, "{:.3f}"), _fmt(m.get("engine_weight_gib"), "{:.3f}"), _fmt(m.get("ttft_s"), "{:.3f}"),
-                     _fmt(m.get("decode_tokens_per_s"), "{:.1f}"), _fmt(m.get("roofline_fraction"), "{:.0%}")))
-    text = ("Each engine scored the evaluation windows with its own kernels (llama.cpp's logits), against the "
-            "unquantized model in PyTorch on the same tokens. A modelopt format is measured twice: modelopt's "
-            "simulation in PyTorch (the runs table's headline) and the checkpoint deployed in the engine; the "
-            "interval is a paired bootstrap over windows. Speeds and the roofline (bytes of the engine's own "
-            "file) are this machine's, not a GB10's.")
-    lines = [f"{e.run.qformat} ({e.run.backend}): the deployed model and modelopt's simulation of it disagree "
-             f"beyond noise: deployed perplexity {pct(e.vs_simulated.point)} vs simulated [{pct(e.vs_simulated.lo)}, "
-             f"{pct(e.vs_simulated.hi)}]." for e in engine if e.disagrees]
-    agree = [e.run.qformat for e in engine if e.vs_simulated is not None and not e.disagrees]
-    if agree:
+        run, m = e.run, e.run.metrics
+        # A deployed modelopt format's KL and top-1 are the engine's own.
+        own = "_deployed" if "perplexity_deployed" in m else ""
+        keys = [f"kl_mean{own}", f"top1_agreement{own}"] + [k for k, _, _ in ENGINE_COLUMNS[2:]]
+        ppl = [number_cell(e.engine_ppl, "{:.3f}"), _interval_cell(e.vs_unquantized)]
+        ppl += [number_cell(e.simulated_ppl, "{:.3f}"), _interval_cell(e.vs_simulated)]
+        metrics = [number_cell(m.get(k), fmt) for k, (_, _, fmt) in zip(keys, ENGINE_COLUMNS, strict=True)]
+        body.append((run.model, run.backend, run.qformat, str(run.calib_size or "–"), *ppl, *metrics))
+    text = (
+        "Each engine scored the evaluation windows with its own kernels (llama.cpp's logits), against the "
+        "unquantized model in PyTorch on the same tokens. A modelopt format is measured twice: modelopt's "
+        "simulation in PyTorch (the runs table's headline) and the checkpoint deployed in the engine; the "
+        "interval is a paired bootstrap over windows. Speeds and the roofline (bytes of the engine's own "
+        "file) are this machine's, not a GB10's."
+    )
+    lines = [
+        f"{e.run.qformat} ({e.run.backend}): the deployed model and modelopt's simulation of it disagree "
+        f"beyond noise: deployed perplexity {pct(e.vs_simulated.point)} vs simulated "
+        f"[{pct(e.vs_simulated.lo)}, {pct(e.vs_simulated.hi)}]."
+        for e in engine
+        if e.disagrees
+    ]
+    if agree := [e.run.qformat for e in engine if e.vs_simulated is not None and not e.disagrees]:
         lines.append(f"Within noise of the simulation: {', '.join(agree)}.")
-    return [Block("h2", "Simulated vs deployed: accuracy from the engine's own kernels"), Block("p", text),
-            Block("table", headers=headers, rows=tuple(body))] + [Block("p", line) for line in lines]
+    return [
+        Block("h2", "Simulated vs deployed: accuracy from the engine's own kernels"),
+        Block("p", text),
+        Block("table", headers=headers, rows=tuple(body)),
+    ] + [Block("p", line) for line in lines]
 
 
 def resolution_table(summaries: list[FormatSummary]) -> Block:
@@ -216,69 +226,27 @@ def resolution_table(summaries: list[FormatSummary]) -> Block:
     body = []
     for s in summaries:
         for against, c in (("bf16", s.row.vs_bf16), ("fp8", s.row.vs_fp8)):
-            if c.recipe is None:
-                continue
-            body.append(
-                (
-                    s.model,
-                    s.qformat,
-                    str(s.row.run.calib_size or "–"),
-                    against,
-                    judged_cell(c),
-                    detectable_cell(c),
-                    windows_needed_cell(c),
-                    f"{c.recipe.windows}, {c.recipe.seeds}",
-                )
-            )
-    headers = (
-        "model",
-        "format",
-        "calib",
-        "vs",
-        "loss [95% CI]",
-        "smallest detectable loss",
-        f"windows for ±{RESOLVE * 100:.1f} pp",
-        "windows, seeds",
-    )
+            if c.recipe is not None:
+                sizes = f"{c.recipe.windows}, {c.recipe.seeds}"
+                cells = (judged_cell(c), detectable_cell(c), windows_needed_cell(c), sizes)
+                body.append((*_id_cells(s.row.run), against, *cells))
+    headers = (*ID_HEADERS, "vs", "loss [95% CI]", "smallest detectable loss")
+    headers += (f"windows for ±{RESOLVE * 100:.1f} pp", "windows, seeds")
     return Block("table", headers=headers, rows=tuple(body))
 
 
 def verdict_table(summaries: list[FormatSummary]) -> Block:
     seeds = any(len(s.seeds) > 1 for s in summaries)
-    headers = (
-        (
-            "model",
-            "format",
-            "calib",
-            "loss vs bf16 [95% CI]",
-            "< 1% vs bf16",
-            "loss vs fp8 [95% CI]",
-            "< 1% vs fp8",
-            "spread over calib sizes",
-        )
-        + (("loss vs bf16 over seeds [min, max]",) if seeds else ())
-        + ("reference used",)
-    )
+    headers = (*ID_HEADERS, "loss vs bf16 [95% CI]", "< 1% vs bf16", "loss vs fp8 [95% CI]", "< 1% vs fp8")
+    optional = ("loss vs bf16 over seeds [min, max]",) if seeds else ()
+    headers += ("spread over calib sizes", *optional, "reference used")
     body = []
     for s in summaries:
-        r = s.row
-        spread = (
-            "–"
-            if s.calib_spread is None
-            else f"{s.calib_spread * 100:.2f} pp ({', '.join(map(str, s.calib_sizes))})"
-        )
-        cells = (
-            s.model,
-            s.qformat,
-            str(r.run.calib_size or "–"),
-            judged_cell(r.vs_bf16),
-            verdict_cell(r.vs_bf16),
-            judged_cell(r.vs_fp8),
-            verdict_cell(r.vs_fp8),
-            spread,
-        )
-        cells += (seed_cell(r.vs_bf16, s.seeds),) if seeds else ()
-        body.append(cells + (reference_cell(r),))
+        r, sizes = s.row, ", ".join(map(str, s.calib_sizes))
+        spread = "–" if s.calib_spread is None else f"{s.calib_spread * 100:.2f} pp ({sizes})"
+        verdicts = [cell(c) for c in (r.vs_bf16, r.vs_fp8) for cell in (judged_cell, verdict_cell)]
+        seed = (seed_cell(r.vs_bf16, s.seeds),) if seeds else ()
+        body.append((*_id_cells(r.run), *verdicts, spread, *seed, reference_cell(r)))
     return Block("table", headers=headers, rows=tuple(body))
 
 
@@ -305,14 +273,12 @@ def unpaired_blocks(rows: list[ReportRow]) -> list[Block]:
 def fp8_blocks(fp8_command: str | None) -> list[Block]:
     if fp8_command is None:
         return []
-    return [
-        Block(
-            "p",
-            "No fp8 run exists in this experiment, so no verdict against fp8 is possible. This command "
-            f"adds the missing fp8 runs to the same sweep (same overrides, same experiment): `{fp8_command}`; "
-            "then run this report again.",
-        )
-    ]
+    text = (
+        "No fp8 run exists in this experiment, so no verdict against fp8 is possible. This command "
+        f"adds the missing fp8 runs to the same sweep (same overrides, same experiment): `{fp8_command}`; "
+        "then run this report again."
+    )
+    return [Block("p", text)]
 
 
 def resolution_text(res: Resolution | None) -> str:
@@ -383,26 +349,16 @@ def definitions_text() -> str:
 
 
 def failures_blocks(collected: Collected) -> list[Block]:
-    blocks = [Block("h2", "Runs that did not finish")]
-    finished_hashes = {r.tags.get("config_hash") for r in collected.rows}
-    rows = tuple(
-        (
-            r.name,
-            r.status,
-            r.experiment,
-            r.error[:200] or "(no error recorded)",
-            "yes" if r.tags.get("config_hash") in finished_hashes else "no",
-        )
-        for r in collected.unfinished
-    )
-    rows += tuple(
-        (job, "FAILED before MLflow", "–", message, "–") for job, message in collected.prerun_failures
-    )
+    finished, rows = {r.tags.get("config_hash") for r in collected.rows}, []
+    for r in collected.unfinished:
+        later = "yes" if r.tags.get("config_hash") in finished else "no"
+        rows.append((r.name, r.status, r.experiment, r.error[:200] or "(no error recorded)", later))
+    rows += [(job, "FAILED before MLflow", "–", message, "–") for job, message in collected.prerun_failures]
+    head = Block("h2", "Runs that did not finish")
     if not rows:
-        return blocks + [Block("p", "None: every run of the selection finished.")]
-    return blocks + [
-        Block("table", headers=("run", "status", "experiment", "error", "finished later"), rows=rows)
-    ]
+        return [head, Block("p", "None: every run of the selection finished.")]
+    headers = ("run", "status", "experiment", "error", "finished later")
+    return [head, Block("table", headers=headers, rows=tuple(rows))]
 
 
 def document(
@@ -423,11 +379,7 @@ def document(
     blocks += [Block("p", definitions_text())]
     if summaries and any(s.row.vs_bf16.recipe or s.row.vs_fp8.recipe for s in summaries):
         blocks += [Block("h2", "Resolution of each verdict"), resolution_table(summaries)]
-    blocks += [
-        Block("p", resolution_text(res)),
-        Block("h2", "All runs"),
-        runs_table(rows),
-    ]
+    blocks += [Block("p", resolution_text(res)), Block("h2", "All runs"), runs_table(rows)]
     if plot_name:
         blocks.append(Block("img", plot_name))
     blocks += engine_blocks(engine or [])
@@ -438,22 +390,16 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _markdown(b: Block) -> str | None:
+    if b.kind == "table":
+        lines = ["| " + " | ".join(b.headers) + " |", "|" + "|".join("---" for _ in b.headers) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows])
+    simple = {"h1": f"# {b.text}", "h2": f"## {b.text}", "p": b.text, "img": f"![{b.alt}]({b.text})"}
+    return simple.get(b.kind)
+
+
 def to_markdown(blocks: list[Block]) -> str:
-    out = []
-    for b in blocks:
-        if b.kind == "h1":
-            out.append(f"# {b.text}")
-        elif b.kind == "h2":
-            out.append(f"## {b.text}")
-        elif b.kind == "p":
-            out.append(b.text)
-        elif b.kind == "img":
-            out.append(f"![{b.alt}]({b.text})")
-        elif b.kind == "table":
-            lines = ["| " + " | ".join(b.headers) + " |", "|" + "|".join("---" for _ in b.headers) + "|"]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("\n".join(lines))
-    return "\n\n".join(out) + "\n"
+    return "\n\n".join(md for b in blocks if (md := _markdown(b)) is not None) + "\n"
 
 
 def _html_text(text: str) -> str:
@@ -470,22 +416,21 @@ def _image_src(name: str, folder: Path | None) -> str:
     return html.escape(name)
 
 
+def _html(b: Block, folder: Path | None) -> str | None:
+    if b.kind in ("h1", "h2", "p"):
+        return f"<{b.kind}>{_html_text(b.text)}</{b.kind}>"
+    if b.kind == "img":
+        return f'<img src="{_image_src(b.text, folder)}" alt="{html.escape(b.alt)}" style="max-width:100%">'
+    if b.kind != "table":
+        return None
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+    body = "".join("<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def to_html(blocks: list[Block], folder: Path | None = None) -> str:
     """The document as one HTML page; images found in ``folder`` are embedded."""
-    parts = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "p"):
-            parts.append(f"<{b.kind}>{_html_text(b.text)}</{b.kind}>")
-        elif b.kind == "img":
-            parts.append(
-                f'<img src="{_image_src(b.text, folder)}" alt="{html.escape(b.alt)}" style="max-width:100%">'
-            )
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows
-            )
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    parts = [part for b in blocks if (part := _html(b, folder)) is not None]
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
@@ -498,12 +443,17 @@ def to_html(blocks: list[Block], folder: Path | None = None) -> str:
     )
 
 
-def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
+def _plotted(r: ReportRow) -> bool:
+    return r.vs_bf16.change is not None or r.vs_bf16.note == "reference"
+
+
+def _panel(ax, rows: list[ReportRow], metric: str, scale: float, xlabel: str, symlog: bool) -> None:
+    """Loss vs bf16 against ``metric`` (times ``scale``), one marker per run."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
     from matplotlib.transforms import offset_copy
 
-    formats = sorted({r.run.qformat for r in rows}, key=lambda q: [r.run.qformat for r in rows].index(q))
+    formats = list(dict.fromkeys(r.run.qformat for r in rows))  # in order of appearance
     # More formats than a palette has colours (the recipes preset has 14): colours repeat, labels tell them apart.
     colors = dict(zip(formats, itertools.cycle(plt.get_cmap("tab20").colors)))
     calibs = sorted({r.run.calib_size for r in rows if r.run.calib_size})
@@ -511,17 +461,13 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
     several_models = len({r.run.model for r in rows}) > 1
     labelled: set[str] = set()
     extent: list[tuple[float, float]] = []  # offset artists do not autoscale: limits come from here
-    shown = [
-        r
-        for r in rows
-        if x_of(r.run) is not None and (r.vs_bf16.change is not None or r.vs_bf16.note == "reference")
-    ]
+    shown = [r for r in rows if metric in r.run.metrics and _plotted(r)]
     # Runs at one x (nvfp4 and nvfp4_awq, or two calibration sizes) are spread a few points apart.
     same_x: dict[float, list[str]] = {}
     for r in shown:
-        same_x.setdefault(round(x_of(r.run), 6), []).append(r.run.run_id)
+        same_x.setdefault(round(r.run.metrics[metric] * scale, 6), []).append(r.run.run_id)
     for r in shown:
-        x, c = x_of(r.run), r.vs_bf16
+        x, c = r.run.metrics[metric] * scale, r.vs_bf16
         group = same_x[round(x, 6)]
         dodge = (group.index(r.run.run_id) - (len(group) - 1) / 2) * 6
         point, lo, hi = (0.0, 0.0, 0.0) if c.change is None else (c.change.point, c.change.lo, c.change.hi)
@@ -546,22 +492,13 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
         ax.update_datalim(extent)
         ax.autoscale_view()
         ax.margins(x=0.15)
-    ax.axhline(THRESHOLD * 100, color="crimson", linestyle="--", linewidth=1)
-    ax.text(
-        1.0,
-        THRESHOLD * 100,
-        f"  {THRESHOLD:.0%} claim",
-        color="crimson",
-        va="bottom",
-        ha="right",
-        transform=ax.get_yaxis_transform(),
-        fontsize=8,
-    )
+    claim, text, axis = THRESHOLD * 100, f"  {THRESHOLD:.0%} claim", ax.get_yaxis_transform()
+    ax.axhline(claim, color="crimson", linestyle="--", linewidth=1)
+    ax.text(1.0, claim, text, color="crimson", va="bottom", ha="right", transform=axis, fontsize=8)
     ax.axhline(0, color="grey", linewidth=0.8)
     # Limits by hand: offset artists do not autoscale, and the 1% line must always be in view.
-    lows, highs = [y for _, y in extent[::2]] or [0.0], [y for _, y in extent[1::2]] or [0.0]
-    top = max(max(highs), THRESHOLD * 100)
-    bottom = min(min(lows), 0.0)
+    top = max([y for _, y in extent[1::2]] + [claim])
+    bottom = min([y for _, y in extent[::2]] + [0.0])
     if symlog:
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_ylim(bottom * 1.5 - 0.3, top * 1.6)
@@ -573,8 +510,8 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity increase vs bf16" + (" (symlog scale)" if symlog else ""))
     ax.grid(True, which="both", alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if calibs and len(calibs) > 1:
+    handles, _ = ax.get_legend_handles_labels()
+    if len(calibs) > 1:
         from matplotlib.lines import Line2D
 
         handles += [
@@ -583,39 +520,38 @@ def _panel(ax, rows: list[ReportRow], x_of, xlabel: str, symlog: bool) -> None:
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def plot(rows: list[ReportRow], title: str, path: Path) -> Path | None:
-    """Loss vs bf16 (with 95% CI bars) against weight size, and against tokens/s where measured."""
+@contextlib.contextmanager
+def figure(title: str, path: Path, panels: int, size: tuple[float, float]) -> Iterator[Any]:
+    """A row of ``panels`` axes, saved to ``path`` (PNG) with ``title`` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: reports render on servers and in CI
     import matplotlib.pyplot as plt
 
-    plotted = [r for r in rows if r.vs_bf16.change is not None or r.vs_bf16.note == "reference"]
+    fig, axes = plt.subplots(1, panels, figsize=size, squeeze=False)
+    yield axes[0]
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(rows: list[ReportRow], title: str, path: Path) -> Path | None:
+    """Loss vs bf16 (with 95% CI bars) against weight size, and against tokens/s where measured."""
+    plotted = [r for r in rows if _plotted(r)]
     if not plotted:
         return None
     speed = [r for r in plotted if "decode_tokens_per_s" in r.run.metrics and speed_valid(r.run)]
     losses = [abs(v) for r in plotted if r.vs_bf16.change for v in (r.vs_bf16.change.lo, r.vs_bf16.change.hi)]
     symlog = max(losses, default=0) > 0.2  # beyond 20 % a linear axis squashes the formats near 1%
     panels = 2 if speed else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 4.6), squeeze=False)
     sizes = [r.run.metrics["weight_gib"] for r in plotted if "weight_gib" in r.run.metrics]
     mib = bool(sizes) and max(sizes) < 1  # a 135M model's 0.1-0.25 GiB reads better in MiB
     scale, unit = (1024, "MiB") if mib else (1, "GiB")
-    _panel(
-        axes[0][0],
-        plotted,
-        lambda run: run.metrics["weight_gib"] * scale if "weight_gib" in run.metrics else None,
-        f"weights ({unit}, scales included)",
-        symlog,
-    )
-    if sizes and max(sizes) / max(min(sizes), 1e-9) > 20:  # several models: 0.1 to 16 GiB
-        axes[0][0].set_xscale("log")
-    if speed:
-        _panel(
-            axes[0][1], speed, lambda run: run.metrics.get("decode_tokens_per_s"), "decode tokens/s", symlog
-        )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(title, path, panels, (7.5 * panels, 4.6)) as axes:
+        _panel(axes[0], plotted, "weight_gib", scale, f"weights ({unit}, scales included)", symlog)
+        if sizes and max(sizes) / max(min(sizes), 1e-9) > 20:  # several models: 0.1 to 16 GiB
+            axes[0].set_xscale("log")
+        if speed:
+            _panel(axes[1], speed, "decode_tokens_per_s", 1, "decode tokens/s", symlog)
     return path

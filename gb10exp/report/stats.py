@@ -1,30 +1,25 @@
 """Relative perplexity change with a confidence interval over evaluation windows and calibration seeds.
 
-"Loss" throughout is the relative perplexity increase ``ppl_q / ppl_ref - 1`` on the same windows (0.01
-= 1% higher perplexity). Both runs saw the same tokens, so the bootstrap resamples window indices
-*jointly*: each resample draws N window indices with replacement and recomputes both perplexities
-from the per-window sums of negative log-likelihood and token counts. What varies between windows
-(easy and hard text) then cancels, and the interval measures how much the conclusion depends on which
-text was evaluated.
+"Loss" is the relative perplexity increase ``ppl_q / ppl_ref - 1`` on the same windows (0.01 = 1% higher).
+Both runs saw the same tokens, so the bootstrap resamples window indices *jointly* and recomputes both
+perplexities from the per-window NLL and token sums: what varies between windows (easy and hard text)
+cancels, and the interval measures how much the conclusion depends on which text was evaluated.
 
-A recipe calibrated with several seeds (``seed=0,1,2``) is one question with two sources of noise: which
-text was evaluated, and which calibration samples were drawn. ``recipe_change`` answers it for the
-recipe's expected loss (the mean over seeds of the log perplexity ratio):
+A recipe calibrated with several seeds (``seed=0,1,2``) has two sources of noise: the text and the
+calibration samples. ``recipe_change`` gives the recipe's expected loss (mean over seeds of the log ratio):
 
-1. Windows: every seed and its reference were scored on the same windows, so the windows are resampled
-   jointly for all of them, on the seed-averaged per-window differences. With one seed this is exactly
-   the paired bootstrap above, to the last digit.
+1. Windows: every seed and its reference scored the same windows, so the windows are resampled jointly
+   for all of them, on the seed-averaged per-window differences (one seed: exactly the paired bootstrap).
 2. Seeds: three seeds are too few to resample (a bootstrap of the mean of three values has ten distinct
-   outcomes, and its interval [min, max] covers the seeds' mean only 75% of the time). Instead each window
-   resample gets a draw of the seed mean's error, ``se * T`` with ``T`` Student's t with S - 1 degrees of
-   freedom and ``se`` the between-seed standard error of the per-seed log ratios, less the part of their
-   scatter that the windows already account for (a two-way analysis of variance, seeds x windows: the
-   seed-by-window interaction is in both the window resamples and the per-seed ratios, and would count
-   twice). The interval is the percentile interval of the sums.
+   outcomes, and its [min, max] covers the seeds' mean only 75% of the time). Instead each window resample
+   gets a draw of the seed mean's error, ``se * T`` (``T``: Student's t with S - 1 degrees of freedom,
+   ``se``: the between-seed standard error of the per-seed log ratios, less the part of their scatter the
+   windows already account for: in a two-way analysis of variance, seeds x windows, the seed-by-window
+   interaction is in both and would count twice). The interval is the percentile interval of the sums.
 
-Tests with a known answer (``tests/test_stats.py``) simulate sweeps with known window and seed variance
-and check that the 95% interval covers the true loss about 95% of the time, where the former rule (the
-wider of the window interval and the seeds' min..max) and a plain two-stage bootstrap do not.
+``tests/test_stats.py`` simulates sweeps with known window and seed variance and checks that the 95% interval
+covers the true loss about 95% of the time, where the former rule (the wider of the window interval and
+the seeds' min..max) and a plain two-stage bootstrap do not.
 """
 
 from __future__ import annotations
@@ -59,7 +54,6 @@ class Interval:
 
     @property
     def half_width(self) -> float:
-        """Half the interval's width."""
         return (self.hi - self.lo) / 2
 
 
@@ -75,12 +69,9 @@ class RecipeChange:
 
     @property
     def detectable(self) -> float:
-        """The smallest loss this evaluation tells apart from zero at the interval's confidence.
-
-        The distance from the point to the end of the interval nearer zero: a loss whose size is below it
-        has an interval that contains zero ("cannot tell at this size"), one above it does not. It is
-        measured at this loss: intervals widen with the loss (windows disagree more about a large loss).
-        """
+        """The smallest loss told apart from zero: the distance from the point to the interval's end nearer
+        zero (a smaller loss's interval contains zero: "cannot tell at this size"). Measured at this loss:
+        intervals widen with the loss (windows disagree more about a large loss)."""
         i = self.interval
         return i.point - i.lo if i.point >= 0 else i.hi - i.point
 
@@ -90,13 +81,10 @@ class RecipeChange:
         return self.interval.lo <= 0 <= self.interval.hi
 
     def windows_needed(self, half_width: float = RESOLVE) -> int | None:
-        """Windows that would bring the interval to ``±half_width``, at this loss and spread; None when
-        the seed term alone is that wide (more windows cannot help: more seeds can).
-
-        The window part of a bootstrap interval shrinks as 1/sqrt(n) (it is a mean over n windows) and the
-        seed part does not depend on n; the two add in quadrature (variances add):
-        ``n_needed = n * h_windows**2 / (half_width**2 - h_seeds**2)``. With one seed this is the usual
-        ``n * (h / half_width)**2``.
+        """Windows that would bring the interval to ``±half_width`` at this loss and spread; None when the
+        seed term alone is that wide (more seeds can help, more windows cannot). The window part shrinks as
+        1/sqrt(n) (a mean over n windows), the seed part does not, and the two add in quadrature:
+        ``n * h_windows**2 / (half_width**2 - h_seeds**2)`` (one seed: the usual ``n * (h / half_width)**2``).
         """
         room = half_width**2 - self.seed_half_width**2
         if room <= 0:
@@ -136,11 +124,10 @@ def _differences(pairs: Sequence[tuple[Windows, Windows]]) -> tuple[np.ndarray, 
 def seed_standard_error(diffs: np.ndarray, tokens: np.ndarray) -> float:
     """Standard error of the seed mean of the per-seed log perplexity ratios, from the seeds alone.
 
-    ``diffs``: seeds x windows NLL differences. The per-seed ratios scatter for two reasons: the seeds
-    differ as a whole (what this returns), and each seed's quantization error differs window by window
-    (the seed-by-window interaction), which the window resamples already carry. The interaction's share
-    is estimated from the residuals of the two-way layout (seeds x windows, each window's row effect
-    scaled by its tokens) and subtracted; a negative difference means no seed effect is visible: 0.
+    ``diffs``: seeds x windows NLL differences. The per-seed ratios scatter because the seeds differ as a
+    whole (what this returns) and because each seed's error differs window by window (the interaction),
+    which the window resamples already carry. The interaction's share, from the residuals of the two-way
+    layout (each window's row effect scaled by its tokens), is subtracted; a negative result means 0.
     """
     seeds, n = diffs.shape
     if seeds < 2:
@@ -170,12 +157,9 @@ def recipe_change(
     confidence: float = CONFIDENCE,
     seed: int = 0,
 ) -> RecipeChange:
-    """The expected loss over the seeds of one recipe, each seed paired with its reference on the same
-    windows: ``pairs`` is one ``(windows, reference windows)`` per seed (the module docstring says how).
-
-    Seeded: a report is reproducible to the last digit. With one pair, ``interval`` is the paired
-    window bootstrap of ``relative_change``.
-    """
+    """The expected loss over the seeds of one recipe: ``pairs`` is one ``(windows, reference windows)``
+    per seed, on the same windows (the module docstring says how). Seeded: a report is reproducible to the
+    last digit. With one pair, ``interval`` is the paired window bootstrap of ``relative_change``."""
     diffs, tokens = _differences(pairs)
     seeds, n = diffs.shape
     mean_diff = diffs.mean(axis=0)  # seed-averaged NLL difference per window
@@ -216,10 +200,7 @@ def relative_change(
 
 
 def ppl_interval(
-    windows: Windows,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    confidence: float = CONFIDENCE,
-    seed: int = 0,
+    windows: Windows, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
 ) -> Interval:
     """One run's perplexity with an (unpaired) bootstrap interval: how much it moves with the text."""
     nll, tokens = np.asarray(windows["nll"], float), np.asarray(windows["tokens"], float)

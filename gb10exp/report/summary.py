@@ -1,12 +1,6 @@
-"""End of a sweep: print its runs side by side, and exit non-zero if any job failed.
-
-"ppl vs ref" is each run's relative perplexity change against a bf16 run of the same sweep scored on the
-same tokens (paired as the report pairs: digest tags, or params for old runs), else against its in-run
-reference (the unquantized model evaluated inside the run: metric ``reference_perplexity``); the cell
-says which ("bf16" or "in-run").
-
-Jobs that failed before an MLflow run existed (bad input caught in ``prepare``) leave ``failed.txt`` in
-their Hydra output folder, so the summary lists them too.
+"""End of a sweep: print its runs side by side (with ``ppl_vs_ref``), list the jobs that failed, even
+before an MLflow run existed (bad input caught in ``prepare``: their ``failed.txt``), and exit non-zero
+if any did.
 """
 
 from __future__ import annotations
@@ -17,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gb10exp.report.collect import RunRow, pair_differences
+from gb10exp.report.collect import FAILED_FILE, RunRow, pair_differences
 from gb10exp.tracking.secrets import redact, tracking_uri
 from gb10exp.tracking.store import sqlite_path
 
@@ -32,40 +26,30 @@ COLUMNS = [  # (metric, header, format)
 ]
 REF_HEADER = "ppl vs ref"
 REF_AFTER = "ppl"  # the column it follows
-FAILED_FILE = "failed.txt"  # in a job's Hydra output folder: why it failed (no MLflow run may exist)
 
 
 def ppl_vs_ref(rows: list[dict[str, Any]]) -> list[str]:
-    """Per row: the relative perplexity change against the sweep's paired bf16 run, else the in-run one."""
-    runs = [
-        RunRow(
-            r.get("run_id", r["name"]),
-            r["name"],
-            r["status"],
-            "",
-            r.get("params", {}),
-            r["metrics"],
-            r.get("tags", {}),
-            0,
-        )
-        for r in rows
-    ]
+    """Per row: the relative perplexity change against a bf16 run of the sweep scored on the same tokens
+    (paired as the report pairs), else against its in-run reference (metric ``reference_perplexity``); the
+    cell says which ("bf16" or "in-run")."""
+    runs = []
+    for r in rows:
+        name, params, tags = r["name"], r.get("params", {}), r.get("tags", {})
+        runs.append(RunRow(r.get("run_id", name), name, r["status"], "", params, r["metrics"], tags, 0))
     bf16 = [b for b in runs if b.status == "FINISHED" and not b.quantized and "perplexity" in b.metrics]
-    cells = []
-    for run in runs:
-        ppl = run.metrics.get("perplexity")
-        ref = next((b for b in bf16 if b is not run and not pair_differences(run, b)), None)
-        if ppl is None:
-            cells.append("-")
-        elif not run.quantized and run.params:
-            cells.append("ref")
-        elif ref is not None:
-            cells.append(f"{(ppl / ref.metrics['perplexity'] - 1) * 100:+.2f}% bf16")
-        elif run.metrics.get("reference_perplexity"):
-            cells.append(f"{(ppl / run.metrics['reference_perplexity'] - 1) * 100:+.2f}% in-run")
-        else:
-            cells.append("-")
-    return cells
+    return [_vs_ref(run, bf16) for run in runs]
+
+
+def _vs_ref(run: RunRow, bf16: list[RunRow]) -> str:
+    if (ppl := run.metrics.get("perplexity")) is None:
+        return "-"
+    if not run.quantized and run.params:
+        return "ref"
+    if (ref := next((b for b in bf16 if b is not run and not pair_differences(run, b)), None)) is not None:
+        return f"{(ppl / ref.metrics['perplexity'] - 1) * 100:+.2f}% bf16"
+    if run.metrics.get("reference_perplexity"):
+        return f"{(ppl / run.metrics['reference_perplexity'] - 1) * 100:+.2f}% in-run"
+    return "-"
 
 
 def mark_failed(output_dir: str, message: str) -> None:
@@ -79,12 +63,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     headers.insert(at, REF_HEADER)
     body = []
     for r, vs_ref in zip(rows, ppl_vs_ref(rows), strict=True):
-        cells = [r["name"], r["status"]]
-        for key, _, fmt in COLUMNS:
-            value = r["metrics"].get(key)
-            cells.append(fmt.format(value) if value is not None else "-")
-        cells.insert(at, vs_ref)
-        body.append(cells)
+        cells = [fmt.format(v) if (v := r["metrics"].get(k)) is not None else "-" for k, _, fmt in COLUMNS]
+        body.append([r["name"], r["status"], *cells])
+        body[-1].insert(at, vs_ref)
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body, strict=False)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(b) for b in body])
@@ -97,14 +78,10 @@ def sweep_rows(uri: str, sweep_dir: str) -> list[dict[str, Any]]:
     if (path := sqlite_path(uri)) is not None and not path.exists():
         return []  # no job got as far as recording; don't create an empty store
     client = MlflowClient(tracking_uri=uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = (
-        client.search_runs(
-            ids, filter_string=f"tags.sweep_dir = '{sweep_dir}'", order_by=["attributes.start_time ASC"]
-        )
-        if ids
-        else []
-    )
+    if not (ids := [e.experiment_id for e in client.search_experiments()]):
+        return []
+    order = ["attributes.start_time ASC"]
+    runs = client.search_runs(ids, filter_string=f"tags.sweep_dir = '{sweep_dir}'", order_by=order)
     return [
         {
             "run_id": r.info.run_id,
@@ -125,7 +102,8 @@ class SweepSummary(Callback):
         try:
             rows = sweep_rows(tracking_uri(uri), str(sweep_dir))
         except Exception as exc:  # the jobs' outcome still decides the exit status below
-            print(f"could not read the sweep's runs from {redact(uri)}: {redact(str(exc).splitlines()[0][:200])}")
+            why = redact(str(exc).splitlines()[0][:200])
+            print(f"could not read the sweep's runs from {redact(uri)}: {why}")
             rows = []
         print(f"\n== sweep {sweep_dir.name}: {len(rows)} MLflow run(s) in {redact(uri)} ==")
         if rows:

@@ -1,8 +1,5 @@
-"""The verdict on "less than 1% loss": pass, fail or inconclusive, from a confidence interval.
-
-- pass: the whole interval lies below the threshold (upper bound < 1%).
-- fail: the whole interval lies at or above it (lower bound >= 1%): exactly 1% is not "< 1%".
-- inconclusive: the interval straddles the threshold; more windows (a larger eval set) would decide.
+"""The verdict on "less than 1% loss" from a confidence interval: pass (upper bound < 1%), fail (lower
+bound >= 1%: exactly 1% is not "< 1%") or inconclusive (it straddles 1%; more windows would decide).
 
 Bounds are compared after rounding to 12 decimals, so that a loss of exactly 1% that went through
 exp/log (1.01 becoming 0.010000000000000009) still counts as exactly 1%.
