@@ -137,25 +137,23 @@ def fp4_tensor_cores(device: torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 10
 
 
-def cpu_name() -> str:
+def _proc_value(path: str, key: str) -> str | None:
+    """What follows ``key`` and its colon on the first such line of a /proc file; None without one."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+
+def cpu_name() -> str:
+    return _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def memory_gib() -> float:
     """This machine's RAM (on a GB10 also the GPU's: one pool), from /proc/meminfo."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return 0.0
+    total = _proc_value("/proc/meminfo", "MemTotal:")
+    return round(int(total.split()[0]) / 2**20, 1) if total else 0.0
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -172,13 +170,9 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     and, on a GPU, ``gpu`` (what PyTorch's allocator held; on a GB10 that is the same memory pool as ``rss``)."""
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB; process-wide fallback
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
+    hwm = _proc_value("/proc/self/status", "VmHWM:")
+    # ru_maxrss (Linux: KiB) is the process-wide fallback
+    rss = int(hwm.split()[0]) * 1024.0 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     out = {"rss": rss}
     if device.type == "cuda":
         out["gpu"] = float(torch.cuda.max_memory_allocated(device))

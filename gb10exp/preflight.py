@@ -10,8 +10,11 @@ own files and GPUs), once per job and process.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import itertools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,9 +62,6 @@ def check_job(cfg: Config) -> None:
 def top_level_keys() -> str:
     """--help's list of top-level keys, read from the schema (``config.Config``: each field, its default and
     its comment), so it cannot drift from what the config accepts."""
-    import inspect
-    import re
-
     out, comment = [], []
     for line in inspect.getsource(Config).splitlines()[1:]:
         if line.strip().startswith("#"):
@@ -110,8 +110,6 @@ def to_config(dcfg: DictConfig) -> Config:
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
     """OmegaConf.to_object silently drops keys added with ``+key=...``: a typo must fail, with the key that
     was probably meant."""
-    import dataclasses
-
     schema = node._metadata.object_type
     if not dataclasses.is_dataclass(schema):
         return
@@ -164,7 +162,7 @@ def _parse(overrides: list[str]) -> list:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             hint = ""
             if "=" not in override and i and "=" in overrides[i - 1]:  # the shell split a value at a space
-                hint = (f"; it looks like the rest of a value with a space in it: quote the whole override, "
+                hint = ("; it looks like the rest of a value with a space in it: quote the whole override, "
                         f"e.g. '{overrides[i - 1]} {override}'")
             raise ConfigError(f"cannot parse the override {override!r}: {'; '.join(lines)}{hint}") from None
     return parsed
@@ -179,8 +177,7 @@ def _check_options(overrides: list) -> list:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             for value in values:
                 if value not in options:
-                    near = difflib.get_close_matches(value, options, n=1)
-                    hint = f" (did you mean {near[0]}?)" if near else ""
+                    hint = _closest(value, options)
                     raise ConfigError(f"{group}={value!r} is not allowed{hint}: one of {options}")
     return overrides
 
@@ -250,8 +247,6 @@ def _one_line(exc: Exception, overrides: list[str]) -> str:
 
 def _nearest_key(key: str) -> str | None:
     """The existing config key closest to a mistyped dotted ``key`` (same parent), e.g. eval.num_window."""
-    import dataclasses
-
     node: object = Config
     parts = key.split(".")
     for part in parts[:-1]:

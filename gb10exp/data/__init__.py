@@ -37,10 +37,8 @@ def _hf_dataset(name: str, subset: str, split: str, column: str, key: str) -> st
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # the hub raises many types: offline, missing cache, auth
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"{key}.dataset could not load {name}/{subset} ({split}) offline or from the cache ({first}); "
-            f"use {key}=pydoc_topics or {key}=text_file {key}.path=FILE"
-        ) from exc
+        raise ConfigError(f"{key}.dataset could not load {name}/{subset} ({split}) offline or from the cache "
+                          f"({first}); use {key}=pydoc_topics or {key}=text_file {key}.path=FILE") from exc
     return "\n\n".join(t for t in ds[column] if t.strip())
 
 
@@ -66,11 +64,8 @@ def _text_file(split: str, cfg: DataConfig) -> str:
 
 
 DATASETS: dict[str, Callable[[str, DataConfig], str]] = {
-    "pydoc_topics": _pydoc_topics,
-    "wikitext2": _wikitext2,
-    "cnn_dailymail": _cnn_dailymail,
-    "text_file": _text_file,
-}
+    "pydoc_topics": _pydoc_topics, "wikitext2": _wikitext2, "cnn_dailymail": _cnn_dailymail,
+    "text_file": _text_file}
 
 
 def load_text(split: str, cfg: DataConfig) -> str:
@@ -140,10 +135,9 @@ class EvalWindows:
 
 
 def _too_few(num_windows: int, available: int, seq_len: int, protocol: str) -> ConfigError:
-    return ConfigError(
-        f"eval.num_windows={num_windows} is not allowed: the evaluation text holds only {available} "
-        f"windows of {seq_len} tokens (eval.protocol={protocol}); lower eval.num_windows or eval.seq_len"
-    )
+    return ConfigError(f"eval.num_windows={num_windows} is not allowed: the evaluation text holds only "
+                       f"{available} windows of {seq_len} tokens (eval.protocol={protocol}); lower "
+                       "eval.num_windows or eval.seq_len")
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, num_windows: int, protocol: str = "windows",
@@ -219,10 +213,9 @@ def calib_samples(tokens: torch.Tensor, seq_len: int, calib_size: int, seed: int
     """``calib_size`` distinct windows drawn with a seeded generator, shape (calib_size, seq_len)."""
     available = tokens.numel() // seq_len
     if available < calib_size:
-        raise ConfigError(
-            f"calib_size={calib_size} is not allowed: the calibration text holds only {available} samples "
-            f"of {seq_len} tokens; lower calib_size or calib.seq_len, or use a larger calib dataset"
-        )
+        raise ConfigError(f"calib_size={calib_size} is not allowed: the calibration text holds only "
+                          f"{available} samples of {seq_len} tokens; lower calib_size or calib.seq_len, or "
+                          "use a larger calib dataset")
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(available, generator=generator)[:calib_size].sort().values
     return tokens[: available * seq_len].view(available, seq_len)[picks]

@@ -130,10 +130,8 @@ def _checked(backend, windows: EvalWindows, offline: AccuracyResult, cfg: Config
     result = EngineAccuracy(
         metrics={"engine_perplexity": engine_ppl, "offline_perplexity_same_windows": offline_ppl,
                  "engine_ppl_ratio": ratio, "engine_ppl_windows": float(count)},
-        tags={"engine_ppl_check": ("ok" if ok else "MISMATCH")
-              + f": engine {engine_ppl:.3f} vs PyTorch {offline_ppl:.3f} on {what}, {count} windows"
-              + f" (tolerance {cfg.bench.ppl_tolerance:.0%})"},
-    )
+        tags={"engine_ppl_check": ("ok" if ok else "MISMATCH") + f": engine {engine_ppl:.3f} vs PyTorch "
+              f"{offline_ppl:.3f} on {what}, {count} windows (tolerance {cfg.bench.ppl_tolerance:.0%})"})
     if engine_quantized:
         result.metrics |= {"perplexity": engine_ppl, "nll_mean": sum(nll) / sum(tokens),
                            "eval_tokens": float(sum(tokens)), "source_perplexity": offline.perplexity}

@@ -46,10 +46,9 @@ def check_tasks(cfg: EvalConfig) -> None:
         return
     include = _include_path(cfg)
     if include is not None and not Path(include).is_dir():
-        raise ConfigError(
-            f"eval.task_include_path={cfg.task_include_path!r} is not allowed: no such folder; give the "
-            "folder of your lm-eval task YAMLs (relative paths start at the working directory)"
-        )
+        raise ConfigError(f"eval.task_include_path={cfg.task_include_path!r} is not allowed: no such folder; "
+                          "give the folder of your lm-eval task YAMLs (relative paths start at the working "
+                          "directory)")
     known = set(_task_manager(include).all_tasks)
     for name in cfg.tasks:
         if name not in known:
@@ -152,13 +151,7 @@ def run_tasks(model: torch.nn.Module, tokenizer: Any, cfg: EvalConfig, device: t
 
     manager = _task_manager(_include_path(cfg))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(device))
-    results = simple_evaluate(
-        model=lm,
-        tasks=[_task_spec(name, manager) for name in cfg.tasks],
-        task_manager=manager,
-        limit=cfg.task_limit,
-        log_samples=False,
-    )
-    metrics = task_metrics(results)
+    metrics = task_metrics(simple_evaluate(model=lm, tasks=[_task_spec(name, manager) for name in cfg.tasks],
+                                           task_manager=manager, limit=cfg.task_limit, log_samples=False))
     log.info("lm-eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics

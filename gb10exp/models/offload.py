@@ -18,6 +18,7 @@ Why this way and not transformers' own ``device_map`` disk offload (docs/large_m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -88,8 +89,6 @@ def offload_folder(cfg: ModelConfig, offload_dir: str | Path, dtype: torch.dtype
 
 
 def content_key_of(files: list[Path]) -> str:
-    import hashlib
-
     return hashlib.sha256(" ".join(f"{p.name}:{content_key(p)}" for p in files).encode()).hexdigest()[:16]
 
 
@@ -100,11 +99,9 @@ def _layers_name(model: torch.nn.Module) -> str:
     layers = LayerActivationCollector.get_decoder_layers(model)
     name = next((n for n, m in model.named_modules() if m is layers), None) if layers is not None else None
     if name is None:
-        raise RuntimeError(
-            f"quant.offload_dir: modelopt's layerwise calibration finds no decoder layers in {type(model).__name__} "
-            "(it knows model.model.layers of Hugging Face decoder LMs whose layers share one class); "
-            "run it without quant.offload_dir"
-        )
+        raise RuntimeError(f"quant.offload_dir: modelopt's layerwise calibration finds no decoder layers in "
+                           f"{type(model).__name__} (it knows model.model.layers of Hugging Face decoder LMs "
+                           "whose layers share one class); run it without quant.offload_dir")
     return name
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gb10exp.models import gguf_arch, gguf_int
 from gb10exp.quant.formats import DENSE_BITS, quantizer_bits
 
 if TYPE_CHECKING:
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
     from gb10exp.quant.formats import Format
 
 KV_BITS = {"none": DENSE_BITS, "fp8": 8.0, "nvfp4": 4.5}
-# safetensors dtype names -> bytes per element (packed FP4 and INT4 are stored as U8, two values a byte)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "I64": 8, "F8_E4M3": 1,
-               "F8_E5M2": 1, "F8_E8M0": 1, "U8": 1, "I8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -152,11 +150,6 @@ def from_safetensors(folder: Path, kv_cache_qformat: str = "none") -> Tensors:
     return Tensors(sizes, embed, head, kv, "the checkpoint's safetensors files")
 
 
-def _gguf_int(reader: Any, key: str) -> int | None:
-    field = reader.fields.get(key)
-    return int(field.parts[field.data[0]][0]) if field is not None else None
-
-
 def from_gguf(path: Path) -> Tensors:
     """A GGUF file: every tensor's bytes as stored; the KV geometry from its metadata (llama.cpp keeps the
     KV cache in F16 unless told otherwise)."""
@@ -164,13 +157,12 @@ def from_gguf(path: Path) -> Tensors:
 
     reader = GGUFReader(str(path))
     sizes = {t.name: float(t.n_bytes) for t in reader.tensors}
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field is not None else "llama"
-    layers, heads = _gguf_int(reader, f"{arch}.block_count"), _gguf_int(reader, f"{arch}.attention.head_count")
+    arch = gguf_arch(reader) or "llama"
+    get = lambda key: gguf_int(reader, f"{arch}.{key}")  # noqa: E731
+    layers, heads = get("block_count"), get("attention.head_count")
     kv = 0.0
     if layers and heads:
-        kv_heads = _gguf_int(reader, f"{arch}.attention.head_count_kv") or heads
-        head_dim = _gguf_int(reader, f"{arch}.attention.key_length") or _gguf_int(reader, f"{arch}.embedding_length") // heads
-        kv = kv_bytes_per_token(layers, kv_heads, head_dim)
+        head_dim = get("attention.key_length") or get("embedding_length") // heads
+        kv = kv_bytes_per_token(layers, get("attention.head_count_kv") or heads, head_dim)
     head = "output.weight" if "output.weight" in sizes else "token_embd.weight"  # no output tensor: tied
     return Tensors(sizes, "token_embd.weight" if "token_embd.weight" in sizes else None, head, kv, "the GGUF file")

@@ -130,10 +130,8 @@ def _restore(model: torch.nn.Module, entry: Path, device: torch.device) -> torch
         with cpu_nvfp4():
             return mto.restore(model, str(entry / STATE_FILE), map_location=str(device))
     except Exception as exc:  # unreadable despite the atomic publish (disk fault, manual edits)
-        raise RuntimeError(
-            f"cached quantized model {entry} cannot be restored ({type(exc).__name__}: {str(exc)[:160]}); "
-            f"delete that folder or run with cache=false"
-        ) from exc
+        raise RuntimeError(f"cached quantized model {entry} cannot be restored ({type(exc).__name__}: "
+                           f"{str(exc)[:160]}); delete that folder or run with cache=false") from exc
 
 
 def _save(model: torch.nn.Module, entry: Path, cfg: Config) -> None:

@@ -35,18 +35,10 @@ from gb10exp.tracking import environment as env
 CALIB_KEYS = ("calib", "calib_size", "seed")  # read only by calibration (seed picks the calibration samples)
 IDENTITY_PACKAGES = ("torch", "transformers", "nvidia-modelopt")
 # EvalConfig fields that change neither which tokens are scored nor how (the tokens themselves are digested).
-EVAL_NOT_SCORING = (
-    "dataset",
-    "path",
-    "seq_len",
-    "num_windows",
-    "batch_size",
-    "compare_baseline",
-    "tasks",
-    "task_include_path",
-    "task_limit",
-    "enabled",
-)
+EVAL_NOT_SCORING = ("dataset", "path", "seq_len", "num_windows", "batch_size", "compare_baseline", "tasks",
+                    "task_include_path", "task_limit", "enabled")
+
+
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -62,12 +54,9 @@ def tokenizer_digest(tokenizer: Any) -> str:
     """sha256[:16] of the whole tokenizer (vocabulary, merges, normalizer, special tokens, BOS/EOS policy)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers serialize completely
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = {
-        "class": type(tokenizer).__name__,
-        "special": tokenizer.special_tokens_map,
-        "add_bos": getattr(tokenizer, "add_bos_token", None),
-        "add_eos": getattr(tokenizer, "add_eos_token", None),
-    }
+    extra = {"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
+             "add_bos": getattr(tokenizer, "add_bos_token", None),
+             "add_eos": getattr(tokenizer, "add_eos_token", None)}
     return hashlib.sha256(body.encode() + _sha(extra).encode()).hexdigest()[:16]
 
 
@@ -84,17 +73,9 @@ class RunIdentity:
     tags: dict[str, str]  # every part, plus run_identity, config_hash and calibration
 
 
-def run_identity(
-    cfg: Config,
-    resolved: dict,
-    device: torch.device,
-    dtype: torch.dtype,
-    tokenizer: Any,
-    calib: torch.Tensor,
-    windows: EvalWindows,
-    engine_package: str | None = None,
-    no_calibration: str = "none",
-) -> RunIdentity:
+def run_identity(cfg: Config, resolved: dict, device: torch.device, dtype: torch.dtype, tokenizer: Any,
+                 calib: torch.Tensor, windows: EvalWindows, engine_package: str | None = None,
+                 no_calibration: str = "none") -> RunIdentity:
     """The identity of one job, from its resolved config and what ``runner.prepare`` produced. ``calib``
     is empty for a job that reads no calibration data (its calibration settings are then left out, and
     ``no_calibration`` says why); ``engine_package``: the package of the engine the backend embeds."""
