@@ -11,6 +11,7 @@ would resolve them against the working directory).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -82,8 +83,6 @@ def load_task_yaml(path: Path) -> dict:
 def _load_yaml(path: Path, seen: frozenset[Path] = frozenset()) -> dict:
     """``include: other.yaml`` (a path or a list, relative to this file; this file's keys win) and
     ``!function module.name`` (``module.py`` next to this file), as lm-eval's task guide documents them."""
-    import importlib.util
-
     import yaml
 
     path = path.expanduser().resolve()

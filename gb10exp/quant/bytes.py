@@ -1,21 +1,18 @@
 """The one byte rule: the deployed weight bytes (metric ``weight_gib``) and the bytes a decode step reads.
 
 ``decode_step_bytes`` is the rule, written once: a decode step reads every stored tensor once, except an
-input embedding table that is not also the output head (of which a token reads one row, a few KB:
-ignored), plus the KV cache of every token already in the context, for each sequence of the batch. Three
-readers turn what an engine runs into the ``Tensors`` the rule takes:
-
-- ``from_module``: a PyTorch model in a quantization format: every linear layer the format quantizes at
-  its bits per weight (scales included; ``formats.Format.weight_bits``), everything else (embeddings, norms,
-  biases, the output head) at 16 bits, a tensor shared by two modules (tied embeddings) once. Which
-  linear layers: those whose modelopt weight quantizer is enabled in a fake-quantized model; in a model
-  without quantizers while the format quantizes (an engine quantizes it: GGUF), every one but the head.
-  ``dense_bits=None`` counts the model as PyTorch holds it instead (fake quantization keeps full weights);
+input embedding that is not also the output head (a token reads one row of it, a few KB: ignored), plus the
+KV cache of every token in the context, for each sequence of the batch. Three readers make its ``Tensors``:
+- ``from_module``: a PyTorch model in a format: every linear layer the format quantizes at its bits per
+  weight (scales included; ``formats.Format.weight_bits``), everything else (embeddings, norms, biases, the
+  output head) at 16 bits, a tensor shared by two modules (tied embeddings) once. Quantized layers: those
+  whose modelopt weight quantizer is enabled in a fake-quantized model; in a model without quantizers whose
+  format an engine quantizes (GGUF), every one but the head. ``dense_bits=None`` counts the model as
+  PyTorch holds it instead (fake quantization keeps full weights);
 - ``from_safetensors``: a checkpoint folder (modelopt's export), from the file headers alone;
 - ``from_gguf``: a GGUF file, from its header alone.
-
 The KV cache: K and V of every layer, ``num_key_value_heads x head_dim`` values each per token, at 16 bits
-unless the KV cache is quantized (fp8: 8 bits; nvfp4: 4.5 bits).
+unless quantized (fp8: 8 bits; nvfp4: 4.5 bits).
 """
 
 from __future__ import annotations

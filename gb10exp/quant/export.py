@@ -69,10 +69,6 @@ class Checkpoint:
         return {"export_gib": self.file_bytes / 2**30, "export_tensor_gib": self.tensor_bytes / 2**30}
 
 
-def export_path(cfg: Config, job_output_dir: str | Path) -> Path:
-    return Path(cfg.export_dir).expanduser() if cfg.export_dir else Path(job_output_dir) / "checkpoint"
-
-
 def _linear_inputs(arch: dict[str, Any]) -> dict[str, int]:
     """Input widths of a Llama-style model's linear layers, from its LlamaConfig keywords."""
     hidden = int(arch.get("hidden_size", 4096))
@@ -117,11 +113,6 @@ def check_model(model: torch.nn.Module, cfg: Config) -> None:
         # lm_head stays unquantized in every modelopt config gb10exp uses ("*lm_head*" disabled)
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name and module.in_features % fmt.weight_block:
             raise _block_error(fmt, fmt.weight_block, f"{name}.in_features", module.in_features)
-
-
-def _export_dtype(model: torch.nn.Module) -> torch.dtype:
-    dtype = next(model.parameters()).dtype
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale",
@@ -209,7 +200,8 @@ def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quant
     folder.mkdir(parents=True, exist_ok=True)
     if getattr(model.config, "architectures", None) is None:  # a config built in code: export fails on None
         model.config.architectures = [type(model).__name__]
-    dtype = _export_dtype(model)
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     if quantized:
         from modelopt.torch.export import export_hf_checkpoint
 
@@ -268,7 +260,8 @@ def export_run(model: torch.nn.Module, tokenizer: Any, cfg: Config, job_output_d
                overrides: list[str]) -> tuple[Checkpoint, list[str]]:
     """Write the run's checkpoint where ``export`` / ``export_dir`` say; return it and its serving commands."""
     fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
-    ckpt = write_checkpoint(model, tokenizer, export_path(cfg, job_output_dir), fmt.modelopt)
+    folder = Path(cfg.export_dir).expanduser() if cfg.export_dir else Path(job_output_dir) / "checkpoint"
+    ckpt = write_checkpoint(model, tokenizer, folder, fmt.modelopt)
     if fmt.modelopt and ckpt.quant_algo != fmt.quant_algo:  # the support matrix is keyed by the derived one
         log.warning("qformat=%s exported as quant_algo %s, but gb10exp.quant.formats derived %s: the engine "
                     "support tag may be wrong", fmt.name, ckpt.quant_algo, fmt.quant_algo)

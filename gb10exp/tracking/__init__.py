@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 import traceback
 import urllib.error
@@ -47,10 +48,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def sha16(obj: Any) -> str:
+    """sha256[:16] of ``obj`` as sorted JSON: the digest of configs and of run identities."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_hash(resolved: dict) -> str:
     """A stable hash of everything that determines a run's results."""
-    kept = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha16({k: v for k, v in resolved.items() if k not in HASH_EXCLUDED})
 
 
 _checked: set[str] = set()
@@ -94,8 +99,6 @@ def _check_artifact_root(cfg: TrackingConfig) -> None:
 
 def _init_sqlite(uri: str) -> None:
     """Create a SQLite store's tables once, under a file lock: parallel jobs would race to create them."""
-    import sqlite3
-
     try:
         init_sqlite(uri)
     except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"

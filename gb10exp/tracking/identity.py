@@ -29,7 +29,7 @@ import torch
 from gb10exp import hardware
 from gb10exp.config import Config
 from gb10exp.data import EvalWindows
-from gb10exp.tracking import config_hash
+from gb10exp.tracking import config_hash, sha16
 from gb10exp.tracking import environment as env
 
 CALIB_KEYS = ("calib", "calib_size", "seed")  # read only by calibration (seed picks the calibration samples)
@@ -37,10 +37,6 @@ IDENTITY_PACKAGES = ("torch", "transformers", "nvidia-modelopt")
 # EvalConfig fields that change neither which tokens are scored nor how (the tokens themselves are digested).
 EVAL_NOT_SCORING = ("dataset", "path", "seq_len", "num_windows", "batch_size", "compare_baseline", "tasks",
                     "task_include_path", "task_limit", "enabled")
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -57,14 +53,14 @@ def tokenizer_digest(tokenizer: Any) -> str:
     extra = {"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
              "add_bos": getattr(tokenizer, "add_bos_token", None),
              "add_eos": getattr(tokenizer, "add_eos_token", None)}
-    return hashlib.sha256(body.encode() + _sha(extra).encode()).hexdigest()[:16]
+    return hashlib.sha256(body.encode() + sha16(extra).encode()).hexdigest()[:16]
 
 
 def eval_digest(windows: EvalWindows, cfg: Config) -> str:
     """The scored evaluation tokens (tokens, scoring starts, protocol: ``EvalWindows.digest``) and every
     other evaluation setting that changes how they are scored."""
     scoring = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in EVAL_NOT_SCORING}
-    return _sha({"windows": windows.digest(), "scoring": scoring})
+    return sha16({"windows": windows.digest(), "scoring": scoring})
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,7 @@ def run_identity(cfg: Config, resolved: dict, device: torch.device, dtype: torch
         "tokenizer_digest": tokenizer_digest(tokenizer),
     }
     versions = {p: env.version(p) for p in packages}
-    key = _sha({"parts": parts, "versions": versions})
+    key = sha16({"parts": parts, "versions": versions})
     calibration = f"{calib.shape[0]} samples of {calib.shape[1]} tokens" if calibrating else no_calibration
     tags = parts | {f"version.{p}": v for p, v in versions.items()} | {"run_identity": key, "calibration": calibration}
     return RunIdentity(key, tags)

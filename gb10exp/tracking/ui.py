@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from gb10exp.config import Config
@@ -168,8 +169,6 @@ def backfill_rounded(client, experiment_id: str) -> int:
 def mlflow_ui_args(store: str, host: str, port: int) -> list[str]:
     """``mlflow ui``'s arguments: gb10exp's server app when it is installed (``pip install -e .`` registers its
     entry point), else none, with a line saying the one click that the app saves."""
-    from importlib.metadata import entry_points
-
     args = ["ui", "--backend-store-uri", store, "--host", host, "--port", str(port), "--workers", "1"]
     # --workers 1: one user on loopback; MLflow's default 4 take a minute to start on 2 cores
     if any(e.name == APP_NAME for e in entry_points(group="mlflow.app")):
