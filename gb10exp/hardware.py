@@ -1,14 +1,10 @@
 """Which device a run is on and what it can do: one table, and the functions every other module asks.
 
-``DEVICES`` has one row per device family: the pattern its name contains (as torch or NVML reports it,
-or as a user types it for ``--device``; first match wins, so specific names come first), the
-architecture the engine support matrix is keyed by (gb10exp/backends/support.py), the published peak
-memory bandwidth, and whether it has FP4 tensor cores. A new GPU is one row. Memory size is read from the
-device itself, never from here: GB10 machines come with 128 GB and with 64 GB.
-
-Bandwidth is measured one way everywhere (``measure_bandwidth``): a device-to-device copy timed with CUDA
-events (host clock on a CPU), several sizes, several repetitions, median and spread; the published peak,
-where the table knows the device, is recorded beside it, never instead of it.
+``DEVICES`` has one row per device family (a new GPU is one row); the first row whose pattern the name
+contains wins, so specific names come first. Memory size is read from the device itself, never from the
+table: GB10 machines come with 128 GB and with 64 GB. Bandwidth is measured one way everywhere
+(``measure_bandwidth``); the published peak, where the table knows the device, is recorded beside the
+measurement, never instead of it.
 """
 
 from __future__ import annotations
@@ -29,8 +25,8 @@ from gb10exp.config import ConfigError
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    pattern: str  # substring of the device name, case-insensitive
-    arch: str  # the support matrix column: hopper | blackwell | gb10 | ada | ampere | turing
+    pattern: str  # substring of the name torch or NVML report (or a user types), case-insensitive
+    arch: str  # gb10exp/backends/support.py's column: hopper | blackwell | gb10 | ada | ampere | turing
     peak_gbps: float  # published peak memory bandwidth, GB/s
     fp4_tensor_cores: bool  # native NVFP4 MMA (Blackwell: sm_100 and sm_12x)
 

@@ -1,11 +1,9 @@
 """Before any job: expand the sweep, compose every job, and run the one ordered list of checks on each.
 
-A typo in the last value of a sweep fails in one line at once instead of after hours of earlier jobs, and
-nothing is recorded. ``CHECKS`` is the only list of checks: each area keeps its knowledge in one
-``check(cfg)`` function (the device, the model, the store, the backend, the format...), in the order a user
-would fix them. ``check_job`` runs the list; preflight calls it for every job of the sweep, and
-``runner.prepare`` calls it for the job it runs (in the process that runs it: a Ray or SLURM node has its
-own files and GPUs), once per job and process.
+A typo in the last value of a sweep fails in one line at once, not after hours of earlier jobs, and
+nothing is recorded. ``CHECKS`` is the only list of checks (each area's knowledge in one ``check(cfg)``);
+``check_job`` runs it, here for every job of the sweep and in ``runner.prepare`` for the job it runs (in
+the process that runs it: a Ray or SLURM node has its own files and GPUs), once per job and process.
 """
 
 from __future__ import annotations
@@ -253,15 +251,12 @@ def _nearest_key(key: str) -> str | None:
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
             return None
-        node = fields[part].type if not isinstance(fields[part].type, str) else _resolve(fields[part].type)
+        node = fields[part].type
+        if isinstance(node, str):  # a string annotation (``from __future__ import annotations``)
+            node = getattr(config, node.split("|")[0].strip(), None)
     names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
     near = difflib.get_close_matches(parts[-1], names, n=1)
     return ".".join([*parts[:-1], near[0]]) if near else None
-
-
-def _resolve(annotation: str) -> object:
-    """A dataclass field's type from its string annotation (``from __future__ import annotations``)."""
-    return getattr(config, annotation.split("|")[0].strip(), None)
 
 
 def check_launcher(launcher: DictConfig, jobs: list[Config]) -> None:

@@ -124,12 +124,9 @@ def _task_spec(name: str, manager) -> str | dict:
 
 
 def task_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``simple_evaluate``'s per-task results as flat metrics: ``task/<task>/<metric>``.
-
-    lm-eval names metrics ``<metric>,<filter>``; the default filter ``none`` is dropped from the name,
-    others are kept as a suffix (``exact_match_strict-match``). Non-numeric entries (aliases, "N/A"
-    standard errors) are skipped.
-    """
+    """``simple_evaluate``'s per-task results as flat metrics ``task/<task>/<metric>``. lm-eval names metrics
+    ``<metric>,<filter>``: the default filter ``none`` is dropped, others become a suffix
+    (``exact_match_strict-match``). Non-numeric entries (aliases, "N/A" standard errors) are skipped."""
     out: dict[str, float] = {}
     for task, values in results.get("results", {}).items():
         for key, value in values.items():

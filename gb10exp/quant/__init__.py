@@ -1,11 +1,9 @@
 """Quantization with NVIDIA Model Optimizer: calibrate, then replace layers by fake-quantized ones.
 
-Every format is the modelopt config named in ``conf/qformat/<name>.yaml``; its facts (what it exports as,
-its bits, whether it reads calibration data) come from ``formats.py``; ``bf16`` quantizes nothing;
-``auto`` searches a per-layer mix of other formats (``auto.py``).
-
+Every format is the modelopt config named in ``conf/qformat/<name>.yaml``, its facts derived in
+``formats.py``; ``bf16`` quantizes nothing; ``auto`` searches a per-layer mix of formats (``auto.py``).
 ``quant.layerwise=true`` calibrates one decoder layer at a time (modelopt's layerwise calibration), and
-``quant.offload_dir`` keeps the decoder layers on disk meanwhile (gb10exp/models/offload.py;
+``quant.offload_dir`` keeps the decoder layers on disk meanwhile (gb10exp/models/offload.py,
 docs/large_models.md).
 """
 

@@ -121,7 +121,6 @@ SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_sc
 
 def _downcast_unquantized(folder: Path, dtype: torch.dtype) -> None:
     """Rewrite float32 tensors that are not scales (embeddings, norms, an unquantized lm_head) in ``dtype``.
-
     Only a float32 model (the CPU) needs it; it is done on the files because the export itself runs the
     model, which must stay in one dtype until then. Scales keep float32: they were calibrated in it."""
     name = str(dtype).removeprefix("torch.")
@@ -188,10 +187,9 @@ def _downcast_file(file: Path, dtype: torch.dtype) -> None:
 
 
 def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quantized: bool) -> Checkpoint:
-    """Write ``model`` (modelopt-quantized or not) as a Hugging Face checkpoint in ``folder``.
-
-    The export packs the quantized weights in place: afterwards ``model`` can only be exported again (which
-    copies this folder), not run."""
+    """Write ``model`` (modelopt-quantized or not) as a Hugging Face checkpoint in ``folder``. The export
+    packs the quantized weights in place: afterwards ``model`` can only be exported again (which copies
+    this folder), not run."""
     folder = Path(folder)
     if (previous := getattr(model, _EXPORTED, None)) is not None:
         if Path(previous).resolve() != folder.resolve():

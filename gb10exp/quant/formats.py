@@ -121,9 +121,8 @@ def _qformat_node(name: str):
 
 
 def modelopt_config(q: QFormatConfig, kv_cache_qformat: str = "none") -> dict | None:
-    """A private copy of modelopt's config for the format, with KV-cache entries when asked for.
-
-    For qformat=auto: the search settings and every candidate's config (what determines the result)."""
+    """A private copy of modelopt's config for the format, with KV-cache entries when asked for; for
+    qformat=auto, the search settings and every candidate's config (what determines the result)."""
     if q.auto is not None:
         return {"auto": dataclasses.asdict(q.auto),
                 "formats": {f: modelopt_config(load_qformat(f)) for f in q.auto.formats}}

@@ -1,18 +1,17 @@
-"""What the MLflow UI shows: a one-line description per run, its data as dataset inputs, and a saved
-runs-table view with the headline metrics as columns; ``make ui`` opens it.
+"""What the MLflow UI shows: a one-line description per run, its data as dataset inputs, and a saved runs
+table with the headline metrics as columns; ``make ui`` opens it.
 
 MLflow 3.17's UI (read from its source, checked in headless Chromium by tests/test_ui.py):
 - an experiment tag ``mlflow.sharedViewState.<key>`` holds a JSON view (``selectedColumns`` as canonical keys
   such as ``metrics.`perplexity```, ``columnWidths``, ``orderByKey``, ``searchFilter``...), applied when the
   URL carries ``?viewStateShareKey=<key>`` and no filter parameter of its own (the UI's "share view");
-- ``compareRunsMode=TABLE`` in the URL shows the table rather than the charts it picks when runs have metrics;
-- ``workflowType=machine_learning`` in the URL shows that page in the "Model training" layout; the layout
-  otherwise comes from the browser's localStorage (GenAI when unset), never from the experiment
-  (``mlflow.experimentKind`` is not read), so the server app ``gb10exp.tracking.mlflow_app`` sets it there;
-- the table shows a metric as JavaScript prints the float (up to 17 digits) and has no formatter, so each
-  headline metric is also logged rounded (``rounded/<name>``), and those are the table's columns;
+- ``compareRunsMode=TABLE`` in the URL shows the table, not the charts it picks when runs have metrics;
+- ``workflowType=machine_learning`` in the URL shows the "Model training" layout; otherwise the layout comes
+  from the browser's localStorage (GenAI when unset), never from the experiment (``mlflow.experimentKind``
+  is not read): the server app ``gb10exp.tracking.mlflow_app`` sets it there;
+- the table shows a metric as JavaScript prints the float (up to 17 digits), with no formatter: each
+  headline metric is also logged rounded (``rounded/<name>``), and those are the columns;
 - a run tag ``mlflow.note.content`` is its description (the run page's "Description", a table column).
-
 ``python -m gb10exp.tracking.ui [--store URI]`` (``make ui``) prints the link to the latest experiment's
 table and starts ``mlflow ui --app-name gb10exp-ui`` on loopback.
 """
