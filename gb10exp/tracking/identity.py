@@ -1,19 +1,16 @@
 """A run's identity: everything that can change its numbers, hashed into one ``run_identity`` tag.
 
-Resume skips a job only when a FINISHED run with the same identity exists, so a run on another machine,
-another compute dtype, other code, other library versions or other data is a new run. The parts:
-
-- ``config_hash``: the resolved config without tracking/force/cache, and without the calibration
-  settings for formats that do not calibrate (``gb10exp.quant.formats.Format.calibrates``);
+Resume skips a job only when a FINISHED run with the same identity exists: another machine, compute dtype,
+code, library versions or data make a new run. The parts, each also a tag the MLflow UI can filter on:
+- ``config_hash``: the resolved config without tracking/force/cache, and without the calibration settings
+  for formats that do not calibrate (``gb10exp.quant.formats.Format.calibrates``);
 - ``hardware`` (GPU name and compute capability, or CPU model and threads) and ``compute_dtype``;
-- ``code_version`` (git commit, "-dirty" when files under gb10exp/ or conf/ differ, untracked ones
-  included) and ``code_digest`` (their contents, so two dirty states differ);
+- ``code_version`` (git commit, "-dirty" when files under gb10exp/ or conf/ differ, untracked ones included)
+  and ``code_digest`` (their contents, so two dirty states differ);
 - versions of torch, transformers, nvidia-modelopt, the backend's engine, and lm-eval when tasks run;
 - ``calib_digest``, ``eval_digest``, ``tokenizer_digest``: the token tensors and the tokenizer themselves,
   so an edited data file or another tokenizer cannot hide behind an unchanged config.
-
-Every part is also a tag, so the MLflow UI can filter on it (``tags.hardware = '...'``). The quantized-model
-cache (gb10exp/quant/cache.py) keeps its own, finer key.
+The quantized-model cache (gb10exp/quant/cache.py) keeps its own, finer key.
 """
 
 from __future__ import annotations
