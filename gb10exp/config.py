@@ -242,14 +242,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(self.calib_size > 0, "calib_size", self.calib_size, "a positive number of calibration samples")
-        _require(
-            self.kv_cache_qformat in KV_CACHE_QFORMATS, "kv_cache_qformat", self.kv_cache_qformat,
-            f"one of {list(KV_CACHE_QFORMATS)}",
-        )
-        _require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "device", self.device, "auto, cpu, cuda or cuda:N",
-        )
+        _require(self.kv_cache_qformat in KV_CACHE_QFORMATS, "kv_cache_qformat", self.kv_cache_qformat,
+                 f"one of {list(KV_CACHE_QFORMATS)}")
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,
+                 "auto, cpu, cuda or cuda:N")
         if self.export_dir is not None:
             _require(self.export and bool(self.export_dir.strip()), "export_dir", self.export_dir,
                      "a folder, together with export=true (export=true export_dir=PATH)")

@@ -1,14 +1,10 @@
 """Which device a run is on and what it can do: one table, and the functions every other module asks.
 
-``DEVICES`` has one row per device family: the pattern its name contains (as torch or NVML reports it,
-or as a user types it for ``--device``; first match wins, so specific names come first), the
-architecture the engine support matrix is keyed by (gb10exp/backends/support.py), the published peak
-memory bandwidth, and whether it has FP4 tensor cores. A new GPU is one row. Memory size is read from the
-device itself, never from here: GB10 machines come with 128 GB and with 64 GB.
-
-Bandwidth is measured one way everywhere (``measure_bandwidth``): a device-to-device copy timed with CUDA
-events (host clock on a CPU), several sizes, several repetitions, median and spread; the published peak,
-where the table knows the device, is recorded beside it, never instead of it.
+``DEVICES`` has one row per device family (a new GPU is one row); the first row whose pattern the name
+contains wins, so specific names come first. Memory size is read from the device itself, never from the
+table: GB10 machines come with 128 GB and with 64 GB. Bandwidth is measured one way everywhere
+(``measure_bandwidth``); the published peak, where the table knows the device, is recorded beside the
+measurement, never instead of it.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,8 +25,8 @@ from gb10exp.config import ConfigError
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    pattern: str  # substring of the device name, case-insensitive
-    arch: str  # the support matrix column: hopper | blackwell | gb10 | ada | ampere | turing
+    pattern: str  # substring of the name torch or NVML report (or a user types), case-insensitive
+    arch: str  # gb10exp/backends/support.py's column: hopper | blackwell | gb10 | ada | ampere | turing
     peak_gbps: float  # published peak memory bandwidth, GB/s
     fp4_tensor_cores: bool  # native NVFP4 MMA (Blackwell: sm_100 and sm_12x)
 
@@ -137,25 +134,23 @@ def fp4_tensor_cores(device: torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 10
 
 
-def cpu_name() -> str:
+def _proc_value(path: str, key: str) -> str | None:
+    """What follows ``key`` and its colon on the first such line of a /proc file; None without one."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+
+def cpu_name() -> str:
+    return _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def memory_gib() -> float:
     """This machine's RAM (on a GB10 also the GPU's: one pool), from /proc/meminfo."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return 0.0
+    total = _proc_value("/proc/meminfo", "MemTotal:")
+    return round(int(total.split()[0]) / 2**20, 1) if total else 0.0
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -170,15 +165,9 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak bytes since the last ``reset_peak_memory``: ``rss`` (resident memory of this process, from VmHWM)
     and, on a GPU, ``gpu`` (what PyTorch's allocator held; on a GB10 that is the same memory pool as ``rss``)."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB; process-wide fallback
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
+    hwm = _proc_value("/proc/self/status", "VmHWM:")
+    # ru_maxrss (Linux: KiB) is the process-wide fallback
+    rss = int(hwm.split()[0]) * 1024.0 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     out = {"rss": rss}
     if device.type == "cuda":
         out["gpu"] = float(torch.cuda.max_memory_allocated(device))

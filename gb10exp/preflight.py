@@ -1,17 +1,18 @@
 """Before any job: expand the sweep, compose every job, and run the one ordered list of checks on each.
 
-A typo in the last value of a sweep fails in one line at once instead of after hours of earlier jobs, and
-nothing is recorded. ``CHECKS`` is the only list of checks: each area keeps its knowledge in one
-``check(cfg)`` function (the device, the model, the store, the backend, the format...), in the order a user
-would fix them. ``check_job`` runs the list; preflight calls it for every job of the sweep, and
-``runner.prepare`` calls it for the job it runs (in the process that runs it: a Ray or SLURM node has its
-own files and GPUs), once per job and process.
+A typo in the last value of a sweep fails in one line at once, not after hours of earlier jobs, and
+nothing is recorded. ``CHECKS`` is the only list of checks (each area's knowledge in one ``check(cfg)``);
+``check_job`` runs it, here for every job of the sweep and in ``runner.prepare`` for the job it runs (in
+the process that runs it: a Ray or SLURM node has its own files and GPUs), once per job and process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import itertools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,9 +60,6 @@ def check_job(cfg: Config) -> None:
 def top_level_keys() -> str:
     """--help's list of top-level keys, read from the schema (``config.Config``: each field, its default and
     its comment), so it cannot drift from what the config accepts."""
-    import inspect
-    import re
-
     out, comment = [], []
     for line in inspect.getsource(Config).splitlines()[1:]:
         if line.strip().startswith("#"):
@@ -110,8 +108,6 @@ def to_config(dcfg: DictConfig) -> Config:
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
     """OmegaConf.to_object silently drops keys added with ``+key=...``: a typo must fail, with the key that
     was probably meant."""
-    import dataclasses
-
     schema = node._metadata.object_type
     if not dataclasses.is_dataclass(schema):
         return
@@ -164,7 +160,7 @@ def _parse(overrides: list[str]) -> list:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             hint = ""
             if "=" not in override and i and "=" in overrides[i - 1]:  # the shell split a value at a space
-                hint = (f"; it looks like the rest of a value with a space in it: quote the whole override, "
+                hint = ("; it looks like the rest of a value with a space in it: quote the whole override, "
                         f"e.g. '{overrides[i - 1]} {override}'")
             raise ConfigError(f"cannot parse the override {override!r}: {'; '.join(lines)}{hint}") from None
     return parsed
@@ -179,8 +175,7 @@ def _check_options(overrides: list) -> list:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             for value in values:
                 if value not in options:
-                    near = difflib.get_close_matches(value, options, n=1)
-                    hint = f" (did you mean {near[0]}?)" if near else ""
+                    hint = _closest(value, options)
                     raise ConfigError(f"{group}={value!r} is not allowed{hint}: one of {options}")
     return overrides
 
@@ -250,23 +245,18 @@ def _one_line(exc: Exception, overrides: list[str]) -> str:
 
 def _nearest_key(key: str) -> str | None:
     """The existing config key closest to a mistyped dotted ``key`` (same parent), e.g. eval.num_window."""
-    import dataclasses
-
     node: object = Config
     parts = key.split(".")
     for part in parts[:-1]:
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
             return None
-        node = fields[part].type if not isinstance(fields[part].type, str) else _resolve(fields[part].type)
+        node = fields[part].type
+        if isinstance(node, str):  # a string annotation (``from __future__ import annotations``)
+            node = getattr(config, node.split("|")[0].strip(), None)
     names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
     near = difflib.get_close_matches(parts[-1], names, n=1)
     return ".".join([*parts[:-1], near[0]]) if near else None
-
-
-def _resolve(annotation: str) -> object:
-    """A dataclass field's type from its string annotation (``from __future__ import annotations``)."""
-    return getattr(config, annotation.split("|")[0].strip(), None)
 
 
 def check_launcher(launcher: DictConfig, jobs: list[Config]) -> None:

@@ -110,20 +110,13 @@ def summarize(timings: list[Timing], input_len: int, output_len: int) -> dict[st
     tpot = [statistics.fmean(t.inter_token) for t in timings if t.inter_token]
     gaps = [g for t in timings for g in t.inter_token]
     batch = timings[0].batch_size
-    out = {
-        "ttft_s": statistics.median(ttft),
-        "ttft_p90_s": percentile(ttft, 0.9),
-        "e2e_s": statistics.median([t.e2e for t in timings]),
-        "e2e_p90_s": percentile([t.e2e for t in timings], 0.9),
-        "prefill_tokens_per_s": batch * input_len / statistics.median(ttft),
-    }
+    e2e = [t.e2e for t in timings]
+    out = {"ttft_s": statistics.median(ttft), "ttft_p90_s": percentile(ttft, 0.9),
+           "e2e_s": statistics.median(e2e), "e2e_p90_s": percentile(e2e, 0.9),
+           "prefill_tokens_per_s": batch * input_len / statistics.median(ttft)}
     if tpot:
-        out |= {
-            "tpot_s": statistics.median(tpot),
-            "tpot_p90_s": percentile(tpot, 0.9),
-            "itl_p90_s": percentile(gaps, 0.9),
-            "decode_tokens_per_s": batch / statistics.median(tpot),
-        }
+        out |= {"tpot_s": statistics.median(tpot), "tpot_p90_s": percentile(tpot, 0.9),
+                "itl_p90_s": percentile(gaps, 0.9), "decode_tokens_per_s": batch / statistics.median(tpot)}
     return out
 
 
@@ -133,11 +126,9 @@ def prompts(tokens: Sequence[int], input_len: int, count: int) -> list[list[int]
     tokens = [int(t) for t in tokens]
     spare = len(tokens) - input_len
     if spare < count - 1:
-        raise ConfigError(
-            f"bench.input_len={input_len} is not allowed: {count} distinct prompts need {input_len + count - 1} "
-            f"tokens of evaluation text and there are {len(tokens)}; lower bench.input_len (or bench.depth) or "
-            "raise eval.num_windows"
-        )
+        raise ConfigError(f"bench.input_len={input_len} is not allowed: {count} distinct prompts need "
+                          f"{input_len + count - 1} tokens of evaluation text and there are {len(tokens)}; "
+                          "lower bench.input_len (or bench.depth) or raise eval.num_windows")
     stride = min(input_len, spare // max(count - 1, 1)) if count > 1 else 0
     return [tokens[i * stride : i * stride + input_len] for i in range(count)]
 
@@ -192,9 +183,8 @@ def check(cfg: Config) -> None:
                           f"{'bench.depth' if b.depth else 'bench.input_len'}")
 
 
-def measure(
-    generate_once: Callable[[list[int]], Timing], tokens: Sequence[int], cfg: BenchConfig, target: Target
-) -> tuple[dict[str, float], dict[str, str]]:
+def measure(generate_once: Callable[[list[int]], Timing], tokens: Sequence[int], cfg: BenchConfig,
+            target: Target) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of one throughput measurement under the rules above."""
     depth = cfg.depth
     reqs = requests(tokens, depth + cfg.input_len, cfg.warmup + cfg.repeats)

@@ -11,6 +11,8 @@ A run whose SM clock fell by more than ``THROTTLE_DROP`` during the measurement 
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import statistics
 import threading
 from pathlib import Path
@@ -18,14 +20,8 @@ from pathlib import Path
 INTERVAL_S = 0.05
 THROTTLE_DROP = 0.15  # min SM clock below (1 - this) x max SM clock during the measurement: throttled
 # NVML's throttle ("clocks event") reason bits worth naming; idle and application-clock bits are left out.
-REASONS = {
-    "sw_power_cap": 0x4,
-    "hw_slowdown": 0x8,
-    "sync_boost": 0x10,
-    "sw_thermal": 0x20,
-    "hw_thermal": 0x40,
-    "hw_power_brake": 0x80,
-}
+REASONS = {"sw_power_cap": 0x4, "hw_slowdown": 0x8, "sync_boost": 0x10, "sw_thermal": 0x20,
+           "hw_thermal": 0x40, "hw_power_brake": 0x80}
 
 
 def system_used_bytes() -> float | None:
@@ -156,13 +152,10 @@ class Monitor:
     def tags(self) -> dict[str, str]:
         tags = {"nvml": self.nvml_status}
         if clocks := self._series("sm_clock_mhz"):
-            dropped = min(clocks) < (1 - THROTTLE_DROP) * max(clocks)
-            tags["gpu_throttled"] = str(dropped).lower()
+            tags["gpu_throttled"] = str(min(clocks) < (1 - THROTTLE_DROP) * max(clocks)).lower()
         elif self.device.startswith("cuda"):
             tags["gpu_throttled"] = "unknown (no SM clock from NVML)"
-        bits = 0
-        for r in self._series("reasons"):
-            bits |= int(r)
-        if self._series("reasons"):
+        if reasons := self._series("reasons"):
+            bits = functools.reduce(operator.or_, (int(r) for r in reasons))
             tags["gpu_throttle_reasons"] = ",".join(n for n, b in REASONS.items() if bits & b) or "none"
         return tags

@@ -43,12 +43,10 @@ def roofline_metrics(decode_tps: float | None, tensors: Tensors, context: float,
     if decode_tps is None:
         return metrics, tags
     fraction = decode_tps / bound
-    metrics["roofline_fraction"] = fraction
-    metrics["roofline_fraction_measured_bw"] = decode_tps / decode_bound(measured.gbps, step, batch_size)
-    if fraction > 1:
-        tags |= {"roofline": "implausible", "roofline.reason": _implausible_reason(fraction, step, name)}
-    else:
-        tags["roofline"] = "plausible"
+    metrics |= {"roofline_fraction": fraction,
+                "roofline_fraction_measured_bw": decode_tps / decode_bound(measured.gbps, step, batch_size)}
+    tags |= ({"roofline": "implausible", "roofline.reason": _implausible_reason(fraction, step, name)}
+             if fraction > 1 else {"roofline": "plausible"})
     if row is hardware.GB10:
         return metrics, tags
     if fraction <= 1 and name != "cpu":

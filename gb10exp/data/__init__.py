@@ -1,10 +1,7 @@
-"""Calibration and evaluation text.
-
-Each dataset is a function ``(split, cfg) -> str`` in ``DATASETS``; ``split`` is "calib" or "eval" and
-the two parts of one dataset never overlap. Text is tokenized once, then cut into fixed windows:
-evaluation takes the first ``num_windows`` windows (identical for every format of a model), cut and
-scored as ``eval.protocol`` says (``eval_windows``); calibration draws ``calib_size`` windows with a
-seeded generator (identical for every format too).
+"""Calibration and evaluation text: each dataset a function ``(split, cfg) -> str`` in ``DATASETS``, whose
+"calib" and "eval" splits never overlap. Text is tokenized once and cut into windows: evaluation takes the
+first ``num_windows``, cut and scored as ``eval.protocol`` says (``eval_windows``); calibration draws
+``calib_size`` with a seeded generator. Both are identical for every format of a model.
 """
 
 from __future__ import annotations
@@ -37,10 +34,8 @@ def _hf_dataset(name: str, subset: str, split: str, column: str, key: str) -> st
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # the hub raises many types: offline, missing cache, auth
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"{key}.dataset could not load {name}/{subset} ({split}) offline or from the cache ({first}); "
-            f"use {key}=pydoc_topics or {key}=text_file {key}.path=FILE"
-        ) from exc
+        raise ConfigError(f"{key}.dataset could not load {name}/{subset} ({split}) offline or from the cache "
+                          f"({first}); use {key}=pydoc_topics or {key}=text_file {key}.path=FILE") from exc
     return "\n\n".join(t for t in ds[column] if t.strip())
 
 
@@ -66,11 +61,8 @@ def _text_file(split: str, cfg: DataConfig) -> str:
 
 
 DATASETS: dict[str, Callable[[str, DataConfig], str]] = {
-    "pydoc_topics": _pydoc_topics,
-    "wikitext2": _wikitext2,
-    "cnn_dailymail": _cnn_dailymail,
-    "text_file": _text_file,
-}
+    "pydoc_topics": _pydoc_topics, "wikitext2": _wikitext2, "cnn_dailymail": _cnn_dailymail,
+    "text_file": _text_file}
 
 
 def load_text(split: str, cfg: DataConfig) -> str:
@@ -101,13 +93,9 @@ def prefix_token(tokenizer) -> int:
 
 @dataclass(frozen=True)
 class EvalWindows:
-    """Evaluation windows and which of their tokens are scored.
-
-    ``tokens`` (N, T) are the model's inputs; the logits at position p predict ``tokens[:, p + 1]``, and
-    the targets of window i from index ``score_from[i]`` on (1 <= score_from[i] <= T - 1) are scored:
-    T - score_from[i] tokens. Perplexity, KL, top-1 agreement, the reference's NLL and every engine's
-    perplexity are computed over exactly these targets.
-    """
+    """Evaluation windows ``tokens`` (N, T): the logits at position p predict ``tokens[:, p + 1]``, and the
+    targets of window i from ``score_from[i]`` on (1 <= score_from[i] <= T - 1) are scored. Perplexity, KL,
+    top-1 agreement, the reference's NLL and every engine's perplexity cover exactly these targets."""
 
     tokens: torch.Tensor  # (N, T) long
     score_from: torch.Tensor  # (N,) long
@@ -122,12 +110,10 @@ class EvalWindows:
         return self.tokens.shape[0]
 
     def __getitem__(self, index: slice) -> EvalWindows:
-        """The windows ``index`` (a slice), with their scoring starts."""
         return EvalWindows(self.tokens[index], self.score_from[index], self.protocol)
 
     @property
-    def scored(self) -> list[int]:
-        """Scored tokens per window."""
+    def scored(self) -> list[int]:  # scored tokens per window
         return (self.tokens.shape[1] - self.score_from).tolist()
 
     def digest(self) -> str:
@@ -139,20 +125,23 @@ class EvalWindows:
         return h.hexdigest()
 
 
-def _too_few(num_windows: int, available: int, seq_len: int, protocol: str) -> ConfigError:
-    return ConfigError(
-        f"eval.num_windows={num_windows} is not allowed: the evaluation text holds only {available} "
-        f"windows of {seq_len} tokens (eval.protocol={protocol}); lower eval.num_windows or eval.seq_len"
-    )
+def _head(stream: torch.Tensor, per_window: int, num_windows: int, seq_len: int,
+          protocol: str) -> torch.Tensor:
+    """The first ``num_windows`` x ``per_window`` tokens of ``stream``; a one-line error if it is shorter."""
+    available = stream.numel() // per_window
+    if available < num_windows:
+        raise ConfigError(f"eval.num_windows={num_windows} is not allowed: the evaluation text holds only "
+                          f"{available} windows of {seq_len} tokens (eval.protocol={protocol}); lower "
+                          "eval.num_windows or eval.seq_len")
+    return stream[: num_windows * per_window]
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, num_windows: int, protocol: str = "windows",
                  tokenizer=None) -> EvalWindows:
     """``num_windows`` windows of ``seq_len`` tokens from the start of the text, cut as ``protocol`` says.
 
-    ``tokens`` is the text without special tokens (``tokenize``); ``tokenizer`` gives the BOS/prefix token
-    (needed for llamacpp and rolling).
-
+    ``tokens``: the text without special tokens (``tokenize``); ``tokenizer``: its BOS/prefix token (llamacpp
+    and rolling).
     - ``windows``: non-overlapping windows of the text, every target scored (T - 1 per window), no BOS.
     - ``llamacpp``: llama.cpp's perplexity tool (tools/perplexity/perplexity.cpp, ``perplexity()``): the
       text tokenized with special tokens (BOS first when the tokenizer adds one) is cut into
@@ -164,10 +153,7 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, num_windows: int, protocol:
       before the first token it predicts, so each window holds T - 1 predictions and T tokens.
     """
     if protocol == "windows":
-        available = tokens.numel() // seq_len
-        if available < num_windows:
-            raise _too_few(num_windows, available, seq_len, protocol)
-        windows = tokens[: num_windows * seq_len].view(num_windows, seq_len)
+        windows = _head(tokens, seq_len, num_windows, seq_len, protocol).view(num_windows, seq_len)
         return EvalWindows(windows, torch.ones(num_windows, dtype=torch.long), protocol)
     if tokenizer is None:
         raise ValueError(f"eval.protocol={protocol} needs the tokenizer (its BOS / prefix token)")
@@ -177,22 +163,15 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, num_windows: int, protocol:
         if seq_len < 4:
             raise ConfigError(f"eval.seq_len={seq_len} is not allowed with eval.protocol=llamacpp: at least 4 "
                               "tokens (the second half of each window is scored)")
-        available = stream.numel() // seq_len
-        if available < num_windows:
-            raise _too_few(num_windows, available, seq_len, protocol)
-        windows = stream[: num_windows * seq_len].view(num_windows, seq_len).clone()
+        windows = _head(stream, seq_len, num_windows, seq_len, protocol).view(num_windows, seq_len).clone()
         if bos is not None:
             windows[:, 0] = bos
-        first = seq_len // 2
-        return EvalWindows(windows, torch.full((num_windows,), first + 1, dtype=torch.long), protocol)
+        return EvalWindows(windows, torch.full((num_windows,), seq_len // 2 + 1, dtype=torch.long), protocol)
     if protocol == "rolling":
         if seq_len < 2:
             raise ConfigError(f"eval.seq_len={seq_len} is not allowed with eval.protocol=rolling: at least 2 tokens")
-        per_window = seq_len - 1
-        available = stream.numel() // per_window
-        if available < num_windows:
-            raise _too_few(num_windows, available, seq_len, protocol)
-        return rolling_windows(stream[: num_windows * per_window].tolist(), prefix_token(tokenizer), seq_len)
+        cut = _head(stream, seq_len - 1, num_windows, seq_len, protocol)
+        return rolling_windows(cut.tolist(), prefix_token(tokenizer), seq_len)
     raise ConfigError(f"eval.protocol={protocol!r} is not allowed: one of ['windows', 'llamacpp', 'rolling']")
 
 
@@ -219,10 +198,9 @@ def calib_samples(tokens: torch.Tensor, seq_len: int, calib_size: int, seed: int
     """``calib_size`` distinct windows drawn with a seeded generator, shape (calib_size, seq_len)."""
     available = tokens.numel() // seq_len
     if available < calib_size:
-        raise ConfigError(
-            f"calib_size={calib_size} is not allowed: the calibration text holds only {available} samples "
-            f"of {seq_len} tokens; lower calib_size or calib.seq_len, or use a larger calib dataset"
-        )
+        raise ConfigError(f"calib_size={calib_size} is not allowed: the calibration text holds only "
+                          f"{available} samples of {seq_len} tokens; lower calib_size or calib.seq_len, or "
+                          "use a larger calib dataset")
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(available, generator=generator)[:calib_size].sort().values
     return tokens[: available * seq_len].view(available, seq_len)[picks]

@@ -79,13 +79,8 @@ def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, base_logits: torch
 
 
 @torch.no_grad()
-def evaluate_accuracy(
-    model: torch.nn.Module,
-    windows: EvalWindows | torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    baseline: torch.nn.Module | None = None,
-) -> AccuracyResult:
+def evaluate_accuracy(model: torch.nn.Module, windows: EvalWindows | torch.Tensor, batch_size: int,
+                      device: torch.device, baseline: torch.nn.Module | None = None) -> AccuracyResult:
     """Perplexity of ``model`` on the scored tokens of ``windows`` (a plain (N, T) tensor: every target
     scored); with ``baseline``, also KL, top-1 agreement and the baseline's own NLL (``ref_nll``)."""
     if isinstance(windows, torch.Tensor):
@@ -110,13 +105,8 @@ def evaluate_accuracy(
     tokens = sum(stats.tokens)
     nll_mean = sum(stats.nll) / tokens
     ref_mean = sum(stats.ref_nll) / tokens if has_base else None
-    return AccuracyResult(
-        perplexity=math.exp(nll_mean),
-        nll_mean=nll_mean,
-        eval_tokens=tokens,
-        kl_mean=sum(stats.kl) / tokens if has_base else None,
-        top1_agreement=sum(stats.agree) / tokens if has_base else None,
-        windows=stats,
-        reference_perplexity=math.exp(ref_mean) if has_base else None,
-        reference_nll_mean=ref_mean,
-    )
+    return AccuracyResult(perplexity=math.exp(nll_mean), nll_mean=nll_mean, eval_tokens=tokens,
+                          kl_mean=sum(stats.kl) / tokens if has_base else None,
+                          top1_agreement=sum(stats.agree) / tokens if has_base else None, windows=stats,
+                          reference_perplexity=math.exp(ref_mean) if has_base else None,
+                          reference_nll_mean=ref_mean)

@@ -24,12 +24,9 @@ def entry(cfg: Config, model_key: str, windows: EvalWindows) -> Path | None:
     if not cfg.cache:
         return None
     return cache_dir("eval") / digest({
-        "model": model_key,
-        "windows": windows.digest(),  # tokens, scored positions and protocol
-        "batch_size": cfg.eval.batch_size,
-        "compare_baseline": cfg.eval.compare_baseline,
-        "code": source_digest("evaluate"),
-    })
+        "model": model_key, "windows": windows.digest(),  # windows: tokens, scored positions and protocol
+        "batch_size": cfg.eval.batch_size, "compare_baseline": cfg.eval.compare_baseline,
+        "code": source_digest("evaluate")})
 
 
 def load(folder: Path | None) -> AccuracyResult | None:

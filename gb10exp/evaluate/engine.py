@@ -1,23 +1,20 @@
 """Perplexity through the measured engine's own kernels, next to the offline (PyTorch) figure.
 
-Some NVFP4 kernels have produced garbage at full speed: a tokens/s figure means nothing unless the same
-kernels also compute correctly. Engines that return prompt log-probabilities (llama.cpp, OpenAI-compatible
-servers with ``echo`` + ``logprobs``, TensorRT-LLM's context logits) score the first
-``bench.engine_ppl_windows`` evaluation windows, exactly the token ids the offline evaluation scored; a
-ratio to the offline perplexity on those windows beyond ``bench.ppl_tolerance`` is flagged.
+Some NVFP4 kernels have produced garbage at full speed: tokens/s mean nothing unless the same kernels also
+compute correctly. Engines that return prompt log-probabilities (llama.cpp, OpenAI-compatible servers with
+``echo`` + ``logprobs``, TensorRT-LLM's context logits) score the first ``bench.engine_ppl_windows``
+evaluation windows, the very token ids the offline evaluation scored; a ratio to the offline perplexity on
+those windows beyond ``bench.ppl_tolerance`` is flagged. For a format the engine quantizes itself
+(``qformat.gguf_type``) PyTorch holds only the unquantized source: the engine scores every window and its
+perplexity is the run's; the source's becomes ``source_perplexity`` and, on the same scored tokens, the
+run's in-run reference (``reference_perplexity``, ``windows.ref_nll``).
 
-For a format the engine quantizes itself (``qformat.gguf_type``), PyTorch holds only the unquantized
-source model, so the engine scores every window and its perplexity is the run's perplexity; the
-source's becomes ``source_perplexity`` and, on the same scored tokens, the run's in-run reference
-(``reference_perplexity``, ``windows.ref_nll``).
-
-An engine that returns its logits (``Backend.logits``: llama.cpp) is scored on every window by the very code
-that scores PyTorch (``evaluate_accuracy``), against the same unquantized reference: perplexity, KL and top-1
-agreement from the engine's own kernels. A modelopt format deployed there is then measured twice on the same
-windows: the run's headline figures stay modelopt's simulation (as on every backend), the engine's are
-``perplexity_deployed``, ``kl_mean_deployed``, ``top1_agreement_deployed``, and ``deployed_vs_simulated`` is
-their paired perplexity ratio - 1 (per-window sums of both in results.json: ``windows``,
-``windows_deployed``; the report bootstraps its interval).
+An engine that returns its logits (``Backend.logits``: llama.cpp) is scored on every window by the code that
+scores PyTorch (``evaluate_accuracy``), against the same unquantized reference. A modelopt format deployed
+there is then measured twice on the same windows: the headline stays modelopt's simulation (as on every
+backend), the engine's figures are ``perplexity_deployed``, ``kl_mean_deployed``, ``top1_agreement_deployed``,
+and ``deployed_vs_simulated`` is their paired perplexity ratio - 1 (per-window sums of both in results.json:
+``windows``, ``windows_deployed``; the report bootstraps its interval).
 """
 
 from __future__ import annotations
@@ -50,6 +47,15 @@ class EngineAccuracy:
 
 def _ppl(nll: list[float], tokens: list[int]) -> float:
     return math.exp(sum(nll) / sum(tokens))
+
+
+def _ppl_check(engine_ppl: float, offline_ppl: float, ok: bool, on: str, count: int,
+               cfg: Config) -> tuple[dict[str, float], str]:
+    """The engine's perplexity beside PyTorch's on the same windows: its metrics and its check tag."""
+    metrics = {"engine_perplexity": engine_ppl, "offline_perplexity_same_windows": offline_ppl,
+               "engine_ppl_ratio": engine_ppl / offline_ppl, "engine_ppl_windows": float(count)}
+    return metrics, (("ok" if ok else "MISMATCH") + f": engine {engine_ppl:.3f} vs PyTorch {offline_ppl:.3f} "
+                     f"on {on} windows (tolerance {cfg.bench.ppl_tolerance:.0%})")
 
 
 class _EngineModel:
@@ -90,12 +96,10 @@ def _scored(scored: AccuracyResult, offline: AccuracyResult, cfg: Config, fmt: F
         tags = {"accuracy_deployed": f"engine ({cfg.backend.name}) on the deployed checkpoint, every window"}
         return EngineAccuracy(metrics=metrics | ({"deployed_vs_simulated": ratio} if ratio is not None else {}),
                               tags=tags, deployed=sums)
-    ok = ratio is not None and abs(ratio) <= cfg.bench.ppl_tolerance  # the same weights: the kernels must agree
-    check = (("ok" if ok else "MISMATCH") + f": engine {engine_ppl:.3f} vs PyTorch {offline_ppl:.3f} on the same "
-             f"model, all {len(sums['nll'])} windows (tolerance {cfg.bench.ppl_tolerance:.0%})")
-    metrics |= {"engine_perplexity": engine_ppl, "offline_perplexity_same_windows": offline_ppl,
-                "engine_ppl_ratio": engine_ppl / offline_ppl, "engine_ppl_windows": float(len(sums["nll"]))}
-    return EngineAccuracy(metrics=metrics, tags={"engine_ppl_check": check}, deployed=sums)
+    # the same weights: the kernels must agree
+    ok, count = ratio is not None and abs(ratio) <= cfg.bench.ppl_tolerance, len(sums["nll"])
+    checked, check = _ppl_check(engine_ppl, offline_ppl, ok, f"the same model, all {count}", count, cfg)
+    return EngineAccuracy(metrics=metrics | checked, tags={"engine_ppl_check": check}, deployed=sums)
 
 
 DEPLOYED = ("perplexity", "nll_mean", "kl_mean", "top1_agreement")  # the engine's figures beside the simulation's
@@ -124,16 +128,10 @@ def _checked(backend, windows: EvalWindows, offline: AccuracyResult, cfg: Config
     nll, tokens = [n for n, _ in scored], [t for _, t in scored]
     engine_ppl = _ppl(nll, tokens)
     offline_ppl = _ppl(offline.windows.nll[:count], offline.windows.tokens[:count])
-    ratio = engine_ppl / offline_ppl
     what = "the unquantized source model" if engine_quantized else "the same model"
-    ok = abs(ratio - 1) <= cfg.bench.ppl_tolerance
-    result = EngineAccuracy(
-        metrics={"engine_perplexity": engine_ppl, "offline_perplexity_same_windows": offline_ppl,
-                 "engine_ppl_ratio": ratio, "engine_ppl_windows": float(count)},
-        tags={"engine_ppl_check": ("ok" if ok else "MISMATCH")
-              + f": engine {engine_ppl:.3f} vs PyTorch {offline_ppl:.3f} on {what}, {count} windows"
-              + f" (tolerance {cfg.bench.ppl_tolerance:.0%})"},
-    )
+    ok = abs(engine_ppl / offline_ppl - 1) <= cfg.bench.ppl_tolerance
+    metrics, check = _ppl_check(engine_ppl, offline_ppl, ok, f"{what}, {count}", count, cfg)
+    result = EngineAccuracy(metrics=metrics, tags={"engine_ppl_check": check})
     if engine_quantized:
         result.metrics |= {"perplexity": engine_ppl, "nll_mean": sum(nll) / sum(tokens),
                            "eval_tokens": float(sum(tokens)), "source_perplexity": offline.perplexity}

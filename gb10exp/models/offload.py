@@ -18,6 +18,9 @@ Why this way and not transformers' own ``device_map`` disk offload (docs/large_m
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -56,20 +59,14 @@ def source_folder(cfg: ModelConfig) -> Path:
     return Path(cfg.path).expanduser()
 
 
-def _shards(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no *.safetensors file to offload")
-    return files
-
-
 def offload_folder(cfg: ModelConfig, offload_dir: str | Path, dtype: torch.dtype) -> Path:
     """``offload_dir``'s entry for this model and dtype, written if missing (atomically: a crash leaves none)."""
     from accelerate.utils import offload_weight, save_offload_index
     from safetensors import safe_open
 
     source = source_folder(cfg)
-    shards = _shards(source)
+    if not (shards := sorted(source.glob("*.safetensors"))):
+        raise FileNotFoundError(f"{source} holds no *.safetensors file to offload")
     key = content_key_of(shards)
     entry = Path(offload_dir).expanduser() / f"{safe_name(cfg.name)}-{key}-{str(dtype).removeprefix('torch.')}"
     if (entry / INDEX).is_file():
@@ -88,8 +85,6 @@ def offload_folder(cfg: ModelConfig, offload_dir: str | Path, dtype: torch.dtype
 
 
 def content_key_of(files: list[Path]) -> str:
-    import hashlib
-
     return hashlib.sha256(" ".join(f"{p.name}:{content_key(p)}" for p in files).encode()).hexdigest()[:16]
 
 
@@ -100,11 +95,9 @@ def _layers_name(model: torch.nn.Module) -> str:
     layers = LayerActivationCollector.get_decoder_layers(model)
     name = next((n for n, m in model.named_modules() if m is layers), None) if layers is not None else None
     if name is None:
-        raise RuntimeError(
-            f"quant.offload_dir: modelopt's layerwise calibration finds no decoder layers in {type(model).__name__} "
-            "(it knows model.model.layers of Hugging Face decoder LMs whose layers share one class); "
-            "run it without quant.offload_dir"
-        )
+        raise RuntimeError(f"quant.offload_dir: modelopt's layerwise calibration finds no decoder layers in "
+                           f"{type(model).__name__} (it knows model.model.layers of Hugging Face decoder LMs "
+                           "whose layers share one class); run it without quant.offload_dir")
     return name
 
 
@@ -163,9 +156,6 @@ def pin_mmap_threshold(threshold: int = 128 * 1024) -> None:
     freed. glibc otherwise raises its threshold after the first large free (up to 32 MiB), and the per-tensor
     reads of an offloaded model then leave hundreds of MiB of freed heap counted as resident
     (what the environment variable MALLOC_MMAP_THRESHOLD_=131072 does for a whole process)."""
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     if name:
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to pin

@@ -1,17 +1,14 @@
 """Quantization with NVIDIA Model Optimizer: calibrate, then replace layers by fake-quantized ones.
 
-Every format is the modelopt config named in ``conf/qformat/<name>.yaml``; its facts (what it exports as,
-its bits, whether it reads calibration data) come from ``formats.py``; ``bf16`` quantizes nothing;
-``auto`` searches a per-layer mix of other formats (``auto.py``).
-
+Every format is the modelopt config named in ``conf/qformat/<name>.yaml``, its facts derived in
+``formats.py``; ``bf16`` quantizes nothing; ``auto`` searches a per-layer mix of formats (``auto.py``).
 ``quant.layerwise=true`` calibrates one decoder layer at a time (modelopt's layerwise calibration), and
-``quant.offload_dir`` keeps the decoder layers on disk meanwhile (gb10exp/models/offload.py;
+``quant.offload_dir`` keeps the decoder layers on disk meanwhile (gb10exp/models/offload.py,
 docs/large_models.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Iterator
@@ -30,15 +27,13 @@ log = logging.getLogger(__name__)
 
 
 class CalibrationLoop:
-    """modelopt's forward_loop: run every calibration sample through the model once. auto_quantize reads
-    the samples themselves (``batches``)."""
+    """modelopt's forward_loop: every calibration sample through the model once (auto_quantize: batches)."""
 
     def __init__(self, samples: torch.Tensor, batch_size: int, device: torch.device):
         self.samples, self.batch_size, self.device = samples, batch_size, device
 
     def batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
-        for batch in self.samples.split(batch_size or self.batch_size):
-            yield batch.to(self.device)
+        yield from (batch.to(self.device) for batch in self.samples.split(batch_size or self.batch_size))
 
     def __call__(self, model: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -74,15 +69,9 @@ def layerwise_config(modelopt_cfg: dict, offloaded: bool) -> dict:
     return cfg
 
 
-def quantize(
-    model: torch.nn.Module,
-    qformat: QFormatConfig,
-    forward_loop: CalibrationLoop | None,
-    kv_cache_qformat: str = "none",
-    layerwise: bool = False,
-    offloaded: bool = False,
-    device: torch.device | None = None,
-) -> torch.nn.Module:
+def quantize(model: torch.nn.Module, qformat: QFormatConfig, forward_loop: CalibrationLoop | None,
+             kv_cache_qformat: str = "none", layerwise: bool = False, offloaded: bool = False,
+             device: torch.device | None = None) -> torch.nn.Module:
     """Quantize ``model`` in place (calibrating with ``forward_loop``) and return it. On the CPU, run it
     inside ``cpu_nvfp4()`` (the runner wraps the whole job): its NVFP4 quantizers compute there.
     ``layerwise``: one decoder layer at a time; ``offloaded``: the model's layers are on disk (accelerate hooks)."""
@@ -123,26 +112,19 @@ def _check_calibrated_outside_layers(model: torch.nn.Module) -> None:
                            f"uncalibrated (e.g. {outside[0]}); run this format with quant.layerwise=false")
 
 
-@contextlib.contextmanager
-def quantizers_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The same model with every quantizer off: the unquantized model's outputs, exactly (amax-only algorithms
-    change no weight), without a second copy of the weights."""
-    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
-
-    with set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}]):
-        yield model
-
-
 class Unquantized(torch.nn.Module):
     """The unquantized reference of KL and top-1 for a model too large for a copy (``quant.offload_dir``):
-    each call runs ``model`` with its quantizers disabled."""
+    each call runs ``model`` with every quantizer off, which gives the unquantized model's outputs exactly
+    (amax-only algorithms change no weight) without a second copy of the weights."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.__dict__["quantized"] = model  # not a submodule: nothing of it is registered twice
 
     def forward(self, *args, **kwargs):
-        with quantizers_disabled(self.quantized):
+        from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+        with set_quantizer_by_cfg_context(self.quantized, [{"quantizer_name": "*", "enable": False}]):
             return self.quantized(*args, **kwargs)
 
 
@@ -160,31 +142,26 @@ def check(cfg: Config) -> None:
     candidates = [_auto_candidate(qf.auto.formats, f) for f in qf.auto.formats] if qf.auto is not None else []
     fmt = formats.of(qf, cfg.kv_cache_qformat)
     if cfg.kv_cache_qformat != "none" and fmt.kind != "modelopt":
-        raise ConfigError(
-            f"kv_cache_qformat={cfg.kv_cache_qformat!r} is not allowed with qformat={qf.name} (kind={fmt.kind}): "
-            "the KV cache is quantized alongside a modelopt format (e.g. qformat=fp8 or nvfp4); use kv_cache_qformat=none"
-        )
+        raise ConfigError(f"kv_cache_qformat={cfg.kv_cache_qformat!r} is not allowed with qformat={qf.name} "
+                          f"(kind={fmt.kind}): the KV cache is quantized alongside a modelopt format (e.g. "
+                          "qformat=fp8 or nvfp4); use kv_cache_qformat=none")
     on_cpu = hardware.resolve(cfg.device).type == "cpu"
     for f in candidates or [fmt]:
         if fmt.kind == "auto" and f.kind != "modelopt":
-            raise ConfigError(
-                f"qformat.auto.formats={qf.auto.formats} is not allowed: {f.name!r} is kind={f.kind}; "
-                "list modelopt formats such as nvfp4, fp8, int4, w4a8_nvfp4_fp8"
-            )
+            raise ConfigError(f"qformat.auto.formats={qf.auto.formats} is not allowed: {f.name!r} is "
+                              f"kind={f.kind}; list modelopt formats such as nvfp4, fp8, int4, "
+                              "w4a8_nvfp4_fp8")
         if on_cpu and f.cuda_only:
-            raise ConfigError(
-                f"qformat={f.name!r} is not allowed on the CPU: modelopt 0.47 computes its E8M0 "
-                "block scales only in a CUDA extension; run it on a GPU (device=cuda) or pick "
-                "nvfp4, w4a8_nvfp4_fp8 or fp8"
-            )
+            raise ConfigError(f"qformat={f.name!r} is not allowed on the CPU: modelopt 0.47 computes its "
+                              "E8M0 block scales only in a CUDA extension; run it on a GPU (device=cuda) or "
+                              "pick nvfp4, w4a8_nvfp4_fp8 or fp8")
     check_layerwise(cfg, fmt)
     if fmt.kind == "auto":
         lowest = min(f.weight_bits for f in candidates)
         if qf.auto.effective_bits < lowest:
-            raise ConfigError(
-                f"qformat.auto.effective_bits={qf.auto.effective_bits} is not allowed: below the {lowest} bits of "
-                f"the smallest of qformat.auto.formats={qf.auto.formats}; raise it or add a smaller format"
-            )
+            raise ConfigError(f"qformat.auto.effective_bits={qf.auto.effective_bits} is not allowed: below "
+                              f"the {lowest} bits of the smallest of qformat.auto.formats={qf.auto.formats}; "
+                              "raise it or add a smaller format")
 
 
 def check_layerwise(cfg: Config, fmt: formats.Format) -> None:

@@ -12,6 +12,7 @@ forward.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -42,12 +43,10 @@ def search(model: torch.nn.Module, qformat: QFormatConfig, loop: Any) -> torch.n
     log.info(
         "auto_quantize over %s to %.2f effective bits (%s)", auto.formats, auto.effective_bits, auto.method
     )
+    constraints = {"effective_bits": auto.effective_bits, "cost": {"excluded_module_name_patterns": EXCLUDED}}
     model, _ = mtq.auto_quantize(
         model,
-        constraints={
-            "effective_bits": auto.effective_bits,
-            "cost": {"excluded_module_name_patterns": EXCLUDED},
-        },
+        constraints=constraints,
         quantization_formats=candidates,
         data_loader=batches,
         forward_step=forward_step,
@@ -85,9 +84,7 @@ def record(model: torch.nn.Module, recorder: Any) -> dict[str, float]:
     every layer's own bits from its quantizer (``gb10exp.quant.bytes.from_module``)."""
     choice = layer_choice(model)
     searched = sum(c["weights"] for c in choice.values())
-    counts: dict[str, int] = {}
-    for c in choice.values():
-        counts[c["format"]] = counts.get(c["format"], 0) + 1
+    counts = dict(Counter(c["format"] for c in choice.values()))
     recorder.log_dict(
         {
             "layers": {n: c["format"] for n, c in choice.items()},

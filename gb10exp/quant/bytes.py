@@ -1,21 +1,18 @@
 """The one byte rule: the deployed weight bytes (metric ``weight_gib``) and the bytes a decode step reads.
 
 ``decode_step_bytes`` is the rule, written once: a decode step reads every stored tensor once, except an
-input embedding table that is not also the output head (of which a token reads one row, a few KB:
-ignored), plus the KV cache of every token already in the context, for each sequence of the batch. Three
-readers turn what an engine runs into the ``Tensors`` the rule takes:
-
-- ``from_module``: a PyTorch model in a quantization format: every linear layer the format quantizes at
-  its bits per weight (scales included; ``formats.Format.weight_bits``), everything else (embeddings, norms,
-  biases, the output head) at 16 bits, a tensor shared by two modules (tied embeddings) once. Which
-  linear layers: those whose modelopt weight quantizer is enabled in a fake-quantized model; in a model
-  without quantizers while the format quantizes (an engine quantizes it: GGUF), every one but the head.
-  ``dense_bits=None`` counts the model as PyTorch holds it instead (fake quantization keeps full weights);
+input embedding that is not also the output head (a token reads one row of it, a few KB: ignored), plus the
+KV cache of every token in the context, for each sequence of the batch. Three readers make its ``Tensors``:
+- ``from_module``: a PyTorch model in a format: every linear layer the format quantizes at its bits per
+  weight (scales included; ``formats.Format.weight_bits``), everything else (embeddings, norms, biases, the
+  output head) at 16 bits, a tensor shared by two modules (tied embeddings) once. Quantized layers: those
+  whose modelopt weight quantizer is enabled in a fake-quantized model; in a model without quantizers whose
+  format an engine quantizes (GGUF), every one but the head. ``dense_bits=None`` counts the model as
+  PyTorch holds it instead (fake quantization keeps full weights);
 - ``from_safetensors``: a checkpoint folder (modelopt's export), from the file headers alone;
 - ``from_gguf``: a GGUF file, from its header alone.
-
 The KV cache: K and V of every layer, ``num_key_value_heads x head_dim`` values each per token, at 16 bits
-unless the KV cache is quantized (fp8: 8 bits; nvfp4: 4.5 bits).
+unless quantized (fp8: 8 bits; nvfp4: 4.5 bits).
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gb10exp.models import gguf_arch, gguf_int
 from gb10exp.quant.formats import DENSE_BITS, quantizer_bits
 
 if TYPE_CHECKING:
@@ -33,9 +31,6 @@ if TYPE_CHECKING:
     from gb10exp.quant.formats import Format
 
 KV_BITS = {"none": DENSE_BITS, "fp8": 8.0, "nvfp4": 4.5}
-# safetensors dtype names -> bytes per element (packed FP4 and INT4 are stored as U8, two values a byte)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "I64": 8, "F8_E4M3": 1,
-               "F8_E5M2": 1, "F8_E8M0": 1, "U8": 1, "I8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -152,11 +147,6 @@ def from_safetensors(folder: Path, kv_cache_qformat: str = "none") -> Tensors:
     return Tensors(sizes, embed, head, kv, "the checkpoint's safetensors files")
 
 
-def _gguf_int(reader: Any, key: str) -> int | None:
-    field = reader.fields.get(key)
-    return int(field.parts[field.data[0]][0]) if field is not None else None
-
-
 def from_gguf(path: Path) -> Tensors:
     """A GGUF file: every tensor's bytes as stored; the KV geometry from its metadata (llama.cpp keeps the
     KV cache in F16 unless told otherwise)."""
@@ -164,13 +154,12 @@ def from_gguf(path: Path) -> Tensors:
 
     reader = GGUFReader(str(path))
     sizes = {t.name: float(t.n_bytes) for t in reader.tensors}
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field is not None else "llama"
-    layers, heads = _gguf_int(reader, f"{arch}.block_count"), _gguf_int(reader, f"{arch}.attention.head_count")
+    arch = gguf_arch(reader) or "llama"
+    get = lambda key: gguf_int(reader, f"{arch}.{key}")  # noqa: E731
+    layers, heads = get("block_count"), get("attention.head_count")
     kv = 0.0
     if layers and heads:
-        kv_heads = _gguf_int(reader, f"{arch}.attention.head_count_kv") or heads
-        head_dim = _gguf_int(reader, f"{arch}.attention.key_length") or _gguf_int(reader, f"{arch}.embedding_length") // heads
-        kv = kv_bytes_per_token(layers, kv_heads, head_dim)
+        head_dim = get("attention.key_length") or get("embedding_length") // heads
+        kv = kv_bytes_per_token(layers, get("attention.head_count_kv") or heads, head_dim)
     head = "output.weight" if "output.weight" in sizes else "token_embd.weight"  # no output tensor: tied
     return Tensors(sizes, "token_embd.weight" if "token_embd.weight" in sizes else None, head, kv, "the GGUF file")

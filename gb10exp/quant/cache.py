@@ -1,15 +1,12 @@
 """On-disk cache of quantized models, so a sweep over evaluation or backend settings calibrates each
 (model, format, calibration) once (evaluation results: ``gb10exp.evaluate.cache``, keyed by ``quant_key``).
 
-An entry's name is a hash of everything that determines its content; an entry appears under that name
-only complete (``publish_dir``: written to a temporary folder, then renamed), so a crash leaves no
-half-written entry and two processes filling the same entry both succeed.
-
-- ``quantized/<key>/modelopt.pth``: ``mto.save`` of the calibrated model (modelopt state + weights),
-  restored onto a freshly loaded model with ``mto.restore``. Key: the model's identity (config, hub
-  commit or file sizes and times), the full modelopt config (KV cache included), the calibration tokens
-  themselves (they capture dataset, file content, seq_len, calib_size, seed and tokenizer), calib batch
-  size, device type, dtype, library versions and the source of gb10exp/quant.
+``quantized/<quant_key>/modelopt.pth`` is ``mto.save`` of the calibrated model (modelopt state + weights),
+restored onto a freshly loaded model with ``mto.restore``. The key hashes everything that determines the
+entry (``quant_key``); the calibration tokens themselves stand for dataset, file content, seq_len,
+calib_size, seed and tokenizer. An entry appears under its name only complete (``publish_dir``: written
+to a temporary folder, then renamed): a crash leaves none half-written, and two processes filling the
+same entry both succeed.
 """
 
 from __future__ import annotations
@@ -130,10 +127,8 @@ def _restore(model: torch.nn.Module, entry: Path, device: torch.device) -> torch
         with cpu_nvfp4():
             return mto.restore(model, str(entry / STATE_FILE), map_location=str(device))
     except Exception as exc:  # unreadable despite the atomic publish (disk fault, manual edits)
-        raise RuntimeError(
-            f"cached quantized model {entry} cannot be restored ({type(exc).__name__}: {str(exc)[:160]}); "
-            f"delete that folder or run with cache=false"
-        ) from exc
+        raise RuntimeError(f"cached quantized model {entry} cannot be restored ({type(exc).__name__}: "
+                           f"{str(exc)[:160]}); delete that folder or run with cache=false") from exc
 
 
 def _save(model: torch.nn.Module, entry: Path, cfg: Config) -> None:

@@ -40,12 +40,8 @@ log = logging.getLogger(__name__)
 # vLLM's --quantization name per hf_quant_config quant_algo (vllm/model_executor/layers/quantization/modelopt.py:
 # ModelOptFp8Config.get_name "modelopt", ModelOptNvFp4Config.get_name "modelopt_fp4",
 # ModelOptMixedPrecisionConfig.get_name "modelopt_mixed"); vLLM also detects it from hf_quant_config.json.
-VLLM_QUANTIZATION = {
-    "FP8": "modelopt",
-    "NVFP4": "modelopt_fp4",
-    "W4A16_NVFP4": "modelopt_fp4",
-    "MIXED_PRECISION": "modelopt_mixed",
-}
+VLLM_QUANTIZATION = {"FP8": "modelopt", "NVFP4": "modelopt_fp4", "W4A16_NVFP4": "modelopt_fp4",
+                     "MIXED_PRECISION": "modelopt_mixed"}
 _EXPORTED = "_gb10exp_exported_to"  # attribute marking a model whose weights the export already packed
 
 
@@ -65,19 +61,12 @@ class Checkpoint:
         return (self.hf_quant_config or {}).get("quantization", {}).get("quant_algo")
 
     def tags(self) -> dict[str, str]:
-        return {
-            "export.path": str(self.path),
-            "export.method": self.method,
-            "export.quant_algo": self.quant_algo or "none",
-            "export.dtypes": ", ".join(f"{k}:{v}" for k, v in sorted(self.dtypes.items())),
-        }
+        return {"export.path": str(self.path), "export.method": self.method,
+                "export.quant_algo": self.quant_algo or "none",
+                "export.dtypes": ", ".join(f"{k}:{v}" for k, v in sorted(self.dtypes.items()))}
 
     def metrics(self) -> dict[str, float]:
         return {"export_gib": self.file_bytes / 2**30, "export_tensor_gib": self.tensor_bytes / 2**30}
-
-
-def export_path(cfg: Config, job_output_dir: str | Path) -> Path:
-    return Path(cfg.export_dir).expanduser() if cfg.export_dir else Path(job_output_dir) / "checkpoint"
 
 
 def _linear_inputs(arch: dict[str, Any]) -> dict[str, int]:
@@ -85,19 +74,15 @@ def _linear_inputs(arch: dict[str, Any]) -> dict[str, int]:
     hidden = int(arch.get("hidden_size", 4096))
     heads = int(arch.get("num_attention_heads", 32))
     head_dim = int(arch.get("head_dim") or hidden // heads)
-    return {
-        "hidden_size (q/k/v/gate/up inputs)": hidden,
-        "num_attention_heads*head_dim (o_proj input)": heads * head_dim,
-        "intermediate_size (down_proj input)": int(arch.get("intermediate_size", 11008)),
-    }
+    return {"hidden_size (q/k/v/gate/up inputs)": hidden,
+            "num_attention_heads*head_dim (o_proj input)": heads * head_dim,
+            "intermediate_size (down_proj input)": int(arch.get("intermediate_size", 11008))}
 
 
 def _block_error(fmt: Format, block: int, what: str, width: int) -> ConfigError:
-    return ConfigError(
-        f"export=true is not allowed with qformat={fmt.name!r} on this model: {what} = {width} is not a multiple "
-        f"of the format's weight block size {block} (modelopt packs whole blocks only); export fp8 or an NVFP4 "
-        f"format instead, or drop export=true"
-    )
+    return ConfigError(f"export=true is not allowed with qformat={fmt.name!r} on this model: {what} = "
+                       f"{width} is not a multiple of the format's weight block size {block} (modelopt packs "
+                       "whole blocks only); export fp8 or an NVFP4 format instead, or drop export=true")
 
 
 def check(cfg: Config) -> None:
@@ -108,11 +93,10 @@ def check(cfg: Config) -> None:
         check_writable(cfg.export_dir, "export_dir")
     fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
     if fmt.kind == "gguf":
-        raise ConfigError(
-            f"export=true is not allowed with qformat={fmt.name!r}: it exports modelopt checkpoints, and "
-            f"{fmt.gguf_type} is made by llama.cpp's quantizer (backend=llamacpp builds and caches that GGUF "
-            "file); pick a modelopt format (fp8, nvfp4, int4_awq...) or bf16"
-        )
+        raise ConfigError(f"export=true is not allowed with qformat={fmt.name!r}: it exports modelopt "
+                          f"checkpoints, and {fmt.gguf_type} is made by llama.cpp's quantizer "
+                          "(backend=llamacpp builds and caches that GGUF file); pick a modelopt format "
+                          "(fp8, nvfp4, int4_awq...) or bf16")
     if fmt.kind != "modelopt" or cfg.model.source != "random":
         return  # other models' widths are known once loaded: check_model does it before quantizing
     for what, width in _linear_inputs(cfg.model.arch).items():
@@ -131,25 +115,12 @@ def check_model(model: torch.nn.Module, cfg: Config) -> None:
             raise _block_error(fmt, fmt.weight_block, f"{name}.in_features", module.in_features)
 
 
-def _export_dtype(model: torch.nn.Module) -> torch.dtype:
-    dtype = next(model.parameters()).dtype
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-SCALE_SUFFIXES = (
-    "weight_scale",
-    "weight_scale_2",
-    "input_scale",
-    "pre_quant_scale",
-    "k_scale",
-    "v_scale",
-    "output_scale",
-)
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale",
+                  "output_scale")
 
 
 def _downcast_unquantized(folder: Path, dtype: torch.dtype) -> None:
     """Rewrite float32 tensors that are not scales (embeddings, norms, an unquantized lm_head) in ``dtype``.
-
     Only a float32 model (the CPU) needs it; it is done on the files because the export itself runs the
     model, which must stay in one dtype until then. Scales keep float32: they were calibrated in it."""
     name = str(dtype).removeprefix("torch.")
@@ -158,12 +129,7 @@ def _downcast_unquantized(folder: Path, dtype: torch.dtype) -> None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # its total_size must match the rewritten shards
         data = json.loads(index.read_text())
-        total = sum(
-            end - start
-            for file in folder.glob("*.safetensors")
-            for start, end in (i["data_offsets"] for i in safetensors_header(file).values())
-        )
-        data.setdefault("metadata", {})["total_size"] = total
+        data.setdefault("metadata", {})["total_size"] = _tensor_bytes(folder)[0]
         index.write_text(json.dumps(data, indent=2))
     config = folder / "config.json"
     data = json.loads(config.read_text())
@@ -221,10 +187,9 @@ def _downcast_file(file: Path, dtype: torch.dtype) -> None:
 
 
 def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quantized: bool) -> Checkpoint:
-    """Write ``model`` (modelopt-quantized or not) as a Hugging Face checkpoint in ``folder``.
-
-    The export packs the quantized weights in place: afterwards ``model`` can only be exported again (which
-    copies this folder), not run."""
+    """Write ``model`` (modelopt-quantized or not) as a Hugging Face checkpoint in ``folder``. The export
+    packs the quantized weights in place: afterwards ``model`` can only be exported again (which copies
+    this folder), not run."""
     folder = Path(folder)
     if (previous := getattr(model, _EXPORTED, None)) is not None:
         if Path(previous).resolve() != folder.resolve():
@@ -233,7 +198,8 @@ def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quant
     folder.mkdir(parents=True, exist_ok=True)
     if getattr(model.config, "architectures", None) is None:  # a config built in code: export fails on None
         model.config.architectures = [type(model).__name__]
-    dtype = _export_dtype(model)
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     if quantized:
         from modelopt.torch.export import export_hf_checkpoint
 
@@ -253,22 +219,23 @@ def write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, quant
     return summarize(folder, method)
 
 
-def summarize(folder: Path, method: str) -> Checkpoint:
+def _tensor_bytes(folder: Path) -> tuple[int, dict[str, int]]:
+    """The bytes of every tensor in the folder's safetensors files, and the tensor count per dtype."""
     tensor_bytes, dtypes = 0, {}
     for file in sorted(folder.glob("*.safetensors")):
         for info in safetensors_header(file).values():
             start, end = info["data_offsets"]
             tensor_bytes += end - start
             dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
+    return tensor_bytes, dtypes
+
+
+def summarize(folder: Path, method: str) -> Checkpoint:
+    tensor_bytes, dtypes = _tensor_bytes(folder)
     quant_file = folder / "hf_quant_config.json"
-    return Checkpoint(
-        path=folder.resolve(),
-        method=method,
-        file_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
-        tensor_bytes=tensor_bytes,
-        hf_quant_config=json.loads(quant_file.read_text()) if quant_file.is_file() else None,
-        dtypes=dtypes,
-    )
+    return Checkpoint(path=folder.resolve(), method=method, tensor_bytes=tensor_bytes, dtypes=dtypes,
+                      file_bytes=sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+                      hf_quant_config=json.loads(quant_file.read_text()) if quant_file.is_file() else None)
 
 
 def serve_commands(ckpt: Checkpoint, overrides: list[str], port: int = 8000) -> list[str]:
@@ -279,40 +246,26 @@ def serve_commands(ckpt: Checkpoint, overrides: list[str], port: int = 8000) -> 
         vllm += f" --quantization {VLLM_QUANTIZATION[ckpt.quant_algo]}"
     dropped = ("backend", "export", "export_dir", "tracking.run_name", "+experiment", "audit", "quant.layerwise",
                "quant.offload_dir")
-    keep = [
-        o
-        for o in overrides
-        if o.split("=", 1)[0].lstrip("~+") not in dropped and not o.split("=", 1)[0].startswith("backend.")
-    ]
-    bench = " ".join(
-        [
-            "python -m gb10exp",
-            *keep,
-            "backend=openai",
-            f"backend.options.base_url=http://127.0.0.1:{port}/v1",
-            "backend.options.prompt_format=tokens",
-        ]
-    )
+    keep = [o for o in overrides if (key := o.split("=", 1)[0]).lstrip("~+") not in dropped
+            and not key.startswith("backend.")]
+    url = f"http://127.0.0.1:{port}/v1"
+    bench = " ".join(["python -m gb10exp", *keep, "backend=openai", f"backend.options.base_url={url}",
+                      "backend.options.prompt_format=tokens"])
     return [f"trtllm-serve {folder} --port {port}", vllm, bench]
 
 
-def export_run(
-    model: torch.nn.Module, tokenizer: Any, cfg: Config, job_output_dir: str | Path, overrides: list[str]
-) -> tuple[Checkpoint, list[str]]:
+def export_run(model: torch.nn.Module, tokenizer: Any, cfg: Config, job_output_dir: str | Path,
+               overrides: list[str]) -> tuple[Checkpoint, list[str]]:
     """Write the run's checkpoint where ``export`` / ``export_dir`` say; return it and its serving commands."""
     fmt = formats.of(cfg.qformat, cfg.kv_cache_qformat)
-    ckpt = write_checkpoint(model, tokenizer, export_path(cfg, job_output_dir), fmt.modelopt)
+    folder = Path(cfg.export_dir).expanduser() if cfg.export_dir else Path(job_output_dir) / "checkpoint"
+    ckpt = write_checkpoint(model, tokenizer, folder, fmt.modelopt)
     if fmt.modelopt and ckpt.quant_algo != fmt.quant_algo:  # the support matrix is keyed by the derived one
         log.warning("qformat=%s exported as quant_algo %s, but gb10exp.quant.formats derived %s: the engine "
                     "support tag may be wrong", fmt.name, ckpt.quant_algo, fmt.quant_algo)
     commands = serve_commands(ckpt, overrides)
-    log.info(
-        "checkpoint written to %s (%.3f GiB, quant_algo %s); serve it with:\n  %s",
-        ckpt.path,
-        ckpt.file_bytes / 2**30,
-        ckpt.quant_algo or "none",
-        "\n  ".join(commands),
-    )
+    log.info("checkpoint written to %s (%.3f GiB, quant_algo %s); serve it with:\n  %s", ckpt.path,
+             ckpt.file_bytes / 2**30, ckpt.quant_algo or "none", "\n  ".join(commands))
     return ckpt, commands
 
 
@@ -323,9 +276,8 @@ def _job_output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
 
 
-def record(
-    model: torch.nn.Module, tokenizer: Any, cfg: Config, overrides: list[str], rec: Any
-) -> dict[str, float]:
+def record(model: torch.nn.Module, tokenizer: Any, cfg: Config, overrides: list[str],
+           rec: Any) -> dict[str, float]:
     """The runner's one export step: write the checkpoint, record path, size and hf_quant_config.json in the
     run (tags ``export.*``, artifacts ``export/``), print how to serve it; returns its metrics."""
     ckpt, commands = export_run(model, tokenizer, cfg, _job_output_dir(), overrides)
@@ -333,13 +285,6 @@ def record(
     if ckpt.hf_quant_config is not None:
         rec.log_dict(ckpt.hf_quant_config, "export/hf_quant_config.json")
     rec.log_text("\n".join(commands) + "\n", "export/serve.txt")
-    print(
-        "\n".join(
-            [
-                f"gb10exp: checkpoint {ckpt.path} ({ckpt.file_bytes / 2**30:.3f} GiB); serve and benchmark it:",
-                *(f"  {c}" for c in commands),
-            ]
-        ),
-        flush=True,
-    )
+    head = f"gb10exp: checkpoint {ckpt.path} ({ckpt.file_bytes / 2**30:.3f} GiB); serve and benchmark it:"
+    print("\n".join([head, *(f"  {c}" for c in commands)]), flush=True)
     return ckpt.metrics()

@@ -1,19 +1,17 @@
 """What a quantization format is: every fact of it, derived once from its modelopt config.
 
-A ``conf/qformat/<name>.yaml`` says only what cannot be derived (its name, the modelopt config it names or
-llama.cpp's GGUF type, a description, auto's search settings); ``of`` derives the rest with one walk over
-modelopt's ``quant_cfg``, asking for each linear layer of a Llama block which quantizers are enabled and
-with which attributes, exactly as ``mtq.quantize`` would set them:
-
-- ``quant_algo``: what modelopt's export writes as hf_quant_config.json ``quant_algo`` (the rules of
+A ``conf/qformat/<name>.yaml`` says only what cannot be derived (name, modelopt config or llama.cpp GGUF
+type, description, auto's search settings); ``of`` derives the rest with one walk over modelopt's
+``quant_cfg``, asking for each linear layer of a Llama block which quantizers are enabled with which
+attributes, exactly as ``mtq.quantize`` would set them:
+- ``quant_algo``: hf_quant_config.json's ``quant_algo`` in modelopt's export (the rules of
   ``modelopt.torch.export.quant_utils.get_quantization_format``; several per-layer formats make
   MIXED_PRECISION); it keys the engine support matrix (gb10exp/backends/support.py);
 - ``weight_bits`` (element bits + block-scale bits per weight) and ``weight_block``;
-- ``nvfp4`` (any quantizer with E2M1 values and E4M3 block scales), ``cuda_only`` (E8M0 block scales,
-  which modelopt computes only in its CUDA extension);
-- ``needs_data``: why calibration data is read (a non-max algorithm, or an enabled activation quantizer),
-  None when the result cannot depend on it (weight-only round-to-nearest), so such jobs skip calibration.
-
+- ``nvfp4`` (any quantizer with E2M1 values and E4M3 block scales), ``cuda_only`` (E8M0 block scales, which
+  modelopt computes only in its CUDA extension);
+- ``needs_data``: why calibration reads data (a non-max algorithm, an enabled activation quantizer), None
+  when the result cannot depend on it (weight-only round-to-nearest): such jobs skip calibration.
 ``from_params`` rebuilds the same object from a run's MLflow params (reports, the sweep table), so every
 reader of a run agrees with the run.
 """
@@ -81,18 +79,13 @@ class Format:
     @property
     def row(self) -> str:
         """The engine support matrix's row: the quant_algo, ``GGUF`` for llama.cpp's types, ``none``."""
-        if self.kind == "gguf":
-            return "GGUF"
-        return "none" if self.kind == "none" else self.quant_algo or "unknown"
+        return {"gguf": "GGUF", "none": "none"}.get(self.kind) or self.quant_algo or "unknown"
 
     @property
     def calibration_skipped(self) -> str:
-        """Why a job of this format reads no calibration data (its ``calibration`` tag, when it reads none)."""
-        if self.kind == "none":
-            return "none"
-        if self.kind == "gguf":
-            return "none: llama.cpp's quantizer reads no calibration data"
-        return "skipped: weight-only round-to-nearest, max calibration reads the weights alone"
+        """Why a job of this format reads no calibration data (its ``calibration`` tag when it reads none)."""
+        return {"none": "none", "gguf": "none: llama.cpp's quantizer reads no calibration data"}.get(
+            self.kind, "skipped: weight-only round-to-nearest, max calibration reads the weights alone")
 
     def tags(self) -> dict[str, str]:
         """The derived facts as run tags (``format.*``): what the run's numbers are of."""
@@ -128,9 +121,8 @@ def _qformat_node(name: str):
 
 
 def modelopt_config(q: QFormatConfig, kv_cache_qformat: str = "none") -> dict | None:
-    """A private copy of modelopt's config for the format, with KV-cache entries when asked for.
-
-    For qformat=auto: the search settings and every candidate's config (what determines the result)."""
+    """A private copy of modelopt's config for the format, with KV-cache entries when asked for; for
+    qformat=auto, the search settings and every candidate's config (what determines the result)."""
     if q.auto is not None:
         return {"auto": dataclasses.asdict(q.auto),
                 "formats": {f: modelopt_config(load_qformat(f)) for f in q.auto.formats}}

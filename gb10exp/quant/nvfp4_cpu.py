@@ -33,9 +33,8 @@ def nvfp4_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, block_size: int =
     scale_2 = global_amax / (6.0 * 448.0)
     x = inputs.float()
     packed, scale, scale_2 = NVFP4QTensor.quantize(x, block_size, weights_scaling_factor_2=scale_2)
-    out = packed.dequantize(
-        dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: block_size}
-    )
+    out = packed.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2,
+                            block_sizes={-1: block_size})
     return out.to(inputs.dtype)
 
 
@@ -55,14 +54,9 @@ def _round_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def static_nvfp4_fake_quant(
-    x: torch.Tensor,
-    amax: torch.Tensor,
-    global_amax: torch.Tensor | None = None,
-    quantize_block_scales: bool = True,
-    fp8_max_for_normalization: float = 448.0,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def static_nvfp4_fake_quant(x: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None = None,
+                            quantize_block_scales: bool = True, fp8_max_for_normalization: float = 448.0,
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """NVFP4 with calibrated per-block amax (``amax.numel()`` blocks along the last dim), in float32."""
     from modelopt.torch.quantization.tensor_quant import scaled_e4m3_impl
 

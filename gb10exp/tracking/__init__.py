@@ -1,8 +1,8 @@
 """MLflow recording: one run per job, the same record every time.
 
-params: the flattened resolved config. tags: environment (hardware, versions, git commit), the sweep it
-belongs to, the run identity (resume key: ``gb10exp.tracking.identity``) and its parts. artifacts: config.yaml, overrides.yaml, results.json, and
-traceback.txt for a run that raised, which is marked FAILED.
+params: the flattened resolved config. tags: environment (hardware, versions, git commit), the sweep, the run
+identity (resume key: ``gb10exp.tracking.identity``) and its parts. artifacts: config.yaml, overrides.yaml,
+results.json, and traceback.txt for a run that raised, which is marked FAILED.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 import traceback
 import urllib.error
@@ -47,10 +48,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def sha16(obj: Any) -> str:
+    """sha256[:16] of ``obj`` as sorted JSON: the digest of configs and of run identities."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_hash(resolved: dict) -> str:
     """A stable hash of everything that determines a run's results."""
-    kept = {k: v for k, v in resolved.items() if k not in HASH_EXCLUDED}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha16({k: v for k, v in resolved.items() if k not in HASH_EXCLUDED})
 
 
 _checked: set[str] = set()
@@ -78,15 +83,12 @@ def check_store(cfg: TrackingConfig) -> None:
         try:
             urllib.request.urlopen(request, timeout=5).read()
         except (urllib.error.URLError, OSError) as exc:
-            raise ConfigError(
-                f"tracking.uri={redact(cfg.uri)!r} cannot be reached ({redact(str(getattr(exc, 'reason', exc)))}); "
-                "start the server (mlflow server ...), check its credentials, or use tracking=local"
-            ) from exc
+            raise ConfigError(f"tracking.uri={redact(cfg.uri)!r} cannot be reached "
+                              f"({redact(str(getattr(exc, 'reason', exc)))}); start the server (mlflow "
+                              "server ...), check its credentials, or use tracking=local") from exc
     else:
-        raise ConfigError(
-            f"tracking.uri={redact(cfg.uri)!r} is not allowed: use sqlite:///path/mlflow.db, http(s)://host:port "
-            "(an MLflow server) or postgresql://USER@HOST/DB (a database)"
-        )
+        raise ConfigError(f"tracking.uri={redact(cfg.uri)!r} is not allowed: use sqlite:///path/mlflow.db, "
+                          "http(s)://host:port (an MLflow server) or postgresql://USER@HOST/DB (a database)")
 
 
 def _check_artifact_root(cfg: TrackingConfig) -> None:
@@ -97,8 +99,6 @@ def _check_artifact_root(cfg: TrackingConfig) -> None:
 
 def _init_sqlite(uri: str) -> None:
     """Create a SQLite store's tables once, under a file lock: parallel jobs would race to create them."""
-    import sqlite3
-
     try:
         init_sqlite(uri)
     except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
@@ -110,13 +110,11 @@ def _check_database(uri: str) -> None:
     import sqlalchemy
 
     try:
-        with sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5}).connect():
-            pass
+        sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5}).connect().close()
     except Exception as exc:  # driver errors vary (OperationalError, ImportError for a missing driver)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"tracking.uri={redact(uri)!r} cannot be reached ({redact(first)[:160]}); start the database or fix the URI"
-        ) from exc
+        raise ConfigError(f"tracking.uri={redact(uri)!r} cannot be reached ({redact(first)[:160]}); "
+                          "start the database or fix the URI") from exc
 
 
 def _experiment_id(client, cfg: TrackingConfig) -> str:
@@ -165,11 +163,8 @@ class Recorder:
 
     def find_finished(self, identity: str) -> FoundRun | None:
         """The FINISHED run with this run identity in this experiment, if any (resume)."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.run_identity = '{identity}' and attributes.status = 'FINISHED'",
-            max_results=1,
-        )
+        where = f"tags.run_identity = '{identity}' and attributes.status = 'FINISHED'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1)
         return FoundRun.of(runs[0]) if runs else None
 
     def _running_twins(self, identity: str) -> list:

@@ -17,16 +17,8 @@ import torch
 
 from gb10exp import hardware
 
-PACKAGES = (
-    "torch",
-    "transformers",
-    "nvidia-modelopt",
-    "hydra-core",
-    "mlflow",
-    "lm-eval",
-    "llama-cpp-python",
-    "tensorrt-llm",
-)
+PACKAGES = ("torch", "transformers", "nvidia-modelopt", "hydra-core", "mlflow", "lm-eval", "llama-cpp-python",
+            "tensorrt-llm")
 ROOT = Path(__file__).resolve().parents[2]  # the checkout holding gb10exp/ and conf/
 CODE_DIRS = ("gb10exp", "conf")  # what computes a run's numbers; tests, docs and README do not
 

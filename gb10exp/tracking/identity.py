@@ -1,19 +1,16 @@
 """A run's identity: everything that can change its numbers, hashed into one ``run_identity`` tag.
 
-Resume skips a job only when a FINISHED run with the same identity exists, so a run on another machine,
-another compute dtype, other code, other library versions or other data is a new run. The parts:
-
-- ``config_hash``: the resolved config without tracking/force/cache, and without the calibration
-  settings for formats that do not calibrate (``gb10exp.quant.formats.Format.calibrates``);
+Resume skips a job only when a FINISHED run with the same identity exists: another machine, compute dtype,
+code, library versions or data make a new run. The parts, each also a tag the MLflow UI can filter on:
+- ``config_hash``: the resolved config without tracking/force/cache, and without the calibration settings
+  for formats that do not calibrate (``gb10exp.quant.formats.Format.calibrates``);
 - ``hardware`` (GPU name and compute capability, or CPU model and threads) and ``compute_dtype``;
-- ``code_version`` (git commit, "-dirty" when files under gb10exp/ or conf/ differ, untracked ones
-  included) and ``code_digest`` (their contents, so two dirty states differ);
+- ``code_version`` (git commit, "-dirty" when files under gb10exp/ or conf/ differ, untracked ones included)
+  and ``code_digest`` (their contents, so two dirty states differ);
 - versions of torch, transformers, nvidia-modelopt, the backend's engine, and lm-eval when tasks run;
 - ``calib_digest``, ``eval_digest``, ``tokenizer_digest``: the token tensors and the tokenizer themselves,
   so an edited data file or another tokenizer cannot hide behind an unchanged config.
-
-Every part is also a tag, so the MLflow UI can filter on it (``tags.hardware = '...'``). The quantized-model
-cache (gb10exp/quant/cache.py) keeps its own, finer key.
+The quantized-model cache (gb10exp/quant/cache.py) keeps its own, finer key.
 """
 
 from __future__ import annotations
@@ -29,26 +26,14 @@ import torch
 from gb10exp import hardware
 from gb10exp.config import Config
 from gb10exp.data import EvalWindows
-from gb10exp.tracking import config_hash
+from gb10exp.tracking import config_hash, sha16
 from gb10exp.tracking import environment as env
 
 CALIB_KEYS = ("calib", "calib_size", "seed")  # read only by calibration (seed picks the calibration samples)
 IDENTITY_PACKAGES = ("torch", "transformers", "nvidia-modelopt")
 # EvalConfig fields that change neither which tokens are scored nor how (the tokens themselves are digested).
-EVAL_NOT_SCORING = (
-    "dataset",
-    "path",
-    "seq_len",
-    "num_windows",
-    "batch_size",
-    "compare_baseline",
-    "tasks",
-    "task_include_path",
-    "task_limit",
-    "enabled",
-)
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+EVAL_NOT_SCORING = ("dataset", "path", "seq_len", "num_windows", "batch_size", "compare_baseline", "tasks",
+                    "task_include_path", "task_limit", "enabled")
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -62,20 +47,17 @@ def tokenizer_digest(tokenizer: Any) -> str:
     """sha256[:16] of the whole tokenizer (vocabulary, merges, normalizer, special tokens, BOS/EOS policy)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers serialize completely
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = {
-        "class": type(tokenizer).__name__,
-        "special": tokenizer.special_tokens_map,
-        "add_bos": getattr(tokenizer, "add_bos_token", None),
-        "add_eos": getattr(tokenizer, "add_eos_token", None),
-    }
-    return hashlib.sha256(body.encode() + _sha(extra).encode()).hexdigest()[:16]
+    extra = {"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
+             "add_bos": getattr(tokenizer, "add_bos_token", None),
+             "add_eos": getattr(tokenizer, "add_eos_token", None)}
+    return hashlib.sha256(body.encode() + sha16(extra).encode()).hexdigest()[:16]
 
 
 def eval_digest(windows: EvalWindows, cfg: Config) -> str:
     """The scored evaluation tokens (tokens, scoring starts, protocol: ``EvalWindows.digest``) and every
     other evaluation setting that changes how they are scored."""
     scoring = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in EVAL_NOT_SCORING}
-    return _sha({"windows": windows.digest(), "scoring": scoring})
+    return sha16({"windows": windows.digest(), "scoring": scoring})
 
 
 @dataclass(frozen=True)
@@ -84,17 +66,9 @@ class RunIdentity:
     tags: dict[str, str]  # every part, plus run_identity, config_hash and calibration
 
 
-def run_identity(
-    cfg: Config,
-    resolved: dict,
-    device: torch.device,
-    dtype: torch.dtype,
-    tokenizer: Any,
-    calib: torch.Tensor,
-    windows: EvalWindows,
-    engine_package: str | None = None,
-    no_calibration: str = "none",
-) -> RunIdentity:
+def run_identity(cfg: Config, resolved: dict, device: torch.device, dtype: torch.dtype, tokenizer: Any,
+                 calib: torch.Tensor, windows: EvalWindows, engine_package: str | None = None,
+                 no_calibration: str = "none") -> RunIdentity:
     """The identity of one job, from its resolved config and what ``runner.prepare`` produced. ``calib``
     is empty for a job that reads no calibration data (its calibration settings are then left out, and
     ``no_calibration`` says why); ``engine_package``: the package of the engine the backend embeds."""
@@ -111,7 +85,7 @@ def run_identity(
         "tokenizer_digest": tokenizer_digest(tokenizer),
     }
     versions = {p: env.version(p) for p in packages}
-    key = _sha({"parts": parts, "versions": versions})
+    key = sha16({"parts": parts, "versions": versions})
     calibration = f"{calib.shape[0]} samples of {calib.shape[1]} tokens" if calibrating else no_calibration
     tags = parts | {f"version.{p}": v for p, v in versions.items()} | {"run_identity": key, "calibration": calibration}
     return RunIdentity(key, tags)

@@ -1,17 +1,15 @@
 """Which RUNNING run is really running (a fresh heartbeat), and what a SIGTERM or Ctrl-C does.
 
-A job killed with SIGKILL (or a lost node) never gets to mark its run; MLflow shows it RUNNING forever.
-Resume must tell such a run from one that another machine is running right now: the live one is left
-alone (no duplicate), the dead one is marked KILLED with ``superseded_by`` when its replacement starts.
-
-A run is live only while its owner's ``heartbeat`` tag is fresh. The owner's pid alone never counts:
-a restarted container has the same hostname and hands out the same pids again. The pid only makes a
-dead owner stale sooner, and only when it certainly names the owner's process: same host, same kernel
-boot, same pid namespace, and the process with that pid started at the recorded time (or is gone).
+A job killed with SIGKILL (or on a lost node) never marks its run, which MLflow shows RUNNING forever. Resume
+leaves a run another machine is running right now alone (no duplicate) and marks a dead one KILLED, with
+``superseded_by``, when its replacement starts. A run is live only while its owner's ``heartbeat`` tag is
+fresh: a restarted container has the same hostname and hands out the same pids again, so a pid alone never
+counts. It only makes a dead owner stale sooner, when it certainly names the owner's process: same host,
+kernel boot and pid namespace, and the process with that pid started at the recorded time (or is gone).
 
 SIGTERM (docker stop, SLURM's time limit, kill) and SIGINT (Ctrl-C) raise ``Interrupted`` in the main
-thread: the current job's run is marked KILLED with a note (tracking.Recorder.run), temporary cache
-folders are removed as the stack unwinds, and the process exits with 128 + the signal (143, 130).
+thread: the job's run is marked KILLED with a note (tracking.Recorder.run), temporary cache folders are
+removed as the stack unwinds, and the process exits with 128 + the signal (143, 130).
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
 """``mlflow ui --app-name gb10exp-ui``: MLflow's own server with one change, so that gb10exp's link opens on
 the comparison in a browser that has never seen MLflow (no click needed).
 
-MLflow 3.17 decides two things in the browser, from localStorage, and no server option, environment variable
-or experiment tag reaches them (read from its JS bundle; docs/identity_and_ui.md):
-
-- ``mlflow.workflowType_v1``: the layout. Unset means ``"genai"`` (sidebar Traces/Sessions/Judges/Prompts, a
-  run's page titled "Evaluations"); only the sidebar's "GenAI | Model training" toggle writes it.
-- ``mlflow.assistant.fab.autoOpenedOnFirstLoad_v1``: unset means the "MLflow Assistant" panel opens by itself
-  on the first page load from localhost/127.0.0.1, taking ~400 of 1600 pixels and hiding two metric columns.
-
-This app serves MLflow's ``index.html`` with a few lines of script in its ``<head>`` that set both keys
-before MLflow's bundle runs, and only when they are unset: a user who later picks GenAI or opens the
-Assistant keeps that choice. Everything else (REST API, security middleware, static files, the Assistant's
-routes) is MLflow's, unchanged. It relies on two MLflow internals, the Flask view name ``serve`` and the two
-key names; tests/test_ui.py renders the page in Chromium and fails when an upgrade breaks either.
+MLflow 3.17 decides two things in the browser from localStorage, which no server option, environment
+variable or experiment tag reaches (read from its JS bundle; docs/identity_and_ui.md):
+- ``mlflow.workflowType_v1``, the layout: unset means ``"genai"`` (sidebar Traces/Sessions/Judges/Prompts, a
+  run's page titled "Evaluations"); only the sidebar's "GenAI | Model training" toggle writes it;
+- ``mlflow.assistant.fab.autoOpenedOnFirstLoad_v1``: unset, the "MLflow Assistant" panel opens by itself on
+  the first load from localhost/127.0.0.1, taking ~400 of 1600 pixels and hiding two metric columns.
+This app serves MLflow's ``index.html`` with a script first in its ``<head>`` that sets both keys before
+MLflow's bundle runs, only when unset (a user who later picks GenAI or opens the Assistant keeps that).
+Everything else (REST API, security middleware, static files, the Assistant's routes) is MLflow's. It relies
+on two MLflow internals, the Flask view name ``serve`` and the two key names; tests/test_ui.py renders the
+page in Chromium and fails when an upgrade breaks either.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
-"""Keep secrets out of everything that leaves the process.
+"""Keep secrets out of everything that leaves the process: every such text passes through ``redact``.
 
-Nothing copies the environment into a run, but a secret can still arrive indirectly: a config value
-written as ``${oc.env:HF_TOKEN}``, a tracking URI with a password in it, an exception message that
-quotes a header. So every text that leaves the process passes through ``redact``: MLflow params, tags
-and artifacts (tracking/__init__.py), Hydra's output folder (``RedactHydraFiles``, a Hydra callback that
-rewrites ``multirun.yaml`` and ``.hydra/*.yaml`` before the job's code runs), log records and
-stdout/stderr (``install``), the end-of-sweep summary and error messages, and reports (``redact``).
-
-What counts as a secret:
-- the value of any environment variable whose name says it is a credential (HF_TOKEN, *_API_KEY,
-  PGPASSWORD, RAY_AUTH_TOKEN, MLFLOW_TRACKING_PASSWORD, ...), at least ``MIN_SECRET_LEN`` characters long;
-- the content of the file such a variable names when its name ends in _PATH or _FILE
-  (``RAY_AUTH_TOKEN_PATH``), and of Ray's default token file ``~/.ray/auth_token``;
-- the password of any ``scheme://user:password@host`` URI, for every scheme (http, https,
-  postgresql+psycopg2, mysql, ...), also as Hydra writes it with ``:`` escaped as ``\\:``;
-- ``password=...``/``token=...``-style query parameters and ``Authorization:`` header values;
-- every password ``remember``-ed (those of tracking URIs seen by this process), wherever it appears.
+A secret can arrive indirectly (a config value ``${oc.env:HF_TOKEN}``, a tracking URI with a password, an
+exception quoting a header), so ``redact`` covers MLflow params, tags and artifacts, Hydra's output folder
+(``RedactHydraFiles`` rewrites ``multirun.yaml`` and ``.hydra/*.yaml`` before the job's code runs), log
+records and stdout/stderr (``install``), the sweep summary, error messages and reports. Secrets are: the
+values of credential-named environment variables (HF_TOKEN, *_API_KEY, PGPASSWORD, RAY_AUTH_TOKEN, ...;
+``MIN_SECRET_LEN`` characters at least), the content of the files such variables name (``*_PATH``, ``*_FILE``)
+and of Ray's ``~/.ray/auth_token``, the password of any ``scheme://user:password@host`` URI of any scheme
+(also as Hydra escapes it, ``\\:``), ``password=``/``token=``-style query parameters, ``Authorization:``
+header values, and every password ``remember``-ed (those of the tracking URIs this process saw).
 """
 
 from __future__ import annotations
@@ -26,9 +19,12 @@ import io
 import logging
 import os
 import re
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
 
 # Environment variable names that hold credentials (HF_TOKEN, OPENAI_API_KEY, PGPASSWORD, AWS_SECRET...).
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -191,8 +187,6 @@ _FILTER = RedactFilter()
 def install() -> None:
     """Redact this process's stdout, stderr and log handlers (idempotent; call again after Hydra
     configures logging, which replaces the root handlers)."""
-    import sys
-
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if not isinstance(stream, RedactingStream):
@@ -212,13 +206,7 @@ def remember_in(text: str) -> None:
         remember(match.group("secret").replace("\\", ""))
 
 
-def _hydra_callback_base() -> type:
-    from hydra.experimental.callback import Callback
-
-    return Callback
-
-
-class RedactHydraFiles(_hydra_callback_base()):
+class RedactHydraFiles(Callback):
     """Hydra callback (conf/config.yaml): Hydra saves multirun.yaml and .hydra/{config,hydra,overrides}.yaml
     just before ``on_job_start``; they are rewritten redacted there, before the job's code runs, in every
     launcher's worker process (whose stdout, stderr and log handlers get redacted too)."""

@@ -63,10 +63,6 @@ def init_sqlite(uri: str) -> None:
     _initialized.add(uri)
 
 
-def _transient(exc: Exception) -> bool:
-    return any(t in str(exc) for t in TRANSIENT)
-
-
 def with_retry(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -74,7 +70,7 @@ def with_retry(fn: Callable) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                if delay is None or not _transient(exc):
+                if delay is None or not any(t in str(exc) for t in TRANSIENT):
                     raise
                 log.warning("MLflow store busy (%s); retrying in %s s", str(exc).splitlines()[0][:80], delay)
                 time.sleep(delay)

@@ -1,18 +1,17 @@
-"""What the MLflow UI shows: a one-line description per run, its data as dataset inputs, and a saved
-runs-table view with the headline metrics as columns; ``make ui`` opens it.
+"""What the MLflow UI shows: a one-line description per run, its data as dataset inputs, and a saved runs
+table with the headline metrics as columns; ``make ui`` opens it.
 
 MLflow 3.17's UI (read from its source, checked in headless Chromium by tests/test_ui.py):
 - an experiment tag ``mlflow.sharedViewState.<key>`` holds a JSON view (``selectedColumns`` as canonical keys
   such as ``metrics.`perplexity```, ``columnWidths``, ``orderByKey``, ``searchFilter``...), applied when the
   URL carries ``?viewStateShareKey=<key>`` and no filter parameter of its own (the UI's "share view");
-- ``compareRunsMode=TABLE`` in the URL shows the table rather than the charts it picks when runs have metrics;
-- ``workflowType=machine_learning`` in the URL shows that page in the "Model training" layout; the layout
-  otherwise comes from the browser's localStorage (GenAI when unset), never from the experiment
-  (``mlflow.experimentKind`` is not read), so the server app ``gb10exp.tracking.mlflow_app`` sets it there;
-- the table shows a metric as JavaScript prints the float (up to 17 digits) and has no formatter, so each
-  headline metric is also logged rounded (``rounded/<name>``), and those are the table's columns;
+- ``compareRunsMode=TABLE`` in the URL shows the table, not the charts it picks when runs have metrics;
+- ``workflowType=machine_learning`` in the URL shows the "Model training" layout; otherwise the layout comes
+  from the browser's localStorage (GenAI when unset), never from the experiment (``mlflow.experimentKind``
+  is not read): the server app ``gb10exp.tracking.mlflow_app`` sets it there;
+- the table shows a metric as JavaScript prints the float (up to 17 digits), with no formatter: each
+  headline metric is also logged rounded (``rounded/<name>``), and those are the columns;
 - a run tag ``mlflow.note.content`` is its description (the run page's "Description", a table column).
-
 ``python -m gb10exp.tracking.ui [--store URI]`` (``make ui``) prints the link to the latest experiment's
 table and starts ``mlflow ui --app-name gb10exp-ui`` on loopback.
 """
@@ -23,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from gb10exp.config import Config
@@ -59,11 +59,7 @@ JOB_RUNS = f"tags.{REPORT_TAG} IS NULL"
 
 def rounded(metrics: dict[str, float | None]) -> dict[str, float]:
     """The table's copies of the headline metrics present: ``rounded/<name>`` to DIGITS significant digits."""
-    return {
-        f"{ROUNDED}{key}": float(f"{metrics[key]:.{DIGITS}g}")
-        for key in COLUMNS
-        if metrics.get(key) is not None
-    }
+    return {f"{ROUNDED}{k}": float(f"{metrics[k]:.{DIGITS}g}") for k in COLUMNS if metrics.get(k) is not None}
 
 
 def view_state() -> dict[str, Any]:
@@ -73,64 +69,39 @@ def view_state() -> dict[str, Any]:
     The UI applies ``columnWidths`` only to the columns listed in ``columnOrder``."""
     metrics = [f"metrics.`{ROUNDED}{m}`" for m in COLUMNS]
     tags = [f"tags.`{t}`" for t in TAG_COLUMNS]
-    widths = {
-        RUN_NAME_COLUMN: 260,
-        "runDateAndNestInfo": 140,  # "22 seconds ago" in full
-        **{f"metrics.`{ROUNDED}{m}`": METRIC_WIDTHS[m] for m in COLUMNS},
-        tags[0]: 210,
-        tags[1]: 230,
-        DESCRIPTION_COLUMN: 560,
-    }
-    return {
-        "selectedColumns": [*metrics, *tags, DESCRIPTION_COLUMN],
-        "columnOrder": list(widths),
-        "columnWidths": widths,
-        "orderByKey": "attributes.start_time",
-        "orderByAsc": False,
-        "searchFilter": JOB_RUNS,
-    }
-
-
-def experiment_tags() -> dict[str, str]:
-    return {VIEW_TAG: json.dumps(view_state())}
+    widths = {RUN_NAME_COLUMN: 260, "runDateAndNestInfo": 140,  # "22 seconds ago" in full
+              **{f"metrics.`{ROUNDED}{m}`": METRIC_WIDTHS[m] for m in COLUMNS}, tags[0]: 210, tags[1]: 230,
+              DESCRIPTION_COLUMN: 560}
+    return {"selectedColumns": [*metrics, *tags, DESCRIPTION_COLUMN], "columnOrder": list(widths),
+            "columnWidths": widths, "orderByKey": "attributes.start_time", "orderByAsc": False,
+            "searchFilter": JOB_RUNS}
 
 
 def ensure_view(client, experiment_id: str) -> None:
     """Set the experiment's saved view once (new experiments, and ones made before this existed)."""
-    tags = client.get_experiment(experiment_id).tags
-    for key, value in experiment_tags().items():
-        if tags.get(key) != value:
-            client.set_experiment_tag(experiment_id, key, value)
+    view = json.dumps(view_state())
+    if client.get_experiment(experiment_id).tags.get(VIEW_TAG) != view:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, view)
 
 
 def table_url(base: str, experiment_id: str) -> str:
     """The runs table in the Model training layout, whatever layout this browser last used. No filter
     parameter here: any of them makes the UI skip the saved view (its columns and its filter)."""
-    return (
-        f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-        f"?viewStateShareKey={VIEW_KEY}&compareRunsMode=TABLE&workflowType=machine_learning"
-    )
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?viewStateShareKey={VIEW_KEY}&compareRunsMode=TABLE&workflowType=machine_learning")
 
 
 # (metric, label, format) of the description line; a metric the run lacks is left out.
-NOTE_METRICS = (
-    ("perplexity", "ppl", "{:.3f}"),
-    ("kl_mean", "KL", "{:.4f}"),
-    ("top1_agreement", "top-1", "{:.1%}"),
-    ("weight_gib", "weights", "{:.3f} GiB"),
-    ("decode_tokens_per_s", "decode", "{:.1f} tok/s"),
-)
+NOTE_METRICS = (("perplexity", "ppl", "{:.3f}"), ("kl_mean", "KL", "{:.4f}"),
+                ("top1_agreement", "top-1", "{:.1%}"), ("weight_gib", "weights", "{:.3f} GiB"),
+                ("decode_tokens_per_s", "decode", "{:.1f} tok/s"))
 
 
 def run_note(cfg: Config, metrics: dict[str, float], tags: dict[str, str]) -> str:
     """One line: model, format and how its numbers were computed, then the key metrics."""
     how = tags.get("quantization", "none").split(" (")[0]
     head = f"{cfg.model.name} {cfg.qformat.name} ({how}) on {cfg.backend.name}"
-    parts = [
-        f"{label} {spec.format(metrics[key])}"
-        for key, label, spec in NOTE_METRICS
-        if metrics.get(key) is not None
-    ]
+    parts = [f"{label} {f.format(metrics[k])}" for k, label, f in NOTE_METRICS if metrics.get(k) is not None]
     return " · ".join([head, *parts])
 
 
@@ -151,34 +122,12 @@ def dataset_inputs(cfg: Config, tags: dict[str, str], calib: torch.Tensor, windo
 
     def one(kind: str, data_cfg, tokens: torch.Tensor, digest: str) -> DatasetInput:
         source_type, source = _source(data_cfg)
-        profile = {
-            "sequences": int(tokens.shape[0]),
-            "tokens_per_sequence": int(tokens.shape[1]),
-            "tokens": int(tokens.numel()),
-        }
-        schema = {
-            "mlflow_tensorspec": {
-                "features": json.dumps(
-                    [
-                        {
-                            "type": "tensor",
-                            "tensor-spec": {
-                                "dtype": str(tokens.dtype).removeprefix("torch."),
-                                "shape": list(tokens.shape),
-                            },
-                        }
-                    ]
-                )
-            }
-        }
-        dataset = Dataset(
-            name=f"{data_cfg.dataset}-{kind}",
-            digest=digest,
-            source_type=source_type,
-            source=source,
-            schema=json.dumps(schema),
-            profile=json.dumps(profile),
-        )
+        profile = {"sequences": int(tokens.shape[0]), "tokens_per_sequence": int(tokens.shape[1]),
+                   "tokens": int(tokens.numel())}
+        spec = {"dtype": str(tokens.dtype).removeprefix("torch."), "shape": list(tokens.shape)}
+        schema = {"mlflow_tensorspec": {"features": json.dumps([{"type": "tensor", "tensor-spec": spec}])}}
+        dataset = Dataset(name=f"{data_cfg.dataset}-{kind}", digest=digest, source_type=source_type,
+                          source=source, schema=json.dumps(schema), profile=json.dumps(profile))
         return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", kind)])
 
     inputs = [one("eval", cfg.eval, windows.tokens, tags["eval_digest"])]
@@ -219,10 +168,8 @@ def backfill_rounded(client, experiment_id: str) -> int:
 def mlflow_ui_args(store: str, host: str, port: int) -> list[str]:
     """``mlflow ui``'s arguments: gb10exp's server app when it is installed (``pip install -e .`` registers its
     entry point), else none, with a line saying the one click that the app saves."""
-    from importlib.metadata import entry_points
-
-    args = ["ui", "--backend-store-uri", store, "--host", host, "--port", str(port),
-            "--workers", "1"]  # one user on loopback; MLflow's default 4 take a minute to start on 2 cores
+    args = ["ui", "--backend-store-uri", store, "--host", host, "--port", str(port), "--workers", "1"]
+    # --workers 1: one user on loopback; MLflow's default 4 take a minute to start on 2 cores
     if any(e.name == APP_NAME for e in entry_points(group="mlflow.app")):
         return [*args, "--app-name", APP_NAME]
     print(f"note: MLflow app {APP_NAME!r} is not installed in this environment (pip install -e . installs it); "
@@ -248,9 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         ensure_view(client, experiment_id)
         backfill_rounded(client, experiment_id)
-        print(
-            f"runs table of the latest experiment, with its metrics as columns:\n  {table_url(base, experiment_id)}"
-        )
+        print("runs table of the latest experiment, with its metrics as columns:\n  "
+              + table_url(base, experiment_id))
     sys.stdout.flush()
     if not args.print_only:
         # MLflow's background job runner serves only GenAI features (judges, scorers) and starts its own
