@@ -1,13 +1,9 @@
-"""In-process PyTorch/transformers, three ways to decode (``backend.options.mode``):
-
-- ``fast``: StaticCache + a decode step compiled and captured in one CUDA graph (``fast.py``); on a CPU
-  the same loop runs eagerly. The default: it measures the hardware, not Python.
-- ``static``: ``generate(cache_implementation="static")``.
-- ``generate``: plain eager ``generate``, mostly a measure of Python overhead on a GPU.
-
-``options.compare`` measures more modes in the same run, their metrics prefixed ``<mode>.``.
-Fake-quantized models (modelopt simulation) are not timed unless ``bench.measure_fake_quant=true``:
-their speed is that of the simulation, not of the format.
+"""In-process PyTorch/transformers, three ways to decode (``backend.options.mode``): ``fast`` (the default:
+StaticCache + a decode step compiled and captured in one CUDA graph, ``fast.py``, eager on a CPU; it measures
+the hardware, not Python), ``static`` (``generate(cache_implementation="static")``) and ``generate`` (plain
+eager, mostly Python overhead on a GPU). ``options.compare`` times more modes in the same run, metrics
+``<mode>.*``. Fake-quantized models are not timed unless ``bench.measure_fake_quant=true``: their speed is the
+simulation's, not the format's.
 """
 
 from __future__ import annotations
@@ -60,8 +56,7 @@ class HFBackend:
         device = inputs.device
         # What this engine really reads: the weights as PyTorch holds them (fake quantization keeps them whole),
         # by the same rule as every engine's count (gb10exp/quant/bytes.py).
-        held = qbytes.from_module(inputs.model, dense_bits=None)
-        target = Target(str(device), held)
+        target = Target(str(device), held := qbytes.from_module(inputs.model, dense_bits=None))
         if device.type == "cuda":
             target.reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)
             target.peak_bytes = lambda: float(torch.cuda.max_memory_allocated(device))

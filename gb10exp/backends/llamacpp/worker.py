@@ -1,17 +1,11 @@
 """llama.cpp in a child process, so that a native crash fails one run instead of the whole sweep.
 
-The parent (``Engine``) starts ``python worker.py`` (this file, run by path: the child imports neither
-torch nor gb10exp, only llama-cpp-python and numpy) and talks to it in JSON lines over a pipe. The child
-keeps the protocol on a private copy of its stdout and sends fd 1 and 2 to a log file, so whatever
-llama.cpp prints cannot corrupt a reply. When the child dies (a segfault in ``llama_decode``, an abort),
-the next read finds the pipe closed and ``Engine`` raises ``EngineCrashed``: "llama.cpp crashed (signal
-11)", with the end of the log.
-
-Times are stamped in the child with ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux, one clock for every
-process), so pipe latency never enters a measurement.
-
-Which CPU buffer types llama.cpp may use is decided by the project's loader (``loader.load_llama``),
-here as everywhere else.
+``Engine`` starts ``python worker.py`` (run by path: the child imports neither torch nor gb10exp) and talks
+to it in JSON lines over a private copy of the child's stdout; fd 1 and 2 go to a log file, so whatever
+llama.cpp prints cannot corrupt a reply. A dead child (segfault, abort) closes the pipe and ``Engine``
+raises ``EngineCrashed``: "llama.cpp crashed (signal 11)", with the end of the log. Times are stamped in
+the child with ``time.perf_counter()`` (CLOCK_MONOTONIC, one clock for every process), so pipe latency
+never enters a measurement. CPU buffer types are decided by ``loader.load_llama``, as everywhere else.
 """
 
 from __future__ import annotations
@@ -38,29 +32,14 @@ class _Child:
     def __init__(self) -> None:
         self.llm = None
 
-    def load(
-        self,
-        path: str,
-        n_ctx: int,
-        logits_all: bool,
-        n_gpu_layers: int,
-        n_threads: int | None,
-        extra_bufts: bool,
-    ) -> dict:
+    def load(self, path: str, n_ctx: int, logits_all: bool, n_gpu_layers: int, n_threads: int | None,
+             extra_bufts: bool) -> dict:
         import llama_cpp
 
         if self.llm is not None:
             self.llm.close()
-        self.llm = load_llama(
-            path,
-            extra_bufts=extra_bufts,
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            logits_all=logits_all,
-            n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
-            verbose=True,
-        )  # into the log
+        self.llm = load_llama(path, extra_bufts=extra_bufts, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                              logits_all=logits_all, n_gpu_layers=n_gpu_layers, verbose=True)  # into the log
         model = self.llm._model.model
         return {
             "n_layer": llama_cpp.llama_model_n_layer(model),
@@ -80,10 +59,8 @@ class _Child:
         peak = logits.max(axis=1, keepdims=True)
         log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
         targets = np.asarray(window[score_from:])
-        return {
-            "nll": float((log_z - logits[np.arange(len(targets)), targets]).sum()),
-            "tokens": len(targets),
-        }
+        nll = float((log_z - logits[np.arange(len(targets)), targets]).sum())
+        return {"nll": nll, "tokens": len(targets)}
 
     def logits(self, window: list[int], out: str) -> dict:
         """The logits at every position of ``window`` (T x vocabulary, float32), written to the file ``out``
@@ -103,9 +80,8 @@ class _Child:
             self.llm.eval(prompt[:depth])
         start = time.perf_counter()
         times = []
-        tokens = self.llm.generate(
-            prompt[depth:], temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=not depth
-        )
+        tokens = self.llm.generate(prompt[depth:], temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                   repeat_penalty=1.0, reset=not depth)
         for _ in tokens:  # llama.cpp's raw generator never stops at EOS: exactly output_len tokens
             times.append(time.perf_counter())
             if len(times) == output_len:
@@ -148,14 +124,8 @@ class Engine:
     def __init__(self) -> None:
         self.log_path = Path(tempfile.mkdtemp(prefix="gb10exp-llamacpp-")) / "llama.cpp.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            bufsize=1,
-        )
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
 
     @property
     def pid(self) -> int:

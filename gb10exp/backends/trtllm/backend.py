@@ -1,20 +1,16 @@
 """TensorRT-LLM's LLM API on the checkpoint modelopt exports: real NVFP4/FP8 kernels, not a simulation.
 
-``prepare`` writes the run's model as a Hugging Face checkpoint (``gb10exp.quant.export.write_checkpoint``, the
-function ``export=true`` uses: ``export_hf_checkpoint`` for a modelopt-quantized model, ``save_pretrained``
-otherwise) and loads it with ``tensorrt_llm.LLM``; that
-load (weights, kernel autotuning, CUDA-graph capture) is the run's ``startup_s``, never part of a
-request. Requests go through ``generate_async(..., streaming=True)`` with token ids in, greedy
-sampling, ``ignore_eos`` and ``max_tokens = output_len``; each streamed update stamps its new tokens.
-KV-cache block reuse is off: a repeated prompt must not be answered from the prefix cache, and context
-logits (engine perplexity) are only complete without it.
-
-TensorRT-LLM runs only on NVIDIA GPUs, in practice inside NVIDIA's container (install: docs/export_and_support.md,
-``python -m gb10exp.backends.trtllm.install``); where it cannot be imported the run fails in one line saying
-how to get it, and a format it cannot run on this GPU is refused by the support matrix
-(gb10exp/backends/support.py). The calls follow TensorRT-LLM 1.x's LLM API (``LLM``, ``SamplingParams``,
-``KvCacheConfig``, ``RequestOutput``); tests/test_backend_trtllm.py runs them against a stand-in with the
-same signatures (tests/fixtures/tensorrt_llm), so a keyword the real API lacks fails on the CPU too.
+``prepare`` writes the run's model as a Hugging Face checkpoint (``gb10exp.quant.export.write_checkpoint``, as
+``export=true`` does) and loads it with ``tensorrt_llm.LLM``: weights, kernel autotuning and CUDA-graph
+capture are the run's ``startup_s``, never part of a request. Requests: ``generate_async(...,
+streaming=True)``, token ids in, greedy, ``ignore_eos``, ``max_tokens = output_len``; each streamed update
+stamps its new tokens. KV-cache block reuse is off: a repeated prompt must not be answered from the prefix
+cache, and context logits (engine perplexity) are only complete without it. TensorRT-LLM runs only on NVIDIA
+GPUs, in practice in NVIDIA's container (docs/export_and_support.md, ``python -m
+gb10exp.backends.trtllm.install``); where it cannot be imported the run fails in one line saying how to get
+it, and a format it cannot run on this GPU is refused by ``support.py``. tests/test_backend_trtllm.py runs
+these TensorRT-LLM 1.x calls (``LLM``, ``SamplingParams``, ``KvCacheConfig``, ``RequestOutput``) against a
+stand-in with the same signatures (tests/fixtures/tensorrt_llm).
 """
 
 from __future__ import annotations
