@@ -39,11 +39,13 @@ class BenchInputs:
 
 
 class Backend(Protocol):
+    """What the runner calls. Backends subclass it for the defaults: nothing to prepare, score or describe."""
+
     name: str
-    max_batch_size: int | None  # concurrent sequences the engine runs at once (None: no limit)
+    max_batch_size: int | None = None  # concurrent sequences the engine runs at once (None: no limit)
     served_model: str | None  # the model an engine serves on its own (a server's, a given GGUF's), else None
     engine_package: str | None  # the Python package of the engine it embeds (its version is part of a run's identity)
-    returns_logits: bool  # ``logits`` gives the engine's logits for whole windows (scored like PyTorch's)
+    returns_logits: bool = False  # ``logits`` gives the engine's logits of whole windows, scored as PyTorch's
 
     def check(self, fmt: Format, tokenizer: Any = None) -> None:
         """Cheap availability check (imports, server reachable, format servable); raise ConfigError with the fix.
@@ -52,6 +54,7 @@ class Backend(Protocol):
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         """One-time work before any request (artifacts, engine, server); returns tags describing it."""
+        return {}
 
     def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         """Per window of ``windows`` (N, T): (summed NLL in nats, tokens scored) by the engine itself over the
@@ -59,6 +62,7 @@ class Backend(Protocol):
         re-tokenizes text may score a few more or fewer); None: no engine of its own to score with. Raises
         ``gb10exp.evaluate.engine.EngineAccuracyUnavailable`` when the engine cannot score the whole
         prompt."""
+        return None
 
     def logits(self, windows: torch.Tensor) -> torch.Tensor:
         """The engine's logits at every position of ``windows`` (N, T) -> (N, T, vocabulary), float32; only
@@ -68,7 +72,9 @@ class Backend(Protocol):
         """(metrics, tags) of one throughput measurement, following gb10exp.bench's rules."""
 
     def describe(self) -> dict[str, str]:
-        """What the engine ran, known once it has run (kernels, buffer types, offload), as run tags."""
+        """What the engine ran, known once it has run (kernels, buffer types, offload), as run tags (none: the
+        run's own tags already say what ran)."""
+        return {}
 
     def close(self) -> None:
         """Release the engine (stop servers, free GPU memory)."""

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.hf.config import HFOptions
 from gb10exp.backends.hf.fast import FastDecoder, TokenStamper
 from gb10exp.bench import Target, Timing, measure, now
@@ -21,12 +21,10 @@ from gb10exp.quant import bytes as qbytes
 from gb10exp.quant.formats import Format
 
 
-class HFBackend:
+class HFBackend(Backend):  # Backend's perplexity: None, the offline evaluation ran through this very model
     name = "hf"
-    max_batch_size = None
     served_model = None  # runs the configured model
     engine_package = None  # torch and transformers: already in every run's identity
-    returns_logits = False
 
     def __init__(self, options: HFOptions):
         self.modes = [options.mode, *[m for m in options.compare if m != options.mode]]
@@ -36,18 +34,6 @@ class HFBackend:
         if fmt.kind == "gguf":
             raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=hf: llama.cpp quantizes it; "
                               "use backend=llamacpp (or backend=openai on a server of that GGUF)")
-
-    def prepare(self, inputs: BenchInputs) -> dict[str, str]:
-        return {}
-
-    def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
-        return None  # the offline evaluation already ran through this very model
-
-    def describe(self) -> dict[str, str]:
-        return {}  # the run's own tags already say what ran
-
-    def close(self) -> None:
-        pass
 
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         if inputs.quantized and not cfg.measure_fake_quant:

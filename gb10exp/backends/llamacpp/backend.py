@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gb10exp import hardware
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.llamacpp.config import LlamaCppOptions
 from gb10exp.backends.llamacpp.gguf import build_gguf, convertible, deploy
 from gb10exp.backends.llamacpp.loader import describe as describe_bufts
@@ -37,7 +37,7 @@ INSTALL_HINT = ("pip install 'llama-cpp-python[server]==0.3.*' (compiles llama.c
                 "machine add CMAKE_ARGS=-DGGML_CUDA=on)")
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     name = "llamacpp"
     max_batch_size = 1  # llama-cpp-python runs one sequence (preflight checks bench.batch_size against it)
     engine_package = "llama-cpp-python"

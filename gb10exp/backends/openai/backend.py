@@ -36,7 +36,7 @@ import torch
 
 from gb10exp import hardware
 from gb10exp.backends import same_model
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.openai.config import OpenAIOptions
 from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, variants
 from gb10exp.config import BenchConfig, ConfigError
@@ -121,11 +121,9 @@ def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int |
     return [float(v) for v in scored]
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     name = "openai"
-    max_batch_size = None
     engine_package = None  # the server's engine is not in this process
-    returns_logits = False
 
     def __init__(self, options: OpenAIOptions):
         self.base_url, self.model, self.api_key_env = options.base_url.rstrip("/"), options.model, options.api_key_env
@@ -212,12 +210,6 @@ class OpenAIBackend:
         self.tokenizer = inputs.tokenizer
         return {"openai.base_url": self.base_url, "openai.model": str(self.model),
                 "engine.model_check": self.model_check}
-
-    def describe(self) -> dict[str, str]:
-        return {}  # the run's own tags already say what ran
-
-    def close(self) -> None:
-        pass
 
     def _prompt(self, tokens: list[int]) -> str | list[int]:
         return self.tokenizer.decode(tokens) if self.prompt_format == "text" else tokens

@@ -24,7 +24,7 @@ import torch
 
 from gb10exp import hardware
 from gb10exp.backends import support
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.trtllm.config import TRTLLMOptions
 from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, stamps_from_stream
 from gb10exp.config import BenchConfig, ConfigError
@@ -45,11 +45,10 @@ def export_checkpoint(inputs: BenchInputs, folder: Path) -> str:
     return f"{ckpt.method} ({ckpt.quant_algo})" if ckpt.quant_algo else ckpt.method
 
 
-class TRTLLMBackend:
+class TRTLLMBackend(Backend):
     name = "trtllm"
     served_model = None  # runs the configured model (or backend.options.checkpoint, checked as it)
     engine_package = "tensorrt-llm"
-    returns_logits = False
 
     def __init__(self, options: TRTLLMOptions):
         self.checkpoint = Path(options.checkpoint).expanduser() if options.checkpoint else None
@@ -133,9 +132,6 @@ class TRTLLMBackend:
         if self.context_logits_missing:  # engine_accuracy's generic "no engine scoring" would be wrong here
             tags |= {"engine_ppl_check": NO_CONTEXT_LOGITS, "trtllm.context_logits": "missing"}
         return metrics, tags
-
-    def describe(self) -> dict[str, str]:
-        return {}  # the run's own tags already say what ran
 
     def close(self) -> None:
         if self.llm is not None:
