@@ -57,25 +57,23 @@ from gb10exp.backends.hf.config import is_choice
 from gb10exp.bench import Timing, now
 from gb10exp.utils import cache_dir, safe_name
 
-# Inductor settings of each compile preset, passed to ``torch.compile`` (Inductor scopes them to this
-# compile) and set globally only inside ``inductor_flags`` while compiling. Coordinate descent makes
-# Inductor decompose every batch-1 matrix-vector product into a Triton reduction and search its block
-# sizes; max_autotune widens the set of configurations benchmarked for each reduction before that
-# search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound,
-# with max_autotune 77% (commit 001d3be; hf_decode_h200.json in git history). "plain": Inductor's
-# defaults (cuBLAS for every matrix product), for comparison. A wider coordinate search (all
-# directions, radius 2) did not finish compiling in 8 minutes on an H100 and was dropped.
+# Inductor settings of each compile preset, passed to ``torch.compile`` (scoped to that compile) and set
+# globally only inside ``inductor_flags`` while compiling. Coordinate descent makes Inductor decompose every
+# batch-1 matrix-vector product into a Triton reduction and search its block sizes; max_autotune widens the
+# configurations benchmarked for each before that search. On an H200 (Llama-3.1-8B shape, bf16) coordinate
+# descent alone gave 65% of the copy bound, with max_autotune 77% (commit 001d3be; hf_decode_h200.json in git
+# history). "plain": Inductor's defaults (cuBLAS for every matrix product), for comparison. A wider coordinate
+# search (all directions, radius 2) did not finish compiling in 8 minutes on an H100 and was dropped.
 PRESETS: dict[str, dict[str, object]] = {
     "plain": {},
     "default": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
 PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
 # Cold-start candidates (issue 19: coordinate descent compiles each configuration it tries in the main
-# process, one after another). "autotune": max_autotune's few candidate configurations per kernel, compiled
-# in parallel and benchmarked once, no coordinate descent; "untuned": Inductor's heuristic block sizes,
-# nothing benchmarked. Without coordinate descent Inductor leaves a batch-1 matmul to cuBLAS, so for these
-# the native step writes it as the multiply-and-sum Inductor's own decomposition makes of it
-# (MATVEC_AS_REDUCTION).
+# process, one after another). "autotune": max_autotune's few candidates per kernel, compiled in parallel and
+# benchmarked once, no coordinate descent; "untuned": Inductor's heuristic block sizes, nothing benchmarked.
+# Without coordinate descent Inductor leaves a batch-1 matmul to cuBLAS, so for these the native step writes
+# it as the multiply-and-sum Inductor's own decomposition makes of it (MATVEC_AS_REDUCTION).
 PRESETS["autotune"] = {"max_autotune": True}
 PRESETS["untuned"] = {}
 MATVEC_AS_REDUCTION = frozenset({"autotune", "untuned"})
@@ -680,8 +678,8 @@ class FastDecoder:
     def _prefill(self, prompt: torch.Tensor) -> None:
         if self.native is None:
             self.cache.reset()
-        # The native cache needs no reset: the causal mask hides every slot past the current position,
-        # and each earlier slot is rewritten by this request before it is read.
+        # The native cache needs no reset: the causal mask hides every slot past the current position, and
+        # each earlier slot is rewritten by this request before it is read.
         logits = self._logits(prompt, self.prefill_positions)
         first = logits.argmax(-1, keepdim=True)
         if self.record_logits:

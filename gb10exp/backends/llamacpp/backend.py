@@ -166,11 +166,9 @@ def kernels(log: str) -> dict[str, str]:
     ``tensor_types`` (count per GGUF type, e.g. "nvfp4 210, f32 61, f16 1"), ``cpu_features`` (what the build
     may use on this CPU, its system-info line) and ``file_type``."""
     out: dict[str, str] = {}
-    types = re.findall(r"llama_model_loader: - type\s+(\w+):\s+(\d+) tensors", log)
-    if types:
+    if types := re.findall(r"llama_model_loader: - type\s+(\w+):\s+(\d+) tensors", log):
         out["tensor_types"] = ", ".join(f"{t} {n}" for t, n in sorted(types, key=lambda x: -int(x[1])))
-    buffers = sorted(set(re.findall(r"load_tensors:\s+(\S+) model buffer size", log)))
-    if buffers:
+    if buffers := sorted(set(re.findall(r"load_tensors:\s+(\S+) model buffer size", log))):
         out["buffers"] = ", ".join(buffers)
         out["backend"] = ", ".join(sorted({"CPU" if b.startswith(("CPU", "AMX")) else b for b in buffers}))
     if found := re.search(r"^CPU : (.*)$", log, re.MULTILINE):

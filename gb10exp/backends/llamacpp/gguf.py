@@ -98,10 +98,8 @@ def decode_bytes(path: Path) -> float:
     from gguf import GGUFReader
 
     tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
-    total = sum(tensors.values())
-    if "output.weight" in tensors:
-        total -= tensors.get("token_embd.weight", 0)
-    return float(total)
+    embedding = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
+    return float(sum(tensors.values()) - embedding)
 
 
 def converter_dir(version: str | None = None) -> Path:

@@ -29,8 +29,7 @@ else:  # run by path as the child: this folder is sys.path[0], and the gb10exp p
 
 # ------------------------------------------------------------------------------------------------ child
 class _Child:
-    def __init__(self) -> None:
-        self.llm = None
+    llm = None
 
     def load(self, path: str, n_ctx: int, logits_all: bool, n_gpu_layers: int, n_threads: int | None,
              extra_bufts: bool) -> dict:

@@ -295,7 +295,6 @@ class OpenAIBackend(Backend):
         # one this process cannot see (a server elsewhere), so it is taken as given.
         device = str(hardware.resolve("auto")) if self.device == "auto" else self.device
         tensors, engines_own = self._tensors(inputs, cfg)
-        pool = ThreadPoolExecutor(cfg.batch_size)
         prompt_tokens: list[int] = []
 
         def generate_once(prompt: list[int]) -> Timing:
@@ -305,10 +304,8 @@ class OpenAIBackend(Backend):
             prompt_tokens.extend(u["prompt_tokens"] for _, u in results if isinstance(u.get("prompt_tokens"), int))
             return merge_concurrent([t for t, _ in results])
 
-        try:
+        with ThreadPoolExecutor(cfg.batch_size) as pool:
             metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, Target(device, tensors))
-        finally:
-            pool.shutdown()
         if tensors is not None and engines_own:
             metrics["engine_weight_gib"] = tensors.weight_bytes / 2**30
         if prompt_tokens:  # the server's own count: text prompts are re-tokenized by the server
