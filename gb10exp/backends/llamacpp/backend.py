@@ -5,11 +5,9 @@ an unquantized qformat, or a modelopt format the converter takes (``nvfp4``, ``f
 run's quantized model (``gguf.deploy``); ``options.gguf`` runs a given file, its vocabulary checked against
 the run's tokenizer (``same_model.py``). The engine's logits over the evaluation windows (``logits``) are
 scored as PyTorch's are: perplexity, KL and top-1 from llama.cpp's own kernels; which kernels ran is read from
-its load log (``kernels``). llama.cpp runs in a child process (``worker.py``): a native crash fails this run
-("llama.cpp crashed (signal 11)" and the child's log), and the sweep goes on. With a CUDA GPU every layer is
-offloaded (``n_gpu_layers=-1``); a build without GPU support refuses to time the CPU there
-(``options.allow_cpu=true`` accepts it). ``options.extra_bufts=auto`` turns llama.cpp's AMX / weight-repacking
-buffer types off on CPUs with AMX, where llama-cpp-python 0.3.36 segfaults with them.
+its load log (``kernels``). llama.cpp runs in a child process (``worker.py``): a native crash fails this run,
+not the sweep. With a CUDA GPU every layer is offloaded (``n_gpu_layers=-1``); a build without GPU support
+refuses to time the CPU there (``options.allow_cpu=true`` accepts it). CPU buffer types: ``loader.py``.
 """
 
 from __future__ import annotations

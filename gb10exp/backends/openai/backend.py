@@ -1,9 +1,8 @@
 """Any OpenAI-compatible server over HTTP (Ollama's ``/v1``, ``trtllm-serve``, ``vllm serve``, llama.cpp's and
 llama-cpp-python's servers), started by the user; the run only talks to it.
 
-Same model: ``check`` compares the served model's tokenizer with the run's (``same_model.py``) and refuses a
-mismatch before any quantization; ``eval.enabled=false`` skips that and all accuracy (speed only, of whatever
-the server holds, the run named after the served model).
+Same model: ``check`` compares the served model's tokenizer with the run's (``same_model.py``);
+``eval.enabled=false`` skips that and all accuracy (speed only, the run named after the served model).
 
 Speed: ``/completions`` with ``stream: true`` and ``stream_options.include_usage``; TTFT is the first streamed
 token, each later chunk stamps one token, and the closing ``usage`` must count the same tokens (a server that
