@@ -31,14 +31,29 @@ else:  # run by path as the child: this folder is sys.path[0], and the gb10exp p
 class _Child:
     llm = None
 
-    def load(self, path: str, n_ctx: int, logits_all: bool, n_gpu_layers: int, n_threads: int | None,
-             extra_bufts: bool) -> dict:
+    def load(
+        self,
+        path: str,
+        n_ctx: int,
+        logits_all: bool,
+        n_gpu_layers: int,
+        n_threads: int | None,
+        extra_bufts: bool,
+    ) -> dict:
         import llama_cpp
 
         if self.llm is not None:
             self.llm.close()
-        self.llm = load_llama(path, extra_bufts=extra_bufts, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
-                              logits_all=logits_all, n_gpu_layers=n_gpu_layers, verbose=True)  # into the log
+        self.llm = load_llama(
+            path,
+            extra_bufts=extra_bufts,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=n_threads,
+            logits_all=logits_all,
+            n_gpu_layers=n_gpu_layers,
+            verbose=True,
+        )  # into the log
         model = self.llm._model.model
         return {
             "n_layer": llama_cpp.llama_model_n_layer(model),
@@ -79,8 +94,9 @@ class _Child:
             self.llm.eval(prompt[:depth])
         start = time.perf_counter()
         times = []
-        tokens = self.llm.generate(prompt[depth:], temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                   repeat_penalty=1.0, reset=not depth)
+        tokens = self.llm.generate(
+            prompt[depth:], temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=not depth
+        )
         for _ in tokens:  # llama.cpp's raw generator never stops at EOS: exactly output_len tokens
             times.append(time.perf_counter())
             if len(times) == output_len:
@@ -123,8 +139,14 @@ class Engine:
     def __init__(self) -> None:
         self.log_path = Path(tempfile.mkdtemp(prefix="gb10exp-llamacpp-")) / "llama.cpp.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+        )
 
     @property
     def pid(self) -> int:

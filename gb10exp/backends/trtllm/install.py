@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(cmd, check=True)
     if not args.dry_run:
         after = installed()
-        moved = [f"{n} {dists[n]} -> {after.get(n)}" for n in PROTECTED
-                 if n in dists and after.get(n) != dists[n]]
+        moved = [
+            f"{n} {dists[n]} -> {after.get(n)}" for n in PROTECTED if n in dists and after.get(n) != dists[n]
+        ]
         if moved:
             print(f"error: the install changed {moved}", file=sys.stderr)
             return 1
