@@ -580,8 +580,7 @@ class FastDecoder:
         self.compile_s = 0.0
 
     def _pdl_unusable(self) -> str | None:
-        """Why PDL is not tried for this decoder (None when it is): only the tuned compile on a GPU that
-        has it is measured with it."""
+        """Why PDL is not tried here (None when it is): only a tuned compile on a GPU that has it tries it."""
         if not self.compiled or self.preset == "plain":
             return "no tuned compile"
         if not self.cuda:
@@ -595,9 +594,8 @@ class FastDecoder:
         return None
 
     def _step_for(self, pdl: bool) -> Callable[[], None]:
-        """The step of one PDL candidate, made once: eager; compiled whole (one graph: Inductor fuses
-        across layer boundaries); or, native and ``regional``, by regions (one layer compiled once, called
-        for every layer)."""
+        """The step of one PDL candidate, made once: eager, compiled whole (one graph: Inductor fuses across
+        layer boundaries) or, native and ``regional``, by regions (``_regional_step``)."""
         if pdl not in self._step_fns:
             flags = self.candidates[pdl]
             if not self.compiled:
@@ -609,9 +607,8 @@ class FastDecoder:
         return self._step_fns[pdl]
 
     def _regional_step(self, flags: dict[str, object]) -> Callable[[], None]:
-        """The native step from three compiled parts. Dynamo traces and Inductor tunes one layer instead
-        of every layer (the cold compile's cost), while the CUDA graph still captures the whole step;
-        the weights and caches are arguments, so the 32 calls of an 8B model share one compiled graph."""
+        """The native step from three compiled parts, one layer traced and tuned instead of all (the CUDA
+        graph still holds the whole step); weights and caches are arguments, so all layers share one graph."""
         native = self.native
         embed = _compiled(_NativeLlama.embed_step, native, flags)
         layer = _compiled(_NativeLlama.layer_step, native, flags)
