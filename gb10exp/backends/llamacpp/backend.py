@@ -1,13 +1,11 @@
 """llama.cpp through llama-cpp-python, on a GGUF file: the seed's Ollama baseline, and NVFP4 as deployed.
 
-The GGUF is built once by ``gguf.py``: the qformat's ``gguf_type`` (``gguf_q4_k_m``, ``gguf_nvfp4``), F16 for
-an unquantized qformat, or a modelopt format the converter takes (``nvfp4``, ``fp8``...) exported from the
-run's quantized model (``gguf.deploy``); ``options.gguf`` runs a given file, its vocabulary checked against
-the run's tokenizer (``same_model.py``). The engine's logits over the evaluation windows (``logits``) are
-scored as PyTorch's are: perplexity, KL and top-1 from llama.cpp's own kernels; which kernels ran is read from
-its load log (``kernels``). llama.cpp runs in a child process (``worker.py``): a native crash fails this run,
-not the sweep. With a CUDA GPU every layer is offloaded (``n_gpu_layers=-1``); a build without GPU support
-refuses to time the CPU there (``options.allow_cpu=true`` accepts it). CPU buffer types: ``loader.py``.
+The GGUF is built once by ``gguf.py`` (from the model, or from the run's modelopt export), or given as
+``options.gguf`` (its vocabulary checked against the run's tokenizer, ``same_model.py``). The engine's logits
+over the evaluation windows are scored as PyTorch's are: perplexity, KL and top-1 from llama.cpp's own
+kernels. llama.cpp runs in a child process (``worker.py``): a native crash fails this run, not the sweep. With
+a CUDA GPU every layer is offloaded (``n_gpu_layers=-1``); a build without GPU support refuses to time the CPU
+there (``options.allow_cpu=true`` accepts it). CPU buffer types: ``loader.py``.
 """
 
 from __future__ import annotations

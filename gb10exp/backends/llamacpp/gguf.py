@@ -8,16 +8,12 @@ modelopt checkpoint.
   ``llama_ftype_get_default_type``), so ``gguf_nvfp4`` is a Q8_0 base with every linear weight overridden to
   GGML_TYPE_NVFP4 (round to nearest, one E4M3 scale per 16 values, no per-tensor scale:
   ``quantize_row_nvfp4_ref`` in ggml-quants.c) and the embedding and output head at F16, as in modelopt's.
-- modelopt formats (``deploy``): the run's fake-quantized model exported (``export_hf_checkpoint``) and
-  converted by the same converter, which repacks NVFP4 and W4A16_NVFP4 losslessly into llama.cpp's NVFP4 and
-  dequantizes FP8 to F16 (``CONVERTIBLE``; conversion/base.py ``prepare_tensors``, ``_repack_nvfp4``). Other
-  exports crash it (pre_quant_scale, MX scales): refused in preflight.
+- modelopt formats (``deploy``): the run's fake-quantized model exported and converted by the same converter
+  (what it makes of each quant_algo, and which ones crash it: ``CONVERTIBLE``; its ``_repack_nvfp4``).
 
-The converter is in no wheel: ``make converter`` downloads the pinned llama-cpp-python source archive once
-(pip, hash-checked) and ``install_converter`` extracts it with its ``conversion`` and ``gguf-py`` folders into
-the venv; it runs with its own ``gguf-py`` (the ``gguf`` wheel lacks what it needs). Nothing is downloaded or
-run from the cache at run time. Results live under ``$GB10EXP_CACHE/gguf/``, keyed by content, published
-atomically.
+The converter is in no wheel: ``make converter`` installs it into the venv from the pinned, hash-checked
+source archive (``install_converter``); it runs with its own ``gguf-py`` (the ``gguf`` wheel lacks what it
+needs). Nothing is downloaded or run from the cache at run time; results are keyed by content.
 """
 
 from __future__ import annotations

@@ -1,21 +1,15 @@
 """Any OpenAI-compatible server over HTTP (Ollama's ``/v1``, ``trtllm-serve``, ``vllm serve``, llama.cpp's and
-llama-cpp-python's servers), started by the user; the run only talks to it.
+llama-cpp-python's servers), started by the user; the run only talks to it, after ``check`` compared the
+served model's tokenizer with the run's (``same_model.py``; ``eval.enabled=false``: not compared, speed only).
 
-Same model: ``check`` compares the served model's tokenizer with the run's (``same_model.py``);
-``eval.enabled=false`` skips that and all accuracy (speed only, the run named after the served model).
-
-Speed: ``/completions`` with ``stream: true`` and ``stream_options.include_usage``; TTFT is the first streamed
-token, each later chunk stamps one token, and the closing ``usage`` must count the same tokens (a server that
-packs several tokens into a chunk fails the run rather than being timed wrong). ``bench.batch_size`` requests
-go concurrently, each with its own lead (``gb10exp.bench.variants``); a step is done when every request has
-its token. Exact length: ``max_tokens = output_len`` plus ``options.force_length``'s EOS-ignoring fields.
-
-Accuracy: ``echo: true, logprobs: 1, max_tokens: 1`` returns the prompt's log-probabilities (entry i is
-log p(token i | tokens before it)), used only when they cover the whole prompt (plus the generated token,
-never scored). Anything else is "engine accuracy not available" with the reason as a tag, never a number:
-``llama-server`` answers HTTP 500 "Only no echo is supported", trtllm-serve returns the generated token's
-log-probability only, chat-style shapes carry none. Wrong ones are caught by the engine-perplexity check
-(llama-cpp-python 0.3.36's server returns entry i from the distribution *after* token i).
+Speed: streamed ``/completions``, TTFT at the first token, one stamp per later chunk, checked against the
+closing ``usage`` (a server that packs several tokens into a chunk fails the run rather than being timed
+wrong); ``bench.batch_size`` concurrent requests, each with its own lead (``gb10exp.bench.variants``).
+Accuracy: ``echo`` + ``logprobs`` (``prompt_logprobs``), used only when they cover the whole prompt. Anything
+else is "engine accuracy not available" with the reason as a tag, never a number: ``llama-server`` answers
+HTTP 500 "Only no echo is supported", trtllm-serve returns the generated token's log-probability only,
+chat-style shapes carry none. Wrong ones are caught by the engine-perplexity check (llama-cpp-python 0.3.36's
+server returns entry i from the distribution *after* token i).
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """TensorRT-LLM's LLM API on the checkpoint modelopt exports: real NVFP4/FP8 kernels, not a simulation.
 
-``prepare`` writes the run's model as a Hugging Face checkpoint (``gb10exp.quant.export.write_checkpoint``, as
-``export=true`` does) and loads it with ``tensorrt_llm.LLM``: weights, kernel autotuning and CUDA-graph
-capture are the run's ``startup_s``, never part of a request. Requests: ``generate_async(...,
-streaming=True)``, token ids in, greedy, ``ignore_eos``, ``max_tokens = output_len``; each streamed update
-stamps its new tokens. KV-cache block reuse is off: a repeated prompt must not be answered from the prefix
-cache, and context logits (engine perplexity) are only complete without it. TensorRT-LLM runs only on NVIDIA
-GPUs, in practice in NVIDIA's container (docs/export_and_support.md, ``python -m
-gb10exp.backends.trtllm.install``); where it cannot be imported the run fails in one line saying how to get
-it, and a format it cannot run on this GPU is refused by ``support.py``. tests/test_backend_trtllm.py runs
-these TensorRT-LLM 1.x calls (``LLM``, ``SamplingParams``, ``KvCacheConfig``, ``RequestOutput``) against a
-stand-in with the same signatures (tests/fixtures/tensorrt_llm).
+``prepare`` exports the run's model (``write_checkpoint``, as ``export=true`` does) and loads it with
+``tensorrt_llm.LLM`` (weights, autotuning, CUDA graphs: the run's ``startup_s``). Requests stream token ids
+greedily with ``ignore_eos``. KV-cache block reuse is off: a repeated prompt must not be answered from the
+prefix cache, and context logits (engine perplexity) are only complete without it. TensorRT-LLM runs only on
+NVIDIA GPUs, in practice in NVIDIA's container (docs/export_and_support.md, ``install.py``).
+tests/test_backend_trtllm.py runs these TensorRT-LLM 1.x calls against a stand-in with the same signatures
+(tests/fixtures/tensorrt_llm), so a keyword the real API lacks fails on the CPU too.
 """
 
 from __future__ import annotations

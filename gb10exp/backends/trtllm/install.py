@@ -5,12 +5,11 @@
 
 A plain ``pip install -e .`` there would replace the container's torch (NGC versions such as
 ``2.8.0a0+5228986c39.nv25.6`` do not always satisfy modelopt's ``torch>=2.8`` or gb10exp's pins) and its
-pinned nvidia-modelopt, and TensorRT-LLM would then fail on its CUDA libraries. Instead: every installed
-distribution is pinned (``name==version``) in a constraints file, gb10exp is installed with ``--no-deps``, and
-only missing requirements are installed under those constraints: pip may add packages but never move one the
-container has (it fails with "ResolutionImpossible" instead). Installed requirements outside gb10exp's range
-(e.g. the container's modelopt) are kept and reported. Standard library only (plus pip's ``packaging`` when
-present), so it runs before anything is installed.
+pinned nvidia-modelopt, and TensorRT-LLM would then fail on its CUDA libraries. So every installed
+distribution is pinned in a constraints file, gb10exp goes in with ``--no-deps``, and only missing
+requirements are installed under those pins (pip fails with "ResolutionImpossible" rather than move one);
+installed ones outside gb10exp's range are kept and reported. Standard library only (plus ``packaging`` when
+present): it runs before anything is installed.
 """
 
 from __future__ import annotations
