@@ -1,9 +1,7 @@
-"""The backend interface. Adding a backend = one folder ``gb10exp/backends/<name>/`` with ``config.py`` (its
-typed options, a ``BackendConfig`` subclass) and ``backend.py`` (a class satisfying ``Backend``), one entry
-in ``gb10exp.backends.REGISTRY`` and one ``conf/backend/<name>.yaml``. Nothing else branches on it.
-
-The runner calls, in order: ``check`` (cheap, in preflight, before any MLflow run exists), ``prepare`` (timed
-as ``startup_s``: GGUF conversion, checkpoint export, engine build, server start), ``perplexity`` (accuracy
+"""The backend interface. A new backend is one folder ``gb10exp/backends/<name>/`` (``config.py``: its
+options, a ``BackendConfig`` subclass; ``backend.py``: a class satisfying ``Backend``), one ``REGISTRY`` entry and one
+``conf/backend/<name>.yaml``. The runner calls ``check`` (preflight, before any MLflow run), ``prepare``
+(timed as ``startup_s``: GGUF conversion, export, engine build, server start), ``perplexity`` (accuracy
 through the engine's own kernels), ``benchmark``, and ``close`` (always, even after a failure).
 """
 
@@ -40,11 +38,13 @@ class BenchInputs:
 
 
 class Backend(Protocol):
+    """What the runner calls. Backends subclass it for the defaults: nothing to prepare, score or describe."""
+
     name: str
-    max_batch_size: int | None  # concurrent sequences the engine runs at once (None: no limit)
+    max_batch_size: int | None = None  # concurrent sequences the engine runs at once (None: no limit)
     served_model: str | None  # the model an engine serves on its own (a server's, a given GGUF's), else None
     engine_package: str | None  # the Python package of the engine it embeds (its version is part of a run's identity)
-    returns_logits: bool  # ``logits`` gives the engine's logits for whole windows (scored like PyTorch's)
+    returns_logits: bool = False  # ``logits`` gives the engine's logits of whole windows, scored as PyTorch's
 
     def check(self, fmt: Format, tokenizer: Any = None) -> None:
         """Cheap availability check (imports, server reachable, format servable); raise ConfigError with the fix.
@@ -53,14 +53,15 @@ class Backend(Protocol):
 
     def prepare(self, inputs: BenchInputs) -> dict[str, str]:
         """One-time work before any request (artifacts, engine, server); returns tags describing it."""
+        return {}
 
     def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
-        """Per window of ``windows`` (N, T): (summed negative log-likelihood in nats, tokens scored), computed
-        by the engine itself over the targets ``score_from[i]`` .. T-1 of window i (T - score_from[i] tokens,
-        as ``eval.protocol`` scores them; None: every target 1..T-1); an engine that re-tokenizes text may
-        score a few more or fewer; None when the backend has no engine of its own to score with; raises
-        ``gb10exp.evaluate.engine.EngineAccuracyUnavailable`` when the engine cannot return log-probabilities
-        for the whole prompt."""
+        """Per window of ``windows`` (N, T): (summed NLL in nats, tokens scored) by the engine itself over the
+        targets ``score_from[i]`` .. T-1 (as ``eval.protocol`` scores them; None: 1..T-1; an engine that
+        re-tokenizes text may score a few more or fewer); None: no engine of its own to score with. Raises
+        ``gb10exp.evaluate.engine.EngineAccuracyUnavailable`` when the engine cannot score the whole
+        prompt."""
+        return None
 
     def logits(self, windows: torch.Tensor) -> torch.Tensor:
         """The engine's logits at every position of ``windows`` (N, T) -> (N, T, vocabulary), float32; only
@@ -70,7 +71,9 @@ class Backend(Protocol):
         """(metrics, tags) of one throughput measurement, following gb10exp.bench's rules."""
 
     def describe(self) -> dict[str, str]:
-        """What the engine ran, known once it has run (kernels, buffer types, offload), as run tags."""
+        """What the engine ran, known once it has run (kernels, buffer types, offload), as run tags (none: the
+        run's own tags already say what ran)."""
+        return {}
 
     def close(self) -> None:
         """Release the engine (stop servers, free GPU memory)."""

@@ -1,9 +1,8 @@
 """Does the engine serve the model whose accuracy the run measures? Compared through the tokenizer.
 
-Two models with the same tokenizer vocabulary and the same token ids for a probe text may still differ
-(two fine-tunes of one base), but two that differ there are certainly different models, and feeding one
-model's token ids to the other gives numbers about neither. Engine backends call these in ``check``,
-before any quantization, and refuse a mismatch in one line. Sources, best first: the GGUF file's own
+Two models with the same vocabulary and probe ids may still differ (two fine-tunes of one base), but two that
+differ there are different models, and one model's token ids fed to the other give numbers about neither.
+Engine backends call these in ``check``, before any quantization. Sources, best first: the GGUF's own
 vocabulary (``tokenizer.ggml.tokens``), a server's tokenize endpoint (llama.cpp's ``/tokenize``,
 llama-cpp-python's ``/extras/tokenize``, vLLM's ``/tokenize``), a server's vocabulary size (llama.cpp's
 ``/v1/models`` meta, Ollama's ``/api/show``). What could not be compared is said in the returned tag.
@@ -35,24 +34,22 @@ def strip_special(ids: list[int], tokenizer) -> list[int]:
     return ids
 
 
+def _different(key: str, difference: str) -> ConfigError:
+    return ConfigError(f"{key} is not allowed: {difference}: a different model; serve the configured model, "
+                       "choose the matching model=, or eval.enabled=false for speed only")
+
+
 def compare_vocab(size: int, tokenizer, key: str, what: str) -> None:
     ours = len(tokenizer)
     if not ours <= size <= ours * (1 + PADDING):
-        raise ConfigError(
-            f"{key} is not allowed: {what} has a vocabulary of {size} tokens and the run's tokenizer "
-            f"{ours}: a different model; serve the configured model, choose the matching model=, or "
-            "eval.enabled=false for speed only"
-        )
+        raise _different(key, f"{what} has a vocabulary of {size} tokens and the run's tokenizer {ours}")
 
 
 def compare_ids(served: list[int], tokenizer, key: str, what: str) -> None:
     ours = probe_ids(tokenizer)
     if strip_special(served, tokenizer) != ours:
-        raise ConfigError(
-            f"{key} is not allowed: {what} tokenizes a probe text to {len(served)} tokens "
-            f"{served[:6]}... and the run's tokenizer to {len(ours)} {ours[:6]}...: a different model; "
-            "serve the configured model, choose the matching model=, or eval.enabled=false for speed only"
-        )
+        raise _different(key, f"{what} tokenizes a probe text to {len(served)} tokens {served[:6]}... and "
+                              f"the run's tokenizer to {len(ours)} {ours[:6]}...")
 
 
 def compare_token_strings(tokens: list[str], tokenizer, key: str, what: str) -> None:
@@ -63,35 +60,26 @@ def compare_token_strings(tokens: list[str], tokenizer, key: str, what: str) -> 
     ours = tokenizer.convert_ids_to_tokens(ids)
     if theirs != ours:
         bad = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b)
-        raise ConfigError(
-            f"{key} is not allowed: {what} names token {ids[bad]} {theirs[bad]!r} where the run's "
-            f"tokenizer has {ours[bad]!r}: a different model; serve the configured model, choose the "
-            "matching model=, or eval.enabled=false for speed only"
-        )
+        raise _different(key, f"{what} names token {ids[bad]} {theirs[bad]!r} where the run's tokenizer has "
+                              f"{ours[bad]!r}")
 
 
-def gguf_fields(path: Path) -> tuple[list[str], str]:
-    """(vocabulary as token strings, general.name) of a GGUF file, from its header."""
+def check_gguf(path: Path, tokenizer, key: str) -> tuple[str, str]:
+    """Refuse a missing file, one that is not a GGUF, or a GGUF whose vocabulary is not the tokenizer's;
+    (model name from general.name, tag) otherwise (``tokenizer`` None: only the file is checked)."""
+    if not path.is_file():
+        raise ConfigError(f"{key} is not allowed: no such file")
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError, struct/index errors on truncated or foreign files
-        raise ConfigError(f"{path} is not a GGUF file that parses ({type(exc).__name__}: {str(exc)[:100]}); "
-                          "give a .gguf file (convert_hf_to_gguf.py writes one)") from None
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+        raise ConfigError(f"{key} is not allowed: {path} is not a GGUF file that parses "
+                          f"({type(exc).__name__}: {str(exc)[:100]}); give a .gguf file "
+                          "(convert_hf_to_gguf.py writes one)") from None
+    tokens, field = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("general.name")
     vocab = [bytes(tokens.parts[i]).decode("utf-8", errors="replace") for i in tokens.data] if tokens else []
-    name = reader.fields.get("general.name")
-    return vocab, bytes(name.parts[name.data[0]]).decode("utf-8", errors="replace") if name else path.stem
-
-
-def check_gguf(path: Path, tokenizer, key: str) -> tuple[str, str]:
-    """Refuse a file that is not a GGUF, or a GGUF whose vocabulary is not the tokenizer's; (model name, tag)
-    otherwise (``tokenizer`` None: only the file is checked)."""
-    try:
-        vocab, name = gguf_fields(path)
-    except ConfigError as exc:
-        raise ConfigError(f"{key} is not allowed: {exc}") from None
+    name = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace") if field else path.stem
     if tokenizer is None:
         return name, "not checked (speed only: eval.enabled=false)"
     if not vocab:

@@ -1,13 +1,9 @@
-"""In-process PyTorch/transformers, three ways to decode (``backend.options.mode``):
-
-- ``fast``: StaticCache + a decode step compiled and captured in one CUDA graph (``fast.py``); on a CPU
-  the same loop runs eagerly. The default: it measures the hardware, not Python.
-- ``static``: ``generate(cache_implementation="static")``.
-- ``generate``: plain eager ``generate``, mostly a measure of Python overhead on a GPU.
-
-``options.compare`` measures more modes in the same run, their metrics prefixed ``<mode>.``.
-Fake-quantized models (modelopt simulation) are not timed unless ``bench.measure_fake_quant=true``:
-their speed is that of the simulation, not of the format.
+"""In-process PyTorch/transformers, three ways to decode (``backend.options.mode``): ``fast`` (the default:
+StaticCache + a decode step compiled and captured in one CUDA graph, ``fast.py``, eager on a CPU; it measures
+the hardware, not Python), ``static`` (``generate(cache_implementation="static")``) and ``generate`` (plain
+eager, mostly Python overhead on a GPU). ``options.compare`` times more modes in the same run, metrics
+``<mode>.*``. Fake-quantized models are not timed unless ``bench.measure_fake_quant=true``: their speed is the
+simulation's, not the format's.
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ import time
 
 import torch
 
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.hf.config import HFOptions
 from gb10exp.backends.hf.fast import FastDecoder, TokenStamper
 from gb10exp.bench import Target, Timing, measure, now
@@ -25,12 +21,10 @@ from gb10exp.quant import bytes as qbytes
 from gb10exp.quant.formats import Format
 
 
-class HFBackend:
+class HFBackend(Backend):  # Backend's perplexity: None, the offline evaluation ran through this very model
     name = "hf"
-    max_batch_size = None
     served_model = None  # runs the configured model
     engine_package = None  # torch and transformers: already in every run's identity
-    returns_logits = False
 
     def __init__(self, options: HFOptions):
         self.modes = [options.mode, *[m for m in options.compare if m != options.mode]]
@@ -41,18 +35,6 @@ class HFBackend:
             raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=hf: llama.cpp quantizes it; "
                               "use backend=llamacpp (or backend=openai on a server of that GGUF)")
 
-    def prepare(self, inputs: BenchInputs) -> dict[str, str]:
-        return {}
-
-    def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
-        return None  # the offline evaluation already ran through this very model
-
-    def describe(self) -> dict[str, str]:
-        return {}  # the run's own tags already say what ran
-
-    def close(self) -> None:
-        pass
-
     def benchmark(self, inputs: BenchInputs, cfg: BenchConfig) -> tuple[dict[str, float], dict[str, str]]:
         if inputs.quantized and not cfg.measure_fake_quant:
             return {}, {"speed_valid": "false", "speed_measured": "no: fake quantization (modelopt simulated) runs "
@@ -60,8 +42,7 @@ class HFBackend:
         device = inputs.device
         # What this engine really reads: the weights as PyTorch holds them (fake quantization keeps them whole),
         # by the same rule as every engine's count (gb10exp/quant/bytes.py).
-        held = qbytes.from_module(inputs.model, dense_bits=None)
-        target = Target(str(device), held)
+        target = Target(str(device), held := qbytes.from_module(inputs.model, dense_bits=None))
         if device.type == "cuda":
             target.reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)
             target.peak_bytes = lambda: float(torch.cuda.max_memory_allocated(device))

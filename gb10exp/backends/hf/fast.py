@@ -1,49 +1,40 @@
-"""The fast decode path for in-process PyTorch (the technique of gpt-fast, written for HF models).
+"""The fast decode path for in-process PyTorch (gpt-fast's technique, written for HF models).
 
-Plain ``generate`` spends most of a decode step in Python on a GPU: it re-plans the cache, builds
-position ids and a causal mask, checks stopping criteria (one host sync per token) and launches
-hundreds of small kernels one by one. Here, for greedy decoding of exactly ``output_len`` tokens:
+Plain ``generate`` spends most of a GPU decode step in Python: it re-plans the cache, builds position ids and
+a causal mask, checks stopping criteria (one host sync per token) and launches hundreds of small kernels one
+by one. Here, for greedy decoding of exactly ``output_len`` tokens:
 
-- **A native step for Llama-like models** (Llama, Mistral, Qwen2 layouts of plain ``nn.Linear``
-  layers): the decode step is written directly over the model's own weights, with no HF forward in
-  it: no mask or position-id building, no cache object. Q/K/V and gate/up are fused into one matrix
-  each, so a layer reads its weights in four matrix-vector products instead of seven; the HF modules'
-  weights become views into the fused matrices (no second copy of the model) until ``close`` gives
-  them their own storage back. RoPE's cos/sin come from the model's own rotary module, once, for
-  every position. Attention at one query token is written as a multiply-and-reduce over the static
-  cache, which Inductor fuses into a couple of kernels; K/V heads are shared by their query group in
-  place, never repeated in memory.
-- Any other model (or one carrying modelopt quantizers, hooks, sliding windows) decodes through the
-  model's own forward over a ``StaticCache``: slower, always correct.
-- A static KV cache sized to exactly ``input_len + output_len`` (rounded up to 16): attention never
-  reads empty slots beyond it.
-- An eager prefill, then a decode step that feeds its own argmax back: it writes the next token into
-  its input buffer, advances its position tensor and appends to the output, all on the device.
-- On CUDA that step is compiled (``torch.compile``, fullgraph) with Inductor's max-autotune and
-  coordinate-descent tuning, which turn every batch-1 matrix-vector product into a Triton reduction
-  tuned for bandwidth, and captured once in a CUDA graph: a token costs one ``graph.replay()``, no
-  host work and no host sync; the tokens come back to the host only when the request ends. Inductor's
-  global flags are set only inside ``inductor_flags`` while compiling, then restored.
-- **Regional compilation** of the native step (the default, ``regional=True``): one decoder layer is
-  compiled once and called for every layer with that layer's weights and cache (plus a small compiled
-  prologue and head), so Dynamo traces, and Inductor lowers and autotunes, one layer instead of all of
-  them; the CUDA graph still holds the whole step. On an H100 (8B shape, bf16, two calls on one machine at
-  f6f4bf6) it compiled cold in 25-29 s against 61-68 s for the whole step (``regional=False``) and decoded
-  172.8-173.3 tokens/s against 168.0-172.9 (benchmarks/results/cold_start_h100.log).
-- **A persistent compile cache**: Inductor's FX-graph, autotuning and Triton caches live under
-  ``$GB10EXP_CACHE/compile/<GPU, torch, Triton, CUDA>`` (``use_compile_cache``), so a process that
-  finds the shape compiled before loads it instead of tuning it again.
-- **Programmatic Dependent Launch** (PDL_FLAGS says why): with ``pdl="auto"`` (the default) on a Hopper
-  or newer GPU the decision is looked up (``remembered_pdl``: this machine's earlier trial, else the
-  table PDL_MEASURED); only where neither knows the GPU and software is the step compiled both ways,
-  the faster graph kept and the decision stored for every later process.
+- **A native step for Llama-like models** (Llama, Mistral, Qwen2 layouts of plain ``nn.Linear``): written over
+  the model's own weights, with no HF forward, mask, position ids or cache object. Q/K/V and gate/up are
+  fused, so a layer reads its weights in four matrix-vector products instead of seven; the HF weights become
+  views into the fused matrices (no second copy) until ``close`` gives them their own storage back. RoPE's
+  cos/sin come once from the model's own rotary module. One-token attention is a multiply-and-reduce over the
+  static cache that Inductor fuses into a couple of kernels, K/V heads shared by their query group in place.
+  Any other model (or one with modelopt quantizers, hooks, sliding windows) runs its own forward over a
+  ``StaticCache``: slower, always correct.
+- A static KV cache of exactly ``input_len + output_len`` (rounded up to 16): attention reads no empty slots
+  beyond it. An eager prefill, then a step that feeds its own argmax back: next input, position and output,
+  all on the device.
+- On CUDA the step is compiled (fullgraph) with Inductor's max-autotune and coordinate-descent tuning (every
+  batch-1 matrix-vector product becomes a Triton reduction tuned for bandwidth) and captured once in a CUDA
+  graph: a token is one ``graph.replay()``, no host work or sync; tokens reach the host when the request ends.
+  Inductor's global flags are set only inside ``inductor_flags`` while compiling, then restored.
+- **Regional compilation** (the default, ``regional=True``): one decoder layer compiled once and called for
+  every layer (plus a compiled prologue and head), so Dynamo traces and Inductor tunes one layer, not all; the
+  graph still holds the whole step. On an H100 (8B shape, bf16, two calls on one machine at f6f4bf6) it
+  compiled cold in 25-29 s against 61-68 s for the whole step (``regional=False``) and decoded 172.8-173.3
+  tokens/s against 168.0-172.9 (benchmarks/results/cold_start_h100.log).
+- **A persistent compile cache** (``use_compile_cache``): Inductor's FX-graph, autotuning and Triton caches
+  under ``$GB10EXP_CACHE/compile/<GPU, torch, Triton, CUDA>``: a shape compiled before is loaded, not tuned.
+- **Programmatic Dependent Launch** (PDL_FLAGS says why): ``pdl="auto"`` on Hopper or newer looks the decision
+  up (``remembered_pdl``: this machine's earlier trial, else PDL_MEASURED); only where neither knows is the
+  step compiled both ways, the faster graph kept and the decision stored for every later process.
 
-Timing stays honest without a sync per token: the first token is stamped after a device sync (a server
-must have it on the host to send it), later tokens by CUDA events recorded after each replay and read
-when the request is over. Compilation and capture happen in ``warm`` and are reported as ``compile_s``
-(with what the caches gave, ``compile_stats``), never as decode time. ``record_logits=True`` makes the
-step also keep each token's logits (``decode_logits``), for checking the step against the reference
-model; a timed decoder never has it.
+Timing needs no sync per token: the first token is stamped after a device sync (a server must have it on the
+host to send it), later ones by CUDA events recorded after each replay, read when the request is over.
+Compilation and capture happen in ``warm``, reported as ``compile_s`` (with ``compile_stats``), never as
+decode time. ``record_logits=True`` keeps each token's logits (``decode_logits``) to check the step against
+the reference model; a timed decoder never has it.
 """
 
 from __future__ import annotations
@@ -66,43 +57,39 @@ from gb10exp.backends.hf.config import is_choice
 from gb10exp.bench import Timing, now
 from gb10exp.utils import cache_dir, safe_name
 
-# Inductor settings of each compile preset, passed to ``torch.compile`` (Inductor scopes them to this
-# compile) and set globally only inside ``inductor_flags`` while compiling. Coordinate descent makes
-# Inductor decompose every batch-1 matrix-vector product into a Triton reduction and search its block
-# sizes; max_autotune widens the set of configurations benchmarked for each reduction before that
-# search. On an H200 (Llama-3.1-8B shape, bf16) coordinate descent alone gave 65% of the copy bound,
-# with max_autotune 77% (commit 001d3be; hf_decode_h200.json in git history). "plain": Inductor's
-# defaults (cuBLAS for every matrix product), for comparison. A wider coordinate search (all
-# directions, radius 2) did not finish compiling in 8 minutes on an H100 and was dropped.
+# Inductor settings of each compile preset, passed to ``torch.compile`` (scoped to that compile) and set
+# globally only inside ``inductor_flags`` while compiling. Coordinate descent makes Inductor decompose every
+# batch-1 matrix-vector product into a Triton reduction and search its block sizes; max_autotune widens the
+# configurations benchmarked for each before that search. On an H200 (Llama-3.1-8B shape, bf16) coordinate
+# descent alone gave 65% of the copy bound, with max_autotune 77% (commit 001d3be; hf_decode_h200.json in git
+# history). "plain": Inductor's defaults (cuBLAS for every matrix product), for comparison. A wider coordinate
+# search (all directions, radius 2) did not finish compiling in 8 minutes on an H100 and was dropped.
 PRESETS: dict[str, dict[str, object]] = {
     "plain": {},
     "default": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
 PRESETS["tuned"] = PRESETS["default"]  # kept so that backend.options.tuned=true still runs: same compile
 # Cold-start candidates (issue 19: coordinate descent compiles each configuration it tries in the main
-# process, one after another). "autotune": max_autotune's few candidate configurations per kernel, compiled
-# in parallel and benchmarked once, no coordinate descent; "untuned": Inductor's heuristic block sizes,
-# nothing benchmarked. Without coordinate descent Inductor leaves a batch-1 matmul to cuBLAS, so for these
-# the native step writes it as the multiply-and-sum Inductor's own decomposition makes of it
-# (MATVEC_AS_REDUCTION).
+# process, one after another). "autotune": max_autotune's few candidates per kernel, compiled in parallel and
+# benchmarked once, no coordinate descent; "untuned": Inductor's heuristic block sizes, nothing benchmarked.
+# Without coordinate descent Inductor leaves a batch-1 matmul to cuBLAS, so for these the native step writes
+# it as the multiply-and-sum Inductor's own decomposition makes of it (MATVEC_AS_REDUCTION).
 PRESETS["autotune"] = {"max_autotune": True}
 PRESETS["untuned"] = {}
 MATVEC_AS_REDUCTION = frozenset({"autotune", "untuned"})
-# Programmatic Dependent Launch (Hopper and newer; Inductor ships it off): each kernel is launched while
-# the one before it drains and waits on the device only before reading that kernel's output, hiding part
-# of the fixed cost of each of the ~355 kernels of a step. Measured side by side on the 8B shape, what
-# it gives depends on the GPU, the machine and the block sizes each cold compile autotunes: H200s +9%
-# (hf_decode_h200.json) and +2% (hf_decode_auto_vs_forced_h200.json), H100s 0 to -3%
-# (hf_decode_auto_h100*.json; all in benchmarks/results/). So ``pdl="auto"`` uses a remembered decision
-# (PDL_MEASURED, or this machine's own earlier trial) and only where there is none compiles both, times a
-# few graph replays of each, keeps the faster and remembers it. A dot in a key names an Inductor sub-config.
+# Programmatic Dependent Launch (Hopper and newer; Inductor ships it off): each kernel is launched while the
+# one before it drains and waits on the device only before reading that kernel's output, hiding part of the
+# fixed cost of each of the ~355 kernels of a step. What it gives depends on the GPU, the machine and the
+# block sizes each cold compile autotunes (PDL_MEASURED), so ``pdl="auto"`` uses a remembered decision and
+# only where there is none compiles both, times a few graph replays of each, keeps the faster and remembers
+# it. A dot in a key names an Inductor sub-config.
 PDL_FLAGS: dict[str, object] = {"triton.enable_pdl": True}
-# (GPU name pattern, torch major.minor) -> PDL on? Decisions measured by pdl=auto's trial on the 8B shape
+# (GPU name pattern, torch major.minor) -> PDL on?, measured side by side by pdl=auto's trial on the 8B shape
 # (benchmarks/results/, torch 2.11, Triton 3.6): a fresh machine of a known kind compiles once, not twice.
-# H100 80GB HBM3: off in 4 of 6 processes (6.11-6.14 ms/step off vs 6.26-6.29 on where off won;
-# hf_decode_auto_h100*.json). H200: on, +2% forced side by side (227.0 vs 222.5 tokens/s,
-# hf_decode_auto_vs_forced_h200.json) and +9% (228.8 vs 209.3, hf_decode_h200.json). Any other GPU or
-# torch: the first process trials both and stores the result under $GB10EXP_CACHE/pdl.
+# H100 80GB HBM3: off in 4 of 6 processes, 0 to -3% (6.11-6.14 ms/step off vs 6.26-6.29 on where off won;
+# hf_decode_auto_h100*.json). H200: on, +2% (227.0 vs 222.5 tokens/s, hf_decode_auto_vs_forced_h200.json) and
+# +9% (228.8 vs 209.3, hf_decode_h200.json). Any other GPU or torch: the first process trials both and stores
+# the result under $GB10EXP_CACHE/pdl.
 PDL_MEASURED: dict[tuple[str, str], bool] = {("H100", "2.11"): False, ("H200", "2.11"): True}
 PDL_TRIAL_STEPS = 32  # graph replays per trial round (three rounds, alternating, the fastest counts)
 WARM_STEPS = 3  # decode steps run to compile and autotune before the graph is captured
@@ -511,14 +498,11 @@ def _compiled(fn: Callable, owner: object, flags: dict[str, object]) -> Callable
 class FastDecoder:
     """Greedy decoding of exactly ``output_len`` tokens for prompts of ``input_len`` tokens.
 
-    ``preset`` names a compile preset (``PRESETS``); ``tuned`` is kept for old configs and compiles
-    exactly as the default does. ``pdl``: Programmatic Dependent Launch on (True), off (False), or "auto":
-    where it can act (a compiled, tuned step on a Hopper-or-newer GPU) the remembered decision
-    (``remembered_pdl``), else both compiled and timed in ``warm``, the faster kept and remembered;
-    elsewhere it is off. ``native=False`` forces the HF-forward step (for comparison); ``regional``
-    compiles the native step by layer (the default: a cold compile under half as long, the same speed). ``record_logits``:
-    the step also keeps its logits, for ``decode_logits`` (a check, never timed). Use as a context
-    manager, or call ``close`` when done: the native step shares the model's weights until then."""
+    ``preset``: a ``PRESETS`` name (``tuned``, kept for old configs, compiles as the default does). ``pdl``:
+    on, off, or "auto" (see the module docstring; off where it cannot act: no compiled, tuned step on a Hopper
+    or newer GPU). ``native=False`` forces the HF-forward step; ``regional`` (default) compiles the native step
+    by layer (under half the cold compile, the same speed), ``regional=False`` as one graph; ``record_logits``: for ``decode_logits``. Use as a context
+    manager, or call ``close``: the native step shares the model's weights until then."""
 
     def __init__(
         self,
@@ -596,8 +580,7 @@ class FastDecoder:
         self.compile_s = 0.0
 
     def _pdl_unusable(self) -> str | None:
-        """Why PDL is not tried for this decoder (None when it is): only the tuned compile on a GPU that
-        has it is measured with it."""
+        """Why PDL is not tried here (None when it is): only a tuned compile on a GPU that has it tries it."""
         if not self.compiled or self.preset == "plain":
             return "no tuned compile"
         if not self.cuda:
@@ -611,9 +594,8 @@ class FastDecoder:
         return None
 
     def _step_for(self, pdl: bool) -> Callable[[], None]:
-        """The step of one PDL candidate, made once: eager; compiled whole (one graph: Inductor fuses
-        across layer boundaries); or, native and ``regional``, by regions (one layer compiled once, called
-        for every layer)."""
+        """The step of one PDL candidate, made once: eager, compiled whole (one graph: Inductor fuses across
+        layer boundaries) or, native and ``regional``, by regions (``_regional_step``)."""
         if pdl not in self._step_fns:
             flags = self.candidates[pdl]
             if not self.compiled:
@@ -625,9 +607,8 @@ class FastDecoder:
         return self._step_fns[pdl]
 
     def _regional_step(self, flags: dict[str, object]) -> Callable[[], None]:
-        """The native step from three compiled parts. Dynamo traces and Inductor tunes one layer instead
-        of every layer (the cold compile's cost), while the CUDA graph still captures the whole step;
-        the weights and caches are arguments, so the 32 calls of an 8B model share one compiled graph."""
+        """The native step from three compiled parts, one layer traced and tuned instead of all (the CUDA
+        graph still holds the whole step); weights and caches are arguments, so all layers share one graph."""
         native = self.native
         embed = _compiled(_NativeLlama.embed_step, native, flags)
         layer = _compiled(_NativeLlama.layer_step, native, flags)
@@ -694,8 +675,8 @@ class FastDecoder:
     def _prefill(self, prompt: torch.Tensor) -> None:
         if self.native is None:
             self.cache.reset()
-        # The native cache needs no reset: the causal mask hides every slot past the current position,
-        # and each earlier slot is rewritten by this request before it is read.
+        # The native cache needs no reset: the causal mask hides every slot past the current position, and
+        # each earlier slot is rewritten by this request before it is read.
         logits = self._logits(prompt, self.prefill_positions)
         first = logits.argmax(-1, keepdim=True)
         if self.record_logits:

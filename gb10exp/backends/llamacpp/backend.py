@@ -1,20 +1,11 @@
 """llama.cpp through llama-cpp-python, on a GGUF file: the seed's Ollama baseline, and NVFP4 as deployed.
 
-The GGUF is built once by ``gguf.py``: the configured model in the qformat's ``gguf_type``
-(``qformat=gguf_q4_k_m``, ``gguf_nvfp4``); an unquantized qformat (``bf16``) as F16; a modelopt format that
-llama.cpp's converter takes (``nvfp4``, ``nvfp4_wo``, ``fp8``...) exported from the run's quantized model and
-converted (``gguf.deploy``). ``options.gguf`` runs a given file instead, after ``check`` has compared its
-vocabulary with the run's tokenizer (``same_model.py``). The engine returns its logits for the evaluation
-windows (``logits``), which gb10exp scores exactly as it scores PyTorch's: perplexity, KL against the
-unquantized model and top-1 agreement from llama.cpp's own kernels. Which kernels ran (compute backend,
-buffer types, tensor types) is read from llama.cpp's load log (``kernels``).
-llama.cpp runs in a child process (``worker.py``): a native crash fails this run with "llama.cpp crashed
-(signal 11)" and the child's log, and the sweep goes on. Where a CUDA GPU is present every layer is
-offloaded to it (``n_gpu_layers=-1``) and the run says so; a llama.cpp built without GPU support refuses
-to run there rather than silently timing the CPU (``options.allow_cpu=true`` accepts it). Perplexity is
-computed by llama.cpp itself from its logits over the same evaluation token ids that PyTorch scored.
-``options.extra_bufts`` (llama.cpp's AMX / weight-repacking buffer types): ``auto`` turns them off on
-CPUs with AMX, where llama-cpp-python 0.3.36 segfaults with them.
+The GGUF is built once by ``gguf.py`` (from the model, or from the run's modelopt export), or given as
+``options.gguf`` (its vocabulary checked against the run's tokenizer, ``same_model.py``). The engine's logits
+over the evaluation windows are scored as PyTorch's are: perplexity, KL and top-1 from llama.cpp's own
+kernels. llama.cpp runs in a child process (``worker.py``): a native crash fails this run, not the sweep. With
+a CUDA GPU every layer is offloaded (``n_gpu_layers=-1``); a build without GPU support refuses to time the CPU
+there (``options.allow_cpu=true`` accepts it). CPU buffer types: ``loader.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gb10exp import hardware
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.llamacpp.config import LlamaCppOptions
 from gb10exp.backends.llamacpp.gguf import build_gguf, convertible, deploy
 from gb10exp.backends.llamacpp.loader import describe as describe_bufts
@@ -42,13 +33,7 @@ INSTALL_HINT = ("pip install 'llama-cpp-python[server]==0.3.*' (compiles llama.c
                 "machine add CMAKE_ARGS=-DGGML_CUDA=on)")
 
 
-def _gguf_type(fmt: Format) -> str | None:
-    if fmt.gguf_type is not None:
-        return fmt.gguf_type
-    return "F16" if fmt.kind == "none" else None
-
-
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     name = "llamacpp"
     max_batch_size = 1  # llama-cpp-python runs one sequence (preflight checks bench.batch_size against it)
     engine_package = "llama-cpp-python"
@@ -76,8 +61,6 @@ class LlamaCppBackend:
             raise ConfigError(f"qformat={fmt.name!r} is not allowed with backend=llamacpp: {why}; llama.cpp runs "
                               "nvfp4, nvfp4_wo, the NVFP4 recipes that export as NVFP4, fp8 (as F16), its own GGUF "
                               "types (gguf_q4_k_m, gguf_nvfp4) and bf16, or a given backend.options.gguf=FILE")
-        if self.gguf is not None and not self.gguf.is_file():
-            raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
         if self.gguf is not None:
             key = f"backend.options.gguf={str(self.gguf)!r}"
             self.served_model, self.model_check = check_gguf(self.gguf, tokenizer, key)
@@ -95,18 +78,16 @@ class LlamaCppBackend:
         elif inputs.fmt.modelopt:
             self.path, origin = deploy(inputs.model, inputs.tokenizer, inputs.fmt, inputs.cache_key)
         else:
-            gguf_type = _gguf_type(inputs.fmt)
+            fmt = inputs.fmt
+            gguf_type = fmt.gguf_type if fmt.gguf_type is not None else "F16" if fmt.kind == "none" else None
             self.path, origin = build_gguf(inputs.model_cfg, gguf_type, inputs.model, inputs.tokenizer)
         tags = {"gguf.file": str(self.path), "gguf.origin": origin,
                 "llamacpp.extra_bufts": self.extra_bufts_tag}
-        if self.model_check:
-            tags["engine.model_check"] = self.model_check
-        return tags
+        return tags | ({"engine.model_check": self.model_check} if self.model_check else {})
 
     def _load(self, n_ctx: int, logits_all: bool) -> Engine:
         """The child process with the model loaded for this context size (reloaded only when it changes)."""
-        if self.engine is None:
-            self.engine = Engine()
+        self.engine = self.engine or Engine()
         if self.loaded != (n_ctx, logits_all):
             self.info = self.engine.call("load", path=str(self.path), n_ctx=n_ctx, logits_all=logits_all,
                                          n_gpu_layers=self.n_gpu_layers if self.on_gpu else 0,
@@ -142,7 +123,6 @@ class LlamaCppBackend:
         return torch.stack(out)
 
     def describe(self) -> dict[str, str]:
-        """What the engine ran on, read from its load log (see ``kernels``)."""
         return {f"llamacpp.{k}": v for k, v in self.info.get("kernels", {}).items()} | {
             "llamacpp.offload": self._offload_tag()} if self.info else {}
 
@@ -182,11 +162,9 @@ def kernels(log: str) -> dict[str, str]:
     ``tensor_types`` (count per GGUF type, e.g. "nvfp4 210, f32 61, f16 1"), ``cpu_features`` (what the build
     may use on this CPU, its system-info line) and ``file_type``."""
     out: dict[str, str] = {}
-    types = re.findall(r"llama_model_loader: - type\s+(\w+):\s+(\d+) tensors", log)
-    if types:
+    if types := re.findall(r"llama_model_loader: - type\s+(\w+):\s+(\d+) tensors", log):
         out["tensor_types"] = ", ".join(f"{t} {n}" for t, n in sorted(types, key=lambda x: -int(x[1])))
-    buffers = sorted(set(re.findall(r"load_tensors:\s+(\S+) model buffer size", log)))
-    if buffers:
+    if buffers := sorted(set(re.findall(r"load_tensors:\s+(\S+) model buffer size", log))):
         out["buffers"] = ", ".join(buffers)
         out["backend"] = ", ".join(sorted({"CPU" if b.startswith(("CPU", "AMX")) else b for b in buffers}))
     if found := re.search(r"^CPU : (.*)$", log, re.MULTILINE):

@@ -1,24 +1,19 @@
 """GGUF files of the configured model, made once and cached: in llama.cpp's own types, or deployed from a
 modelopt checkpoint.
 
-- llama.cpp's types (``qformat.gguf_type``: Q4_K_M, NVFP4...): the source is a GGUF file where the model is one
-  (the embedded SmolLM2 is a Q4_1 GGUF, ``model=local model.path=x.gguf``); any other model is first converted
-  to an F16 GGUF by llama.cpp's own ``convert_hf_to_gguf.py``. llama.cpp's quantizer (``llama_model_quantize``)
-  then writes the requested type. The pinned llama.cpp has no ftype for NVFP4 ("invalid output file type
-  39": ``llama_ftype_get_default_type`` in src/llama-quant.cpp has no case for it), so ``gguf_nvfp4`` is made
-  with a Q8_0 base and a per-tensor override of every linear weight to GGML_TYPE_NVFP4 (round to nearest,
-  one E4M3 scale per 16 values, no per-tensor scale: ``quantize_row_nvfp4_ref`` in ggml-quants.c), the
-  embedding and output head at F16 as in modelopt's formats.
-- modelopt formats (``deploy``): the run's fake-quantized model is exported (``export_hf_checkpoint``) and
-  converted by the same converter, which repacks NVFP4 and W4A16_NVFP4 weights losslessly into llama.cpp's
-  NVFP4 type and dequantizes FP8 weights to F16 (``CONVERTIBLE``; conversion/base.py ``prepare_tensors``,
-  ``_repack_nvfp4``). Other modelopt exports crash it (pre_quant_scale, MX scales): refused in preflight.
+- llama.cpp's types (``qformat.gguf_type``: Q4_K_M, NVFP4...): from the model's own GGUF where it is one (the
+  embedded SmolLM2 is a Q4_1 GGUF, ``model=local model.path=x.gguf``), else from an F16 GGUF written by
+  llama.cpp's ``convert_hf_to_gguf.py``; then llama.cpp's quantizer (``llama_model_quantize``). The pinned
+  llama.cpp has no ftype for NVFP4 ("invalid output file type 39": no case in src/llama-quant.cpp's
+  ``llama_ftype_get_default_type``), so ``gguf_nvfp4`` is a Q8_0 base with every linear weight overridden to
+  GGML_TYPE_NVFP4 (round to nearest, one E4M3 scale per 16 values, no per-tensor scale:
+  ``quantize_row_nvfp4_ref`` in ggml-quants.c) and the embedding and output head at F16, as in modelopt's.
+- modelopt formats (``deploy``): the run's fake-quantized model exported and converted by the same converter
+  (what it makes of each quant_algo, and which ones crash it: ``CONVERTIBLE``; its ``_repack_nvfp4``).
 
-The converter is not in any wheel: ``make converter`` downloads the llama-cpp-python source archive of the
-pinned version once (pip, hash-checked) and ``install_converter`` extracts it with its ``conversion`` and
-``gguf-py`` folders into the venv; it runs with its own ``gguf-py`` (never the ``gguf`` wheel, which lacks what
-it needs). Nothing is downloaded or executed from the cache at run time. Results live under
-``$GB10EXP_CACHE/gguf/``, keyed by content, published atomically.
+The converter is in no wheel: ``make converter`` installs it into the venv from the pinned, hash-checked
+source archive (``install_converter``); it runs with its own ``gguf-py`` (the ``gguf`` wheel lacks what it
+needs). Nothing is downloaded or run from the cache at run time; results are keyed by content.
 """
 
 from __future__ import annotations
@@ -99,10 +94,8 @@ def decode_bytes(path: Path) -> float:
     from gguf import GGUFReader
 
     tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
-    total = sum(tensors.values())
-    if "output.weight" in tensors:
-        total -= tensors.get("token_embd.weight", 0)
-    return float(total)
+    embedding = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
+    return float(sum(tensors.values()) - embedding)
 
 
 def converter_dir(version: str | None = None) -> Path:
@@ -170,8 +163,7 @@ def run_converter(folder: Path, out: Path, outtype: str = "f16", script: Path | 
     folder, in a child process; one line with its last error otherwise."""
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # set at all, it skips its own gguf-py
     command = [sys.executable, str(script or converter()), str(folder), "--outfile", str(out), "--outtype", outtype]
-    got = subprocess.run(command,
-                         capture_output=True, text=True, env=env)
+    got = subprocess.run(command, capture_output=True, text=True, env=env)
     if got.returncode != 0 or not out.is_file():
         last = (got.stderr or got.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {folder}: {last[0][:300]}")

@@ -1,18 +1,14 @@
 """The project's one way to build a llama.cpp model: ``load_llama``. Nothing else constructs
-``llama_cpp.Llama`` (tests/test_llamacpp_loader.py fails on any other construction in gb10exp/, tests/ or
-benchmarks/).
+``llama_cpp.Llama``
+(tests/test_llamacpp_loader.py fails on any other construction in gb10exp/, tests/ or benchmarks/).
 
-Why: on Intel CPUs with AMX, llama-cpp-python 0.3.36 segfaults in ``llama_decode`` unless the model is
-loaded with ``use_extra_bufts = False`` (llama.cpp's AMX / weight-repacking CPU buffer types), and a
-segfault kills the whole process: a sweep, or a whole pytest session. So the loader decides the buffer
-types from the machine (``extra_bufts="auto"``: off where /proc/cpuinfo lists AMX, on elsewhere, where
-the repacked Q4_K/Q4_0 kernels decode faster) before llama.cpp sees the model.
-
-Neither ``Llama(...)`` nor llama-cpp-python's server settings expose the field; both build their model
-parameters from ``llama_model_default_params()``, which ``set_extra_bufts`` wraps once per process.
-
-This module imports nothing heavy (no torch, no gb10exp package): the llama.cpp child process
-(``worker.py``, run by path) imports it as a plain module.
+Why: on Intel CPUs with AMX, llama-cpp-python 0.3.36 segfaults in ``llama_decode`` unless the model is loaded
+with ``use_extra_bufts = False`` (llama.cpp's AMX / weight-repacking CPU buffer types), and a segfault kills
+the whole process (a sweep, a pytest session). So the loader decides from the machine (``extra_bufts="auto"``:
+off where /proc/cpuinfo lists AMX, on elsewhere, where the repacked Q4_K/Q4_0 kernels decode faster). Neither
+``Llama(...)`` nor the server's settings expose the field; both build their parameters from
+``llama_model_default_params()``, which ``set_extra_bufts`` wraps once per process. Imports nothing heavy (no
+torch, no gb10exp package): the llama.cpp child process (``worker.py``, run by path) imports it as a module.
 """
 
 from __future__ import annotations
@@ -25,27 +21,24 @@ EXTRA_BUFTS_CHOICES = ("auto", True, False)
 _state = {"extra_bufts": True, "wrapped": False}
 
 
+def _cpuinfo_field(name: str, cpuinfo: Path) -> str | None:
+    """The value of ``cpuinfo``'s first ``name`` line (None: no such line, or the file cannot be read)."""
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[-1] for line in lines if line.startswith(name)), None)
+
+
 def amx_flags(cpuinfo: Path = CPUINFO) -> list[str]:
     """The AMX flags the CPU lists in ``cpuinfo`` (empty: no AMX, or the file cannot be read)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return sorted(f for f in line.split(":", 1)[-1].split() if f in AMX_FLAGS)
-    return []
+    return sorted(f for f in (_cpuinfo_field("flags", cpuinfo) or "").split() if f in AMX_FLAGS)
 
 
 def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name from ``cpuinfo`` ("unknown" where it does not say)."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    name = _cpuinfo_field("model name", cpuinfo)
+    return "unknown" if name is None else name.strip()
 
 
 def use_extra_bufts(choice: str | bool = "auto", cpuinfo: Path = CPUINFO) -> bool:

@@ -1,8 +1,6 @@
 """``python -m gb10exp.backends.llamacpp.serve --model F.gguf [--extra_bufts auto|on|off] ...``:
 llama-cpp-python's OpenAI server (``python -m llama_cpp.server``, same arguments) with the CPU buffer types
-the project's loader decides (``loader.use_extra_bufts``: off on CPUs with AMX, where llama-cpp-python
-0.3.36 segfaults in ``llama_decode`` with them). The server builds its ``Llama`` itself from
-``llama_model_default_params()``, which ``loader.set_extra_bufts`` wraps."""
+``loader.py`` decides (and says why), set by ``loader.set_extra_bufts``: the server builds its ``Llama``."""
 
 from __future__ import annotations
 

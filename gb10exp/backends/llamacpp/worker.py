@@ -1,17 +1,11 @@
 """llama.cpp in a child process, so that a native crash fails one run instead of the whole sweep.
 
-The parent (``Engine``) starts ``python worker.py`` (this file, run by path: the child imports neither
-torch nor gb10exp, only llama-cpp-python and numpy) and talks to it in JSON lines over a pipe. The child
-keeps the protocol on a private copy of its stdout and sends fd 1 and 2 to a log file, so whatever
-llama.cpp prints cannot corrupt a reply. When the child dies (a segfault in ``llama_decode``, an abort),
-the next read finds the pipe closed and ``Engine`` raises ``EngineCrashed``: "llama.cpp crashed (signal
-11)", with the end of the log.
-
-Times are stamped in the child with ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux, one clock for every
-process), so pipe latency never enters a measurement.
-
-Which CPU buffer types llama.cpp may use is decided by the project's loader (``loader.load_llama``),
-here as everywhere else.
+``Engine`` starts ``python worker.py`` (run by path: the child imports neither torch nor gb10exp) and talks
+to it in JSON lines over a private copy of the child's stdout; fd 1 and 2 go to a log file, so whatever
+llama.cpp prints cannot corrupt a reply. A dead child (segfault, abort) closes the pipe and ``Engine``
+raises ``EngineCrashed``: "llama.cpp crashed (signal 11)", with the end of the log. Times are stamped in
+the child with ``time.perf_counter()`` (CLOCK_MONOTONIC, one clock for every process), so pipe latency
+never enters a measurement. CPU buffer types are decided by ``loader.load_llama``, as everywhere else.
 """
 
 from __future__ import annotations
@@ -35,8 +29,7 @@ else:  # run by path as the child: this folder is sys.path[0], and the gb10exp p
 
 # ------------------------------------------------------------------------------------------------ child
 class _Child:
-    def __init__(self) -> None:
-        self.llm = None
+    llm = None
 
     def load(
         self,
@@ -56,9 +49,9 @@ class _Child:
             extra_bufts=extra_bufts,
             n_ctx=n_ctx,
             n_batch=n_ctx,
+            n_threads=n_threads,
             logits_all=logits_all,
             n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
             verbose=True,
         )  # into the log
         model = self.llm._model.model
@@ -80,10 +73,8 @@ class _Child:
         peak = logits.max(axis=1, keepdims=True)
         log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
         targets = np.asarray(window[score_from:])
-        return {
-            "nll": float((log_z - logits[np.arange(len(targets)), targets]).sum()),
-            "tokens": len(targets),
-        }
+        nll = float((log_z - logits[np.arange(len(targets)), targets]).sum())
+        return {"nll": nll, "tokens": len(targets)}
 
     def logits(self, window: list[int], out: str) -> dict:
         """The logits at every position of ``window`` (T x vocabulary, float32), written to the file ``out``

@@ -1,27 +1,15 @@
-"""Any OpenAI-compatible server over HTTP: Ollama's ``/v1``, ``trtllm-serve``, ``vllm serve``, llama.cpp's
-server, llama-cpp-python's server. The server is started by the user; the run only talks to it.
+"""Any OpenAI-compatible server over HTTP (Ollama's ``/v1``, ``trtllm-serve``, ``vllm serve``, llama.cpp's and
+llama-cpp-python's servers), started by the user; the run only talks to it, after ``check`` compared the
+served model's tokenizer with the run's (``same_model.py``; ``eval.enabled=false``: not compared, speed only).
 
-Same model: ``check`` compares the served model's tokenizer with the run's (``same_model.py``: the GGUF
-given as ``options.gguf``, the server's tokenize endpoint, its vocabulary size) and refuses a mismatch in
-one line before any quantization. ``eval.enabled=false`` skips that and all accuracy: speed only, of
-whatever the server holds, the run named after the served model.
-
-Speed: ``/completions`` with ``stream: true`` and ``stream_options.include_usage``; TTFT is the arrival of
-the first streamed token, each later chunk stamps one token, and the closing ``usage`` must count the
-same tokens (a server that packs several tokens into one chunk fails the run rather than being timed
-wrong). ``bench.batch_size`` requests are sent concurrently, each with its own unique lead
-(``gb10exp.bench.variants``), and a step counts as done when every request has its token. Exact length:
-``max_tokens = output_len`` plus the fields in ``options.force_length`` that servers use to ignore EOS.
-A chunk ``{"error": ...}`` raises.
-
-Accuracy: ``echo: true, logprobs: 1, max_tokens: 1`` returns the prompt's token log-probabilities (the
-OpenAI convention: entry i is log p(token i | tokens before it)). They are used only when they cover the
-whole prompt (their count is the prompt's tokens plus the generated one, which is never scored).
-Anything else is "engine accuracy not available" with the reason as a tag, never a number: llama.cpp's
-``llama-server`` answers HTTP 500 "Only no echo is supported", trtllm-serve returns the generated token's
-log-probability only, chat-style shapes carry no prompt log-probabilities. A server that returns them
-wrong is caught by the engine-perplexity check (llama-cpp-python 0.3.36's server returns entry i from the
-distribution *after* token i, off by one position).
+Speed: streamed ``/completions``, TTFT at the first token, one stamp per later chunk, checked against the
+closing ``usage`` (a server that packs several tokens into a chunk fails the run rather than being timed
+wrong); ``bench.batch_size`` concurrent requests, each with its own lead (``gb10exp.bench.variants``).
+Accuracy: ``echo`` + ``logprobs`` (``prompt_logprobs``), used only when they cover the whole prompt. Anything
+else is "engine accuracy not available" with the reason as a tag, never a number: ``llama-server`` answers
+HTTP 500 "Only no echo is supported", trtllm-serve returns the generated token's log-probability only,
+chat-style shapes carry none. Wrong ones are caught by the engine-perplexity check (llama-cpp-python 0.3.36's
+server returns entry i from the distribution *after* token i).
 """
 
 from __future__ import annotations
@@ -41,7 +29,7 @@ import torch
 
 from gb10exp import hardware
 from gb10exp.backends import same_model
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.openai.config import OpenAIOptions
 from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, variants
 from gb10exp.config import BenchConfig, ConfigError
@@ -62,12 +50,8 @@ class ServerError(RuntimeError):
 
 def error_text(payload) -> str:
     """The message of an OpenAI-style error body: {"error": {"message": ...}}, {"error": "..."}, {"detail": ...}."""
-    if isinstance(payload, dict):
-        err = payload.get("error", payload.get("detail", payload))
-        if isinstance(err, dict):
-            return str(err.get("message") or err)
-        return str(err)
-    return str(payload)
+    err = payload.get("error", payload.get("detail", payload)) if isinstance(payload, dict) else payload
+    return str(err.get("message") or err) if isinstance(err, dict) else str(err)
 
 
 def is_token_chunk(chunk: dict) -> bool:
@@ -75,9 +59,7 @@ def is_token_chunk(chunk: dict) -> bool:
     incomplete UTF-8 sequence arrives empty). A closing chunk with empty text and a finish_reason (as
     llama.cpp's servers send) or a usage-only chunk carries none."""
     choices = chunk.get("choices") or []
-    if not choices:
-        return False
-    return bool(choices[0].get("text")) or choices[0].get("finish_reason") is None
+    return bool(choices) and (bool(choices[0].get("text")) or choices[0].get("finish_reason") is None)
 
 
 def sse_data(lines: Iterator[bytes]) -> Iterator[dict]:
@@ -119,13 +101,12 @@ def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int |
     elif prompt_tokens is None:
         raise EngineAccuracyUnavailable("the server reported neither usage.prompt_tokens nor text offsets: "
                                         "its prompt tokens cannot be told from the generated one")
+    # llama-cpp-python leaves out the BOS it added (and counted in usage): one fewer is the whole prompt too.
+    elif len(values) - generated not in (prompt_tokens, prompt_tokens - 1):
+        raise EngineAccuracyUnavailable(
+            f"the server returned {len(values)} log-probabilities for a {prompt_tokens}-token prompt and "
+            f"{generated} generated token(s): it does not echo the prompt's log-probabilities")
     else:
-        # llama-cpp-python leaves out the BOS token it added (and counted in usage): one fewer is the whole
-        # prompt too.
-        if len(values) - generated not in (prompt_tokens, prompt_tokens - 1):
-            raise EngineAccuracyUnavailable(
-                f"the server returned {len(values)} log-probabilities for a {prompt_tokens}-token prompt and "
-                f"{generated} generated token(s): it does not echo the prompt's log-probabilities")
         end = len(values) - generated
     scored = values[1:end]  # the first has no context; generated ones are never scored
     if len(scored) < 1 or any(not isinstance(v, int | float) for v in scored):
@@ -133,12 +114,9 @@ def prompt_logprobs(choice: dict, prompt_tokens: int | None, prompt_chars: int |
     return [float(v) for v in scored]
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     name = "openai"
-
-    max_batch_size = None
     engine_package = None  # the server's engine is not in this process
-    returns_logits = False
 
     def __init__(self, options: OpenAIOptions):
         self.base_url, self.model, self.api_key_env = options.base_url.rstrip("/"), options.model, options.api_key_env
@@ -152,7 +130,6 @@ class OpenAIBackend:
         self.model_check = ""
         self.include_usage = True
 
-    # -- HTTP ---------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None = None, timeout: float | None = None, root: bool = False):
         headers = {"Content-Type": "application/json"}
         if key := os.environ.get(self.api_key_env):  # read at request time, never stored or logged
@@ -186,18 +163,13 @@ class OpenAIBackend:
             raise ConfigError(f"backend.options.model={self.model!r} is not allowed: the server has {served}")
         self.served_model = self.model
         self.meta = next((m.get("meta") or {} for m in listed if m["id"] == self.model), {})
-        if self.gguf is not None and not self.gguf.is_file():
-            raise ConfigError(f"backend.options.gguf={str(self.gguf)!r} is not allowed: no such file")
         if self.gguf is not None:  # a GGUF that parses (its bytes are the roofline's), whatever else is checked
             same_model.check_gguf(self.gguf, None, f"backend.options.gguf={str(self.gguf)!r}")
-        if tokenizer is None:
-            self.model_check = "not checked: speed only (eval.enabled=false)"
-        else:
-            self.model_check = self._check_same_model(tokenizer)
+        self.model_check = ("not checked: speed only (eval.enabled=false)" if tokenizer is None
+                            else self._check_same_model(tokenizer))
 
     def _check_same_model(self, tokenizer) -> str:
-        key = f"backend.options.model={self.model!r}"
-        done = []
+        key, done = f"backend.options.model={self.model!r}", []
         if self.gguf is not None:
             same_model.check_gguf(self.gguf, tokenizer, f"backend.options.gguf={str(self.gguf)!r}")
             done.append("the GGUF's vocabulary")
@@ -232,19 +204,12 @@ class OpenAIBackend:
         return {"openai.base_url": self.base_url, "openai.model": str(self.model),
                 "engine.model_check": self.model_check}
 
-    def describe(self) -> dict[str, str]:
-        return {}  # the run's own tags already say what ran
-
-    def close(self) -> None:
-        pass
-
     def _prompt(self, tokens: list[int]) -> str | list[int]:
         return self.tokenizer.decode(tokens) if self.prompt_format == "text" else tokens
 
     def _unsupported(self, code: int | None, message: str) -> bool:
         return code in (404, 501) or (code in (None, 400, 422, 500) and bool(NOT_SUPPORTED.search(message)))
 
-    # -- accuracy -----------------------------------------------------------------------------------
     def perplexity(self, windows: torch.Tensor, score_from: list[int] | None = None) -> list[tuple[float, int]] | None:
         out = []
         for window, s in zip(windows.tolist(), score_from or [1] * len(windows), strict=True):
@@ -277,7 +242,6 @@ class OpenAIBackend:
             out.append((-sum(values), len(values)))
         return out
 
-    # -- speed --------------------------------------------------------------------------------------
     def _stream_once(self, prompt: list[int], cfg: BenchConfig, start: float) -> tuple[Timing, dict]:
         body = {"model": self.model, "prompt": self._prompt(prompt), "max_tokens": cfg.output_len,
                 "temperature": 0, "stream": True}
@@ -324,7 +288,6 @@ class OpenAIBackend:
         # one this process cannot see (a server elsewhere), so it is taken as given.
         device = str(hardware.resolve("auto")) if self.device == "auto" else self.device
         tensors, engines_own = self._tensors(inputs, cfg)
-        pool = ThreadPoolExecutor(cfg.batch_size)
         prompt_tokens: list[int] = []
 
         def generate_once(prompt: list[int]) -> Timing:
@@ -334,10 +297,8 @@ class OpenAIBackend:
             prompt_tokens.extend(u["prompt_tokens"] for _, u in results if isinstance(u.get("prompt_tokens"), int))
             return merge_concurrent([t for t, _ in results])
 
-        try:
+        with ThreadPoolExecutor(cfg.batch_size) as pool:
             metrics, tags = measure(generate_once, inputs.prompt_tokens, cfg, Target(device, tensors))
-        finally:
-            pool.shutdown()
         if tensors is not None and engines_own:
             metrics["engine_weight_gib"] = tensors.weight_bytes / 2**30
         if prompt_tokens:  # the server's own count: text prompts are re-tokenized by the server

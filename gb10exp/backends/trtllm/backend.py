@@ -1,20 +1,12 @@
 """TensorRT-LLM's LLM API on the checkpoint modelopt exports: real NVFP4/FP8 kernels, not a simulation.
 
-``prepare`` writes the run's model as a Hugging Face checkpoint (``gb10exp.quant.export.write_checkpoint``, the
-function ``export=true`` uses: ``export_hf_checkpoint`` for a modelopt-quantized model, ``save_pretrained``
-otherwise) and loads it with ``tensorrt_llm.LLM``; that
-load (weights, kernel autotuning, CUDA-graph capture) is the run's ``startup_s``, never part of a
-request. Requests go through ``generate_async(..., streaming=True)`` with token ids in, greedy
-sampling, ``ignore_eos`` and ``max_tokens = output_len``; each streamed update stamps its new tokens.
-KV-cache block reuse is off: a repeated prompt must not be answered from the prefix cache, and context
-logits (engine perplexity) are only complete without it.
-
-TensorRT-LLM runs only on NVIDIA GPUs, in practice inside NVIDIA's container (install: docs/export_and_support.md,
-``python -m gb10exp.backends.trtllm.install``); where it cannot be imported the run fails in one line saying
-how to get it, and a format it cannot run on this GPU is refused by the support matrix
-(gb10exp/backends/support.py). The calls follow TensorRT-LLM 1.x's LLM API (``LLM``, ``SamplingParams``,
-``KvCacheConfig``, ``RequestOutput``); tests/test_backend_trtllm.py runs them against a stand-in with the
-same signatures (tests/fixtures/tensorrt_llm), so a keyword the real API lacks fails on the CPU too.
+``prepare`` exports the run's model (``write_checkpoint``, as ``export=true`` does) and loads it with
+``tensorrt_llm.LLM`` (weights, autotuning, CUDA graphs: the run's ``startup_s``). Requests stream token ids
+greedily with ``ignore_eos``. KV-cache block reuse is off: a repeated prompt must not be answered from the
+prefix cache, and context logits (engine perplexity) are only complete without it. TensorRT-LLM runs only on
+NVIDIA GPUs, in practice in NVIDIA's container (docs/export_and_support.md, ``install.py``).
+tests/test_backend_trtllm.py runs these TensorRT-LLM 1.x calls against a stand-in with the same signatures
+(tests/fixtures/tensorrt_llm), so a keyword the real API lacks fails on the CPU too.
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ import torch
 
 from gb10exp import hardware
 from gb10exp.backends import support
-from gb10exp.backends.base import BenchInputs
+from gb10exp.backends.base import Backend, BenchInputs
 from gb10exp.backends.trtllm.config import TRTLLMOptions
 from gb10exp.bench import Target, Timing, measure, merge_concurrent, now, stamps_from_stream
 from gb10exp.config import BenchConfig, ConfigError
@@ -49,11 +41,10 @@ def export_checkpoint(inputs: BenchInputs, folder: Path) -> str:
     return f"{ckpt.method} ({ckpt.quant_algo})" if ckpt.quant_algo else ckpt.method
 
 
-class TRTLLMBackend:
+class TRTLLMBackend(Backend):
     name = "trtllm"
     served_model = None  # runs the configured model (or backend.options.checkpoint, checked as it)
     engine_package = "tensorrt-llm"
-    returns_logits = False
 
     def __init__(self, options: TRTLLMOptions):
         self.checkpoint = Path(options.checkpoint).expanduser() if options.checkpoint else None
@@ -137,9 +128,6 @@ class TRTLLMBackend:
         if self.context_logits_missing:  # engine_accuracy's generic "no engine scoring" would be wrong here
             tags |= {"engine_ppl_check": NO_CONTEXT_LOGITS, "trtllm.context_logits": "missing"}
         return metrics, tags
-
-    def describe(self) -> dict[str, str]:
-        return {}  # the run's own tags already say what ran
 
     def close(self) -> None:
         if self.llm is not None:
