@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gb10exp.config import ConfigError, ModelConfig
-from gb10exp.models import embedded_file, hub_snapshot
+from gb10exp.models import embedded_file, gguf_int, hub_snapshot
 from gb10exp.quant.cache import model_identity
 from gb10exp.quant.export import write_checkpoint
 from gb10exp.quant.formats import Format
@@ -84,18 +84,8 @@ def file_type(path: Path) -> str | None:
     """The GGUF's declared type (general.file_type), e.g. "Q4_1"; None if it does not say."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(path)).fields.get("general.file_type")
-    return SOURCE_FTYPES.get(int(field.parts[field.data[0]][0])) if field is not None else None
-
-
-def decode_bytes(path: Path) -> float:
-    """Bytes one decode step reads from this GGUF: every tensor, except the token-embedding table when a
-    separate output head exists (a token's embedding is one row of it)."""
-    from gguf import GGUFReader
-
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
-    embedding = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
-    return float(sum(tensors.values()) - embedding)
+    ftype = gguf_int(GGUFReader(str(path)), "general.file_type")
+    return SOURCE_FTYPES.get(ftype) if ftype is not None else None
 
 
 def converter_dir(version: str | None = None) -> Path:
