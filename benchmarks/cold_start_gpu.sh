@@ -8,7 +8,8 @@
 # Usage, from the checkout to measure (GB10EXP_COMMIT names it where there is no .git):
 #   CONFIGS="fast:2 fast_autotune:2 fast_untuned:1:nocheck" GB10EXP_COMMIT=$(git rev-parse --short HEAD) \
 #     bash benchmarks/cold_start_gpu.sh
-# An entry is mode:processes[:nocheck] (modes: hf_decode.py's MODES). Everything lands in
+# An entry is mode:processes[:nocheck] (modes: hf_decode.py's MODES; fast is the default, compiled by layer since
+# b415395, fast_whole the whole step as one graph). Everything lands in
 # $OUT/cold_start_<gpu>.tar.gz (one JSON + log per entry; the device call returns 8 files at most) and a
 # table of every process is printed last. BUDGET_S (default 570) stops starting entries near the 10-minute
 # limit of a device call.
