@@ -28,7 +28,7 @@ def pytest_report_header(config) -> list[str]:
             f"{'on' if loader.use_extra_bufts() else 'off'}"]
 
 
-# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup): a test file is one group, so its module
+# `make test TEST_WORKERS=2` runs pytest-xdist workers (--dist loadgroup): a test file is one group, so its module
 # fixtures (a server, a GGUF, a cluster) are built once; files that read the same session sweep share a group.
 _GROUPS = {"test_determinism": "test_e2e", "test_nvfp4_deployed": "test_backend_llamacpp"}
 

@@ -233,7 +233,7 @@ def test_sigterm_in_the_driver_stops_every_job_and_marks_its_run_killed(services
     assert proc.returncode == 143, log[-4000:]  # as with the default launcher
     assert "gb10exp: stopped: SIGTERM received" in log
     runs = _runs(client, experiment)  # the third job never started
-    assert [(r.info.status, r.data.tags["error"]) for r in runs] == [("KILLED", "stopped: SIGTERM in the driver")] * 2
+    assert [(r.info.status, r.data.tags.get("error")) for r in runs] == [("KILLED", "stopped: SIGTERM in the driver")] * 2
 
 
 @pytest.mark.server
