@@ -100,10 +100,12 @@ MODES: dict[str, dict | None] = {
     "fast_plain": {"preset": "plain"},
     "fast_pdl": {"pdl": True},  # the default compile, Programmatic Dependent Launch forced on
     "fast_nopdl": {"pdl": False},  # ... forced off (the default, pdl=auto, times both and keeps the faster)
-    "fast_regional": {"regional": True},  # compiled by layer: now the default, as fast
+    "fast_regional": {"regional": True},  # compiled by layer: the default since b415395, so the same as fast
     "fast_whole": {"regional": False},  # the whole step as one graph (the default until issue 19's cold start)
-    "fast_autotune": {"preset": "autotune"},  # cold-start candidates (issue 19): no coordinate descent
-    "fast_untuned": {"preset": "untuned"},
+    # cold-start candidates (issue 19): no coordinate descent; the whole step, as measured in
+    # benchmarks/results/cold_start_h100 (the by-layer default would otherwise make them by layer too)
+    "fast_autotune": {"preset": "autotune", "regional": False},
+    "fast_untuned": {"preset": "untuned", "regional": False},
     "fast_regional_autotune": {"regional": True, "preset": "autotune"},
     "fast_hf": {"native": False},
     "fast_nograph": {"cuda_graph": False},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -165,6 +164,8 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak bytes since the last ``reset_peak_memory``: ``rss`` (resident memory of this process, from VmHWM)
     and, on a GPU, ``gpu`` (what PyTorch's allocator held; on a GB10 that is the same memory pool as ``rss``)."""
+    import resource  # Unix-only: imported here so that gb10exp.hardware (imported everywhere) loads anywhere
+
     hwm = _proc_value("/proc/self/status", "VmHWM:")
     # ru_maxrss (Linux: KiB) is the process-wide fallback
     rss = int(hwm.split()[0]) * 1024.0 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0

@@ -28,8 +28,8 @@ class HFOptions:
     # keeps the faster (+2 to +9% on H200s, 0 to -3% on H100s: benchmarks/results/hf_decode_*.json)
     pdl: Any = "auto"
     # compile the native (Llama-like) step by layer: one layer tuned and reused for all. On an H100 (8B shape,
-    # bf16, one call) 25-29 s cold against 61-68 s for the whole step, at the same speed (172.8 against
-    # 168.0-172.9 tokens/s): benchmarks/results/cold_start_h100.log. false: compile the whole step as one graph
+    # bf16, two calls on one machine) 25-29 s cold against 61-68 s for the whole step, as fast (172.8-173.3
+    # against 168.0-172.9 tokens/s): benchmarks/results/cold_start_h100.log. false: the whole step, one graph
     regional: bool = True
 
     def __post_init__(self) -> None:
