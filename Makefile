@@ -11,8 +11,9 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 # make test's pytest workers (pytest-xdist; a test file runs in one worker, tests/conftest.py). One by default:
-# the suite is CPU-bound (about 25 CPU-minutes), so two workers on 2 cores took 15.0 min against 16.9, and under
-# that load two timing-sensitive tests failed once each (test_layerwise's memory cap, test_ray's SIGTERM).
+# the suite is CPU-bound (about 25 CPU-minutes), so two workers on 2 cores took 902 s against 1,042-1,073 s for
+# one, and under that load test_layerwise's memory cap and test_ray's SIGTERM test each failed once (two runs;
+# benchmarks/results/test_durations_intel.log has the second).
 TEST_WORKERS ?= 1
 
 .PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter system
