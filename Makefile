@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 # make test's pytest workers (pytest-xdist; a test file runs in one worker, tests/conftest.py). One by default:
-# the suite is CPU-bound (about 25 CPU-minutes), so two workers on 2 cores took 902 s against 1,042-1,073 s for
+# the suite is CPU-bound (about 25 CPU-minutes), so two workers on 2 cores took 902 s against 978-1,073 s for
 # one, and under that load test_layerwise's memory cap and test_ray's SIGTERM test each failed once (two runs;
 # benchmarks/results/test_durations_intel.log has the second).
 TEST_WORKERS ?= 1
