@@ -30,9 +30,8 @@ def nvfp4_quantizer(device: torch.device):
 
 
 def compare_tensor(name: str, x: torch.Tensor) -> dict:
-    from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4, nvfp4_fake_quant
+    from gb10exp.quant.nvfp4_cpu import nvfp4_fake_quant
 
-    enable_cpu_nvfp4()
     quantizer = nvfp4_quantizer(x.device)
     with torch.no_grad():
         gpu = quantizer(x).cpu()
@@ -76,9 +75,6 @@ def compare_model(device: torch.device) -> dict:
     import modelopt.torch.quantization as mtq
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gb10exp.quant.nvfp4_cpu import enable_cpu_nvfp4
-
-    enable_cpu_nvfp4()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=4096)
@@ -118,8 +114,12 @@ def main() -> int:
         "activation 8x512x4096 (outliers)": torch.randn(8, 512, 4096, device=device, generator=g)
         * torch.where(torch.rand(4096, device=device, generator=g) < 0.01, 20.0, 1.0),
     }
-    rows = [compare_tensor(name, t.to(dtype)) for name, t in tensors.items() for dtype in (torch.float32, torch.bfloat16)]
-    model = compare_model(device)
+    from gb10exp.quant.nvfp4_cpu import cpu_nvfp4
+
+    with cpu_nvfp4():  # modelopt's NVFP4 ops take the project's CPU path for CPU tensors, the kernel for CUDA ones
+        rows = [compare_tensor(name, t.to(dtype)) for name, t in tensors.items()
+                for dtype in (torch.float32, torch.bfloat16)]
+        model = compare_model(device)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tensors": rows, "model": model}
     print(f"GPU: {result['gpu']}  torch {result['torch']}")
     print(f"{'tensor':36} {'dtype':9} {'values':>10} {'differ':>8} {'max |diff|':>11} {'amax':>8}")
