@@ -10,11 +10,10 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
-# make test's pytest workers (pytest-xdist; a test file runs in one worker, tests/conftest.py). One by default:
-# the suite is CPU-bound (about 25 CPU-minutes), so two workers on 2 cores took 902 s against 978-1,073 s for
-# one, and under that load test_layerwise's memory cap and test_ray's SIGTERM test each failed once (two runs;
-# benchmarks/results/test_durations_intel.log has the second).
-TEST_WORKERS ?= 1
+# make test's pytest workers (pytest-xdist, --dist loadfile: a test file runs in one worker; tests/conftest.py
+# starts the longest files first and runs each process's PyTorch on one thread). Two on these 2-core machines:
+# 725 s of tests against 1,008 s with one (benchmarks/results/test_durations_intel.log). TEST_WORKERS=1: one.
+TEST_WORKERS ?= 2
 
 .PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter system
 
@@ -72,7 +71,7 @@ demo: $(VENV)/.core  ## the README's table: every format (bf16, fp8, nvfp4, nvfp
 	$(PY) -m gb10exp +experiment=readme_table $(ARGS)
 
 test: $(VENV)/.core $(VENV)/.llamacpp system  ## the whole CPU suite, end-to-end runs included, its servers started and stopped (what CI runs)
-	bash -c 'source .ci/services.sh && $(PY) -m pytest -m "not gpu" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) --durations=30 $(PYTEST_ARGS)'
+	bash -c 'source .ci/services.sh && $(PY) -m pytest -m "not gpu" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) --durations=30 $(PYTEST_ARGS)'
 
 test-fast: $(VENV)/.core  ## the fast CPU tests only (plain pytest)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -28,17 +28,32 @@ def pytest_report_header(config) -> list[str]:
             f"{'on' if loader.use_extra_bufts() else 'off'}"]
 
 
-# `make test TEST_WORKERS=2` runs pytest-xdist workers (--dist loadgroup): a test file is one group, so its module
-# fixtures (a server, a GGUF, a cluster) are built once; files that read the same session sweep share a group.
-_GROUPS = {"test_determinism": "test_e2e", "test_nvfp4_deployed": "test_backend_llamacpp"}
+# `make test` runs two pytest-xdist workers (--dist loadfile): a test file runs in one worker, so its module
+# fixtures (a server, a GGUF, a cluster) are built once; a sweep that several files read is run once for all
+# workers (shared_sweep). The longest files start first, so that no worker is left with a long one at the end
+# (their durations: benchmarks/results/test_durations_intel.log); the others follow in file order.
+_LONGEST_FIRST = ("test_backend_llamacpp", "test_ray", "test_load", "test_report_e2e", "test_layerwise",
+                  "test_nvfp4_deployed", "test_resume", "test_e2e", "test_launchers", "test_backend_openai",
+                  "test_openai_contract", "test_determinism")
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, PyTorch computes on one thread in each worker and in every process it starts, and
+    OpenMP threads that wait sleep instead of spinning (llama.cpp's CPU backend, built with OpenMP, keeps a
+    thread per core). By default both start a thread per core, and two workers' spinning threads on two cores
+    took 50% more CPU time than one worker (benchmarks/results/test_durations_intel.log). Not pinned to a core:
+    a process may use whichever core the others leave idle while they wait on a server or a child."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"  # the jobs, servers and scripts the tests start
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "torch" in sys.modules:  # this worker's, sized when it was imported
+        sys.modules["torch"].set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(module, module)))
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -75,10 +90,19 @@ TINY = ["model=tiny_llama", "calib_size=4", "calib.seq_len=64", "eval.seq_len=64
         "bench.enabled=false"]
 
 
+def session_dir(tmp_path_factory) -> Path:
+    """This session's folder, which all its pytest-xdist workers share (each has a base folder under it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory) -> Path:
-    """Every test session gets its own gb10exp cache, so no test depends on an earlier session."""
-    path = tmp_path_factory.mktemp("gb10exp-cache")
+    """Every test session gets its own gb10exp cache, so no test depends on an earlier session. Its workers
+    share it: the embedded model is dequantized and its tokenizer converted once (the cache publishes each
+    entry atomically, for concurrent jobs)."""
+    path = session_dir(tmp_path_factory) / "gb10exp-cache"
+    path.mkdir(exist_ok=True)
     os.environ["GB10EXP_CACHE"] = str(path)
     return path
 
@@ -120,18 +144,28 @@ EMBEDDED_SMALL = ["calib_size=4", "calib.seq_len=128", "eval.seq_len=128", "eval
 LLAMACPP_SWEEP = ("backend=llamacpp", "qformat=bf16,gguf_q4_k_m,nvfp4,gguf_nvfp4", *EMBEDDED_SMALL)
 # The README's first sweep on the embedded model through PyTorch (test_e2e.py, test_determinism.py).
 E2E_SWEEP = ("qformat=bf16,fp8,nvfp4", *EMBEDDED_SMALL[:4], "bench.enabled=false")
-_SWEEPS: dict[tuple[str, ...], tuple[Path, subprocess.CompletedProcess]] = {}
 
 
 def shared_sweep(tmp_path_factory, *args: str) -> tuple[Path, subprocess.CompletedProcess]:
-    """``python -m gb10exp ARGS`` into its own store, run once per session whichever test asks first: the
-    embedded model's sweeps are the suite's most expensive step, and several tests read the same runs."""
-    if args not in _SWEEPS:
-        store = tmp_path_factory.mktemp("sweep")
-        out = run_gb10exp(*args, store=store)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        _SWEEPS[args] = (store, out)
-    return _SWEEPS[args]
+    """``python -m gb10exp ARGS`` into its own store, run once per session whichever test asks first, in
+    whichever worker: the embedded model's sweeps are the suite's most expensive step, and several test files
+    read the same runs. A worker that asks while another runs it waits for that run."""
+    import fcntl
+    import hashlib
+    import json
+
+    key = hashlib.sha256("\0".join(args).encode()).hexdigest()[:16]
+    store = session_dir(tmp_path_factory) / f"sweep-{key}"
+    record = store.with_suffix(".json")  # its exit status and output, for the tests that read them
+    with open(f"{store}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            store.mkdir()
+            out = run_gb10exp(*args, store=store)
+            record.write_text(json.dumps({"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}))
+    out = subprocess.CompletedProcess(args, **json.loads(record.read_text()))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return store, out
 
 
 def runs_by_format(store: Path) -> dict:

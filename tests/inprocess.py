@@ -26,7 +26,9 @@ def new_store(folder: Path) -> Path:
     if not _TEMPLATE:
         from mlflow.tracking import MlflowClient
 
-        template = Path(os.environ["GB10EXP_CACHE"]) / "store-template" / "mlflow.db"
+        # One per pytest-xdist worker: the workers share the cache, and a copy must not catch one half made.
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        template = Path(os.environ["GB10EXP_CACHE"]) / f"store-template-{worker}" / "mlflow.db"
         template.parent.mkdir(parents=True, exist_ok=True)
         MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
         with sqlite3.connect(template) as db:
