@@ -12,7 +12,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 # make test's pytest workers (pytest-xdist, --dist loadfile: a test file runs in one worker; tests/conftest.py
 # starts the longest files first and runs each process's PyTorch on one thread). Two on these 2-core machines:
-# 725 s of tests against 1,008 s with one (benchmarks/results/test_durations_intel.log). TEST_WORKERS=1: one.
+# 707 s of tests against 978-1,073 s with one (benchmarks/results/test_durations_intel.log). TEST_WORKERS=1: one.
 TEST_WORKERS ?= 2
 
 .PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter system
@@ -38,7 +38,8 @@ LLAMA_CPP_SDIST_SHA256 ?= 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372d
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 $(VENV)/.llamacpp: $(VENV)/.core
-	# Compiles llama.cpp from source: 5 to 11 minutes on 2 cores, once (pip caches the wheel).
+	# Compiles llama.cpp from source, once (pip caches the wheel): 3 min 10 s on a 2-core Intel Xeon with LLAVA off
+	# (benchmarks/results/test_durations_intel.log); earlier measurements on such machines, with mtmd built, took up to 11 minutes.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
 	# The converter's own imports (the Llama vocabulary path needs sentencepiece).
 	$(PY) -m pip install -q "sentencepiece>=0.2"
