@@ -40,8 +40,9 @@ _LONGEST_FIRST = ("test_backend_llamacpp", "test_ray", "test_load", "test_report
 def pytest_configure(config) -> None:
     """Under pytest-xdist, PyTorch computes on one thread in each worker and in every process it starts, and
     OpenMP threads that wait sleep instead of spinning (llama.cpp's CPU backend, built with OpenMP, keeps a
-    thread per core). By default both start a thread per core, and two workers' spinning threads on two cores
-    took 50% more CPU time than one worker (benchmarks/results/test_durations_intel.log). Not pinned to a core:
+    thread per core). By default both start a thread per core and wait actively: under two workers, the
+    llama.cpp sweep's four children took 75 CPU-s for what takes 25 alone (benchmarks/results/
+    test_durations_intel.log, run 8). Not pinned to a core:
     a process may use whichever core the others leave idle while they wait on a server or a child."""
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
         return
@@ -151,11 +152,11 @@ def shared_sweep(tmp_path_factory, *args: str) -> tuple[Path, subprocess.Complet
     whichever worker: the embedded model's sweeps are the suite's most expensive step, and several test files
     read the same runs. A worker that asks while another runs it waits for that run."""
     import fcntl
-    import hashlib
     import json
 
-    key = hashlib.sha256("\0".join(args).encode()).hexdigest()[:16]
-    store = session_dir(tmp_path_factory) / f"sweep-{key}"
+    from gb10exp.tracking import sha16
+
+    store = session_dir(tmp_path_factory) / f"sweep-{sha16(args)}"
     record = store.with_suffix(".json")  # its exit status and output, for the tests that read them
     with open(f"{store}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
