@@ -69,17 +69,15 @@ def check_gguf(path: Path, tokenizer, key: str) -> tuple[str, str]:
     (model name from general.name, tag) otherwise (``tokenizer`` None: only the file is checked)."""
     if not path.is_file():
         raise ConfigError(f"{key} is not allowed: no such file")
-    from gguf import GGUFReader
+    from gb10exp.models.gguf_file import read_gguf
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError, struct/index errors on truncated or foreign files
-        raise ConfigError(f"{key} is not allowed: {path} is not a GGUF file that parses "
-                          f"({type(exc).__name__}: {str(exc)[:100]}); give a .gguf file "
-                          "(convert_hf_to_gguf.py writes one)") from None
-    tokens, field = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("general.name")
-    vocab = [bytes(tokens.parts[i]).decode("utf-8", errors="replace") for i in tokens.data] if tokens else []
-    name = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace") if field else path.stem
+        fields = read_gguf(path).fields
+    except ValueError as exc:
+        raise ConfigError(f"{key} is not allowed: {path} is not a GGUF file that parses ({str(exc)[:100]}); "
+                          "give a .gguf file (convert_hf_to_gguf.py writes one)") from None
+    vocab = list(fields.get("tokenizer.ggml.tokens", ()))
+    name = fields.get("general.name", path.stem)
     if tokenizer is None:
         return name, "not checked (speed only: eval.enabled=false)"
     if not vocab:

@@ -7,7 +7,6 @@ context; ``load_tokenizer`` (cached per model) and ``load_model`` load.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gb10exp.config import Config, ConfigError, ModelConfig
+from gb10exp.models.gguf_file import read_gguf
 from gb10exp.utils import cache_dir, content_key, publish_dir, safe_name
 
 log = logging.getLogger(__name__)
@@ -311,23 +311,8 @@ def context_length(cfg: ModelConfig) -> int | None:
     return int(value) if value else None
 
 
-def gguf_arch(reader) -> str | None:
-    """A GGUF file's ``general.architecture`` (the prefix of its other keys), from a ``gguf.GGUFReader``."""
-    field = reader.fields.get("general.architecture")
-    return bytes(field.parts[field.data[0]]).decode() if field is not None else None
-
-
-def gguf_int(reader, key: str) -> int | None:
-    field = reader.fields.get(key)
-    return int(field.parts[field.data[0]][0]) if field is not None else None
-
-
 def _gguf_context(path: Path) -> int | None:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = gguf_arch(reader)
-    return gguf_int(reader, f"{arch}.context_length") if arch is not None else None
+    return read_gguf(path).arch_int("context_length")
 
 
 # -- a local model's files ------------------------------------------------------------------------------
@@ -335,27 +320,12 @@ def _gguf_context(path: Path) -> int | None:
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
-@functools.lru_cache(maxsize=16)
-def _gguf_problem(path: str, size: int, mtime: float) -> str | None:
-    """Why the GGUF file cannot be read (bad magic, truncated tensor data), or None. Cached per file state."""
-    from gguf import GGUFReader
-
-    try:
-        GGUFReader(path)  # parses the header and every tensor's extent; a truncated file fails here
-    except Exception as exc:  # gguf raises ValueError, numpy errors, struct errors
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
-    return None
-
-
 def check_gguf(path: Path, key: str) -> None:
-    with path.open("rb") as f:
-        magic = f.read(4)
-    stat = path.stat()
-    problem = ("not a GGUF file (no GGUF magic)" if magic != b"GGUF"
-               else _gguf_problem(str(path), stat.st_size, stat.st_mtime))
-    if problem:
-        raise ConfigError(f"{key}={str(path)!r} is a truncated or corrupt GGUF file ({problem}); download or "
-                          "convert it again")
+    try:
+        read_gguf(path)  # the header and every tensor's extent: a truncated file fails here
+    except ValueError as exc:
+        raise ConfigError(f"{key}={str(path)!r} is a truncated or corrupt GGUF file ({exc}); download or "
+                          "convert it again") from None
 
 
 def check_causal_lm(location: str, cfg: ModelConfig) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gb10exp.models import gguf_arch, gguf_int
+from gb10exp.models.gguf_file import read_gguf
 from gb10exp.quant.formats import DENSE_BITS, quantizer_bits
 
 if TYPE_CHECKING:
@@ -150,12 +150,9 @@ def from_safetensors(folder: Path, kv_cache_qformat: str = "none") -> Tensors:
 def from_gguf(path: Path) -> Tensors:
     """A GGUF file: every tensor's bytes as stored; the KV geometry from its metadata (llama.cpp keeps the
     KV cache in F16 unless told otherwise)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    sizes = {t.name: float(t.n_bytes) for t in reader.tensors}
-    arch = gguf_arch(reader) or "llama"
-    get = lambda key: gguf_int(reader, f"{arch}.{key}")  # noqa: E731
+    gguf = read_gguf(path)
+    sizes = {t.name: float(t.n_bytes) for t in gguf.tensors}
+    get = gguf.arch_int
     layers, heads = get("block_count"), get("attention.head_count")
     kv = 0.0
     if layers and heads:

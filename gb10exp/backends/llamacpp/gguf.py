@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from gb10exp.config import ConfigError, ModelConfig
-from gb10exp.models import embedded_file, gguf_int, hub_snapshot
+from gb10exp.models import embedded_file, hub_snapshot
+from gb10exp.models.gguf_file import read_gguf
 from gb10exp.quant.cache import model_identity
 from gb10exp.quant.export import write_checkpoint
 from gb10exp.quant.formats import Format
@@ -82,9 +83,7 @@ def source_gguf(cfg: ModelConfig) -> Path | None:
 
 def file_type(path: Path) -> str | None:
     """The GGUF's declared type (general.file_type), e.g. "Q4_1"; None if it does not say."""
-    from gguf import GGUFReader
-
-    ftype = gguf_int(GGUFReader(str(path)), "general.file_type")
+    ftype = read_gguf(path).fields.get("general.file_type")
     return SOURCE_FTYPES.get(ftype) if ftype is not None else None
 
 
