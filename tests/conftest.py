@@ -143,8 +143,9 @@ EMBEDDED_SMALL = ["calib_size=4", "calib.seq_len=128", "eval.seq_len=128", "eval
 # The embedded model through llama.cpp in every format the llama.cpp tests check (test_backend_llamacpp.py,
 # test_nvfp4_deployed.py): 16-bit, Q4_K_M, modelopt's NVFP4 deployed, llama.cpp's own NVFP4.
 LLAMACPP_SWEEP = ("backend=llamacpp", "qformat=bf16,gguf_q4_k_m,nvfp4,gguf_nvfp4", *EMBEDDED_SMALL)
-# The README's first sweep on the embedded model through PyTorch (test_e2e.py, test_determinism.py).
-E2E_SWEEP = ("qformat=bf16,fp8,nvfp4", *EMBEDDED_SMALL[:4], "bench.enabled=false")
+# The embedded model through PyTorch, the 16-bit job timed in two modes (test_e2e.py, test_determinism.py,
+# test_backend_llamacpp.py): one sweep for every test that reads such runs.
+E2E_SWEEP = ("qformat=bf16,fp8,nvfp4", "backend.options.compare=[generate]", *EMBEDDED_SMALL)
 
 
 def shared_sweep(tmp_path_factory, *args: str) -> tuple[Path, subprocess.CompletedProcess]:

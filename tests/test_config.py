@@ -141,8 +141,19 @@ def test_gated_model_without_token_fails_before_loading(tmp_path, monkeypatch):
 
 
 def test_dataset_unreachable_offline_fails_without_a_run(tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}.items():
         monkeypatch.setenv(key, value)
+    # Both libraries read these variables when first imported, which an earlier test of this process may have
+    # done: without the lines below, the check went to the network and waited ~20 s for its retries to fail,
+    # and a wikitext in this machine's own cache would have been found.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
     line = cli_error(*TINY, "qformat=fp8", "calib=wikitext2", store=tmp_path)  # caught in preflight, before any job
     assert "calib.dataset could not load wikitext/wikitext-2-raw-v1 (train) offline" in line
 

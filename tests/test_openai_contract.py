@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import TINY, mlflow_runs, run_gb10exp
+from conftest import TINY, cli_error, mlflow_runs, run_gb10exp
 
 from gb10exp.backends import BenchInputs
 from gb10exp.backends.openai.backend import OpenAIBackend, ServerError
@@ -396,11 +396,10 @@ def test_a_run_against_llama_server_finishes_with_accuracy_tagged_unavailable(se
 def test_a_mismatched_server_is_refused_before_quantization_and_speed_only_runs_it(serve, tmp_path):
     replay = serve("vllm", shift=3)
     args = (*TINY, "backend=openai", f"backend.options.base_url={replay.url}", "qformat=int4")
-    out = run_gb10exp(*args, store=tmp_path)
-    assert "tokenizes a probe text" in out.stdout + out.stderr and out.returncode != 0
-    assert "quantiz" not in (out.stdout + out.stderr).lower().split("tokenizes a probe text")[0][-2000:]
-    _, runs = mlflow_runs(tmp_path)
-    assert runs == []  # refused before any MLflow run (and so before any quantization)
+    # The CLI's own check, in preflight: before any job, so before any quantization or MLflow run (cli_error
+    # asserts one line and an untouched store).
+    line = cli_error(*args, store=tmp_path)
+    assert "the server (/tokenize) tokenizes a probe text to 34 tokens" in line and "a different model" in line
 
     out = run_gb10exp(
         *args,

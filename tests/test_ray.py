@@ -219,13 +219,16 @@ def _wait_for_running(client, experiment: str, proc: subprocess.Popen, enough) -
         running = [r for r in _runs(client, experiment) if r.info.status == "RUNNING"]
         if enough(running):
             return running
-        time.sleep(0.25)
+        time.sleep(0.5)  # two requests to the server per look
     raise AssertionError(f"the sweep never got there (exit {proc.poll()}): {proc.communicate()[0][-3000:]}")
 
 
 @pytest.mark.server
 def test_sigterm_in_the_driver_stops_every_job_and_marks_its_run_killed(services, client, driver_env, workdir):
-    experiment, _, proc = _start_sweep(services, driver_env, workdir, "ray-term", "eval.num_windows=64")
+    # 256 windows (of the 263 the text holds): ~8 s of evaluation per job, so that a job seen running is still
+    # running when the signal lands (one node may start its job seconds after the other; at 64 windows a job
+    # finished in between). Both are stopped: the length costs nothing.
+    experiment, _, proc = _start_sweep(services, driver_env, workdir, "ray-term", "eval.num_windows=256")
     running = _wait_for_running(client, experiment, proc, lambda running: len(running) == 2)  # one job per node
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
@@ -242,8 +245,9 @@ def test_sigterm_in_the_driver_stops_every_job_and_marks_its_run_killed(services
 
 @pytest.mark.server
 def test_lost_node_fails_its_job_only_and_a_rerun_finishes_the_sweep(services, client, driver_env, workdir):
-    # 32 windows: the job on the node has a few seconds of evaluation in which to lose its node.
-    experiment, command, proc = _start_sweep(services, driver_env, workdir, "ray-lost", "eval.num_windows=32")
+    # 96 windows: the job on the node has ~3 s of evaluation in which to lose its node (32 windows take ~1 s,
+    # about what stopping the node takes); the other jobs run to the end, so more costs time.
+    experiment, command, proc = _start_sweep(services, driver_env, workdir, "ray-lost", "eval.num_windows=96")
     running = _wait_for_running(client, experiment, proc,
                                 lambda running: any(r.data.tags.get("ray.node_ip") == WORKER_IP for r in running))
     victim = next(r for r in running if r.data.tags.get("ray.node_ip") == WORKER_IP)

@@ -17,18 +17,22 @@ from inprocess import run_job
 from test_report import BASE_NLL, EXPERIMENT, log_run, shifted
 
 from gb10exp.report import Selection, build_report
+from gb10exp.report.__main__ import main as report_main
 
 TASKS = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
 
 
-def report_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gb10exp.report", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+def report_cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``python -m gb10exp.report ARGS`` through the module's main() in this process (the seconds of a Python
+    start; tests/test_secrets_server.py runs the module as a command)."""
+    capsys.readouterr()  # what the test printed before
+    code = report_main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["gb10exp.report", *args], code, out.out, out.err)
 
 
 @pytest.mark.slow
-def test_claim_preset_then_report(tmp_path):
+def test_claim_preset_then_report(tmp_path, capsys):
     args = [a for a in TINY if not a.startswith("calib_size=")]
     preset = ["+experiment=nvfp4_claim", *args, "eval.tasks=[gb10exp_mini_mc]", f"eval.task_include_path={TASKS}",
               "eval.task_limit=4"]
@@ -41,7 +45,7 @@ def test_claim_preset_then_report(tmp_path):
 
     out = tmp_path / "report"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = report_cli("--tracking-uri", uri, "--sweep-dir", str(tmp_path / "outputs"), "--out", str(out))
+    result = report_cli(capsys, "--tracking-uri", uri, "--sweep-dir", str(tmp_path / "outputs"), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tiny_llama nvfp4 (calib 8): vs bf16" in result.stdout
 
@@ -124,7 +128,7 @@ def test_report_reads_a_tracking_server(mlflow_server, tmp_path):
     assert [r.error for r in report.collected.unfinished] == ["RuntimeError: boom"]
 
 
-def card_sweep_then_report(tmp_path: Path, in_run: bool) -> None:
+def card_sweep_then_report(tmp_path: Path, capsys, in_run: bool) -> None:
     """The project card's sweep (two formats x two calibration sizes, no bf16 job) on the tiny model, then:
     the report gives every run a verdict against bf16 from its in-run reference (``in_run``), prints the
     command that adds the missing fp8 runs, which works; a separate bf16 run added afterwards gives the
@@ -135,6 +139,7 @@ def card_sweep_then_report(tmp_path: Path, in_run: bool) -> None:
     assert "ppl vs ref" in sweep.stdout
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     first = report_cli(
+        capsys,
         "--tracking-uri",
         uri,
         "--sweep-dir",
@@ -166,7 +171,7 @@ def card_sweep_then_report(tmp_path: Path, in_run: bool) -> None:
     assert fp8.returncode == 0, fp8.stderr[-3000:]
     # And a separate bf16 job on the same windows, into the same store.
     run_job(["qformat=bf16"], tmp_path)  # into the same store (tmp_path/mlflow.db), in this process
-    second = report_cli("--tracking-uri", uri, "--out", str(tmp_path / "b"), "--no-log")
+    second = report_cli(capsys, "--tracking-uri", uri, "--out", str(tmp_path / "b"), "--no-log")
     assert second.returncode == 0, second.stderr[-3000:]
     after = json.loads((tmp_path / "b" / "report.json").read_text())
     assert after["fp8_command"] is None
@@ -183,5 +188,5 @@ def card_sweep_then_report(tmp_path: Path, in_run: bool) -> None:
 
 
 @pytest.mark.slow
-def test_card_sweep_then_report_uses_the_in_run_reference(tmp_path):
-    card_sweep_then_report(tmp_path, in_run=True)
+def test_card_sweep_then_report_uses_the_in_run_reference(tmp_path, capsys):
+    card_sweep_then_report(tmp_path, capsys, in_run=True)
