@@ -12,7 +12,8 @@ ARGS   ?=
 PYTEST_ARGS ?=
 # make test's pytest workers (pytest-xdist, --dist loadfile: a test file runs in one worker; tests/conftest.py
 # starts the longest files first and runs each process's PyTorch on one thread). Two on these 2-core machines:
-# 655-707 s of tests against 978-1,073 s with one (benchmarks/results/test_durations_intel.log). TEST_WORKERS=1: one.
+# 532-558 s of tests (benchmarks/results/test_durations_intel.log, runs 13-14; one worker took 978-1,073 s before
+# those runs' cuts). TEST_WORKERS=1: one.
 TEST_WORKERS ?= 2
 
 .PHONY: help env run demo claim test test-fast test-gpu lint format ui report clean trtllm-env converter system
