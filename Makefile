@@ -12,7 +12,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 # make test's pytest workers (pytest-xdist, --dist loadfile: a test file runs in one worker; tests/conftest.py
 # starts the longest files first and runs each process's PyTorch on one thread). Two on these 2-core machines:
-# 532-558 s of tests (benchmarks/results/test_durations_intel.log, runs 13-14; one worker took 978-1,073 s before
+# 531-558 s of tests (benchmarks/results/test_durations_intel.log, runs 13-16; one worker took 978-1,073 s before
 # those runs' cuts). TEST_WORKERS=1: one.
 TEST_WORKERS ?= 2
 
